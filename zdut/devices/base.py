@@ -1,0 +1,128 @@
+"""The device-module contract: what a module implements and what a Session gives it.
+
+A module sees only its typed options (``with:``), its runtime arguments and the
+Session: never sockets or agent internals.  One instance exists per
+(device, command, uses-entry); it is created when the config loads, initialised
+once at agent start, reused for every run and de-initialised at shutdown.
+
+Cancellation is asyncio cancellation: when the client cancels or disappears the
+task running ``run`` is cancelled, so every ``await`` may raise CancelledError.
+Modules that start processes kill them in a ``finally``/``except CancelledError``.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import AsyncIterator
+from typing import ClassVar, Protocol
+
+import msgspec
+
+from zdut.protocol import Code, ZdutError
+
+
+class ModuleError(ZdutError):
+    """A module failure the client should see verbatim (Aborted "module failed: ...")."""
+
+    def __init__(self, message: str, code: str = Code.ABORTED) -> None:
+        super().__init__(code, message)
+
+
+class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """Options of a module that takes no ``with:`` keys."""
+
+
+class IncomingFile(Protocol):
+    """A file streaming from the client, opened by ``Session.request_file``."""
+
+    path: str
+    size: int  # bytes announced by the client
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        """Chunks in order; raises ZdutError if the transfer fails or its SHA-256 differs."""
+        ...
+
+
+class Session(Protocol):
+    """What a running command may do.  Every method may raise CancelledError."""
+
+    device: str
+    command: str
+    user: str
+
+    async def print(self, text: str) -> None:
+        """Text for the user (dutctl's Print)."""
+
+    async def stdout(self, data: bytes) -> None:
+        """Console output to the client's stdout."""
+
+    async def stderr(self, data: bytes) -> None:
+        """Console output to the client's stderr."""
+
+    async def read_stdin(self) -> bytes:
+        """The next chunk of the client's stdin, b"" once it reached EOF."""
+
+    async def readline(self) -> bytes:
+        """One line of stdin including its newline; the final partial line at EOF; b"" after EOF."""
+
+    def request_file(self, name: str) -> IncomingFile:
+        """Ask the client for the file ``name``; iterate the result for its bytes."""
+
+    async def send_file(self, name: str, source: str | os.PathLike[str] | AsyncIterator[bytes], size: int = -1) -> None:
+        """Send a file to the client as ``name`` from a local path or an async byte iterator."""
+
+    @property
+    def terminal_size(self) -> tuple[int, int] | None:
+        """(rows, cols) of the client's terminal when it runs in raw mode, else None."""
+
+
+class Module(abc.ABC):
+    """Base of every device module."""
+
+    #: The id used in ``uses: - module: ID``.
+    id: ClassVar[str] = ""
+    #: The msgspec Struct that ``with:`` decodes into.
+    Options: ClassVar[type[msgspec.Struct]] = NoOptions
+    #: True if the module reads stdin (the client then forwards it in raw mode on a terminal).
+    interactive: ClassVar[bool] = False
+    #: Names of arguments that are client-side files this module may request or send.
+    #: Used only for documentation; the client allows exactly the paths the user typed.
+
+    def __init__(self, options: msgspec.Struct) -> None:
+        self.options = options
+
+    @abc.abstractmethod
+    def help(self) -> str:
+        """Usage text: arguments and ``with:`` keys."""
+
+    async def init(self) -> None:  # noqa: B027 - optional hook
+        """Check options and reach the hardware; raise to refuse to start."""
+
+    async def deinit(self) -> None:  # noqa: B027 - optional hook
+        """Release what init took; must be safe after a failed init."""
+
+    @abc.abstractmethod
+    async def run(self, session: Session, args: list[str]) -> None:
+        """Run once with the resolved arguments; raise ModuleError to fail."""
+
+
+def decode_options(module_cls: type[Module], raw: object) -> msgspec.Struct:
+    """``with:`` mapping -> the module's typed options, naming the bad key on error."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"'with' must be a mapping, got {type(raw).__name__}")
+    lowered = {str(k).lower(): v for k, v in raw.items()}
+    try:
+        return msgspec.convert(lowered, module_cls.Options, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        if "unknown field" in text:
+            key = text.split("`")[1] if "`" in text else text
+            allowed = ", ".join(module_cls.Options.__struct_fields__) or "none"
+            raise ValueError(f"unknown 'with' key {key!r} (allowed: {allowed})") from None
+        if " - at `$." in text:
+            what, _, where = text.partition(" - at `$.")
+            raise ValueError(f"bad 'with' key {where.rstrip('`')!r}: {what}") from None
+        raise ValueError(f"bad 'with' options: {text}") from None

@@ -1,0 +1,89 @@
+"""The dummy modules of dutctl: status, repeat (console) and ft (file transfer)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
+
+from zdut.devices.base import Module, ModuleError, Session
+from zdut.protocol import CHUNK_SIZE
+
+FT_SUFFIX = b"\n\nprocessed by dummy.FT module\n"
+
+
+class DummyStatus(Module):
+    id = "dummy-status"
+
+    def help(self) -> str:
+        return "This dummy module prints status information about itself and the environment."
+
+    async def run(self, session: Session, args: list[str]) -> None:
+        await session.print("Hello from dummy status module\n")
+        await session.print(f"Called with {len(args)} arguments\n")
+        for i, arg in enumerate(args):
+            await session.print(f"Arg {i}: {arg}\n")
+
+
+class DummyRepeat(Module):
+    id = "dummy-repeat"
+    interactive = True
+
+    def help(self) -> str:
+        return "This dummy module repeats the input from the client."
+
+    async def run(self, session: Session, args: list[str]) -> None:
+        await session.stdout(
+            b"Hello from dummy repeat module!\nEnter one word per line. (Two words will terminate)\n"
+        )
+        while True:
+            line = await session.readline()
+            if not line.endswith(b"\n"):
+                raise ModuleError("EOF")
+            words = line[:-1].split(b" ")
+            if len(words) > 1:
+                await session.stderr(b"Oh no! Can only handle one word per line.\n")
+                return
+            await session.stdout(words[0] + b"\n")
+
+
+class DummyFT(Module):
+    """Requests a file, appends a marker and sends it back, streaming through a temp file.
+
+    Unlike dutctl an empty input works (zdut transfers empty files)."""
+
+    id = "dummy-ft"
+
+    def help(self) -> str:
+        return (
+            "This dummy module demonstrates file transfer.\n"
+            "Arguments: <input> <output>: the client's <input> is uploaded, processed and\n"
+            "delivered back to the client as <output>."
+        )
+
+    async def run(self, session: Session, args: list[str]) -> None:
+        await session.print("Hello from dummy file transfer module\n")
+        await session.print(f"Called with {len(args)} arguments\n")
+        if len(args) != 2:
+            raise ModuleError(f"expected 2 arguments, got {len(args)}")
+        src, dst = args
+        await session.print(f'Requesting file "{src}" passed in arg[0] as input\n')
+        with tempfile.TemporaryDirectory(prefix="dutagent-out") as tmp:
+            path = os.path.join(tmp, os.path.basename(src) or "input")
+            with open(path, "wb") as fh:
+                async for chunk in session.request_file(src):
+                    fh.write(chunk)
+                fh.write(FT_SUFFIX)
+            size = os.path.getsize(path)
+            await session.send_file(dst, path, size)
+        await session.print(f'File operated successfully, delivered "{dst}" as passed in arg[1] as output\n')
+
+
+async def file_chunks(path: str | os.PathLike[str], digest: hashlib._Hash | None = None) -> AsyncIterator[bytes]:
+    """Read a local file in CHUNK_SIZE pieces (helper for modules that send files)."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_SIZE):
+            if digest is not None:
+                digest.update(chunk)
+            yield chunk

@@ -1,0 +1,62 @@
+"""Go-style durations (``time.ParseDuration`` / ``Duration.String``), as dutctl users type them."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """``1h30m``, ``500ms``, ``-2s``, ``0`` -> seconds; ValueError like Go's for anything else."""
+    s = text.strip()
+    if not s:
+        raise ValueError(f'time: invalid duration "{text}"')
+    sign = 1.0
+    if s[0] in "+-":
+        sign, s = (-1.0 if s[0] == "-" else 1.0), s[1:]
+    if s == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(s):
+        m = _PART.match(s, pos)
+        if not m:
+            if re.match(r"(\d+\.?\d*|\.\d+)$", s[pos:]):
+                raise ValueError(f'time: missing unit in duration "{text}"')
+            raise ValueError(f'time: invalid duration "{text}"')
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def format_duration(seconds: float) -> str:
+    """Go's Duration.String: ``1h30m0s``, ``2s``, ``500ms``, ``0s``."""
+    if seconds == 0:
+        return "0s"
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    if seconds < 1:
+        for unit, scale in (("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)):
+            if seconds >= scale:
+                return f"{sign}{_trim(seconds / scale)}{unit}"
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    out = sign
+    if h:
+        out += f"{int(h)}h"
+    if h or m:
+        out += f"{int(m)}m"
+    return out + f"{_trim(s)}s"
+
+
+def format_minutes(seconds: float) -> str:
+    """Remaining lock time rounded to the minute, dutctl style: ``1h30m``, ``25m``, ``0m``."""
+    minutes = max(0, round(seconds / 60))
+    h, m = divmod(minutes, 60)
+    return f"{h}h{m}m" if h else f"{m}m"
+
+
+def _trim(value: float) -> str:
+    text = f"{value:.9f}".rstrip("0").rstrip(".")
+    return text or "0"

@@ -1,0 +1,472 @@
+"""The zdut wire contract: every message, status code, version and frame layout.
+
+Frames on every socket are ``[header][payload?]``: the header is one msgspec
+``Message`` (a tagged, array-like Struct, a few dozen bytes); ``Data`` and
+``FileChunk`` are followed by exactly one raw payload frame that relays forward
+untouched.  ROUTER sockets see a routing-id frame in front.
+
+Envelopes (see docs/protocol.md):
+
+* client DEALER -> server ROUTER: ``[header][payload?]``
+* broker -> agent DEALER: ``[client-id][header][payload?]``, and the agent answers
+  with the same shape.  A direct agent ROUTER delivers exactly that shape too, so
+  the agent's handlers do not know whether a broker sits in between.
+* broker <-> agent control traffic uses an empty client-id frame ``b""``.
+
+This module imports nothing else from zdut.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Union
+
+import msgspec
+
+#: zdut release; its semver major decides compatibility (dutctl's policy).
+VERSION = "0.1.0"
+#: Longest header the receivers accept; larger frames are dropped as garbage.
+MAX_HEADER_BYTES = 64 * 1024
+#: Largest payload chunk a sender emits (file chunks, console output).
+CHUNK_SIZE = 256 * 1024
+#: Bytes of credit each side grants the other when a Run session opens.
+INITIAL_WINDOW = 4 * 1024 * 1024
+#: Credit cost charged per stream message on top of its payload, so that a
+#: flood of empty messages is bounded too.
+MESSAGE_COST = 64
+#: Session keepalive: each side sends a Ping when it has been quiet this long,
+#: and gives the session up after SESSION_TIMEOUT without hearing anything.
+SESSION_PING_S = 1.0
+SESSION_TIMEOUT_S = 4.0
+
+
+class Code:
+    """dutctl (Connect/gRPC) status codes, carried as strings."""
+
+    OK = ""
+    NOT_FOUND = "NotFound"
+    INVALID_ARGUMENT = "InvalidArgument"
+    FAILED_PRECONDITION = "FailedPrecondition"
+    PERMISSION_DENIED = "PermissionDenied"
+    UNAUTHENTICATED = "Unauthenticated"
+    ABORTED = "Aborted"
+    CANCELED = "Canceled"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    INTERNAL = "Internal"
+    UNAVAILABLE = "Unavailable"
+    ALREADY_EXISTS = "AlreadyExists"
+    UNIMPLEMENTED = "Unimplemented"
+
+    ALL = frozenset(
+        {
+            NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, PERMISSION_DENIED,
+            UNAUTHENTICATED, ABORTED, CANCELED, DEADLINE_EXCEEDED, INTERNAL,
+            UNAVAILABLE, ALREADY_EXISTS, UNIMPLEMENTED,
+        }
+    )
+
+
+class ZdutError(Exception):
+    """An error with a dutctl status code; what every failure turns into on the wire."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ProtocolError(Exception):
+    """A frame that is not a valid zdut message."""
+
+
+# Stream ids of Data frames.
+PRINT, STDOUT, STDERR, STDIN = 0, 1, 2, 3
+
+
+class _Msg(msgspec.Struct, array_like=True, tag=True, frozen=True):
+    pass
+
+
+# ---------------------------------------------------------------- shared shapes
+
+
+class LockState(msgspec.Struct, array_like=True, frozen=True):
+    owner: str
+    locked_at: int
+    expires_at: int  # unix seconds; 0 = busy hold (no expiry)
+
+
+class DeviceInfo(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    lock: LockState | None = None
+    agent: str = ""
+    online: bool = True
+
+
+class CommandInfo(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    help: str
+
+
+class DeviceEntry(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    commands: list[CommandInfo]
+
+
+class AgentInfo(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    devices: list[str]
+    online: bool
+    last_seen: float  # unix seconds
+    version: str
+    address: str = ""
+
+
+# ---------------------------------------------------------------- unary calls
+# Every request carries the caller's zdut version and identity (dutctl's
+# Dutctl-Version and From headers) so that any server can enforce the version
+# policy without connection state: ZeroMQ reconnects silently.
+
+
+class Hello(_Msg, tag="hello"):
+    rid: int
+    version: str
+    user: str
+
+
+class Welcome(_Msg, tag="welcome"):
+    rid: int
+    version: str
+    role: str  # "agent" or "broker"
+    name: str
+
+
+class ListDevices(_Msg, tag="list"):
+    rid: int
+    version: str
+    user: str
+
+
+class DeviceList(_Msg, tag="devices"):
+    rid: int
+    devices: list[DeviceInfo]
+
+
+class ListCommands(_Msg, tag="cmds"):
+    rid: int
+    version: str
+    user: str
+    device: str
+
+
+class CommandList(_Msg, tag="cmdlist"):
+    rid: int
+    commands: list[str]
+
+
+class GetDetails(_Msg, tag="details"):
+    rid: int
+    version: str
+    user: str
+    device: str
+    command: str
+    keyword: str
+
+
+class Details(_Msg, tag="detail"):
+    rid: int
+    text: str
+
+
+class Lock(_Msg, tag="lock"):
+    rid: int
+    version: str
+    user: str
+    device: str
+    duration_s: int  # 0 = the agent's default
+
+
+class LockResult(_Msg, tag="locked"):
+    rid: int
+    device: str
+    lock: LockState
+
+
+class Unlock(_Msg, tag="unlock"):
+    rid: int
+    version: str
+    user: str
+    device: str
+    force: bool
+
+
+class Unlocked(_Msg, tag="unlocked"):
+    rid: int
+
+
+class ListAgents(_Msg, tag="agents"):
+    rid: int
+    version: str
+    user: str
+
+
+class AgentList(_Msg, tag="agentlist"):
+    rid: int
+    agents: list[AgentInfo]
+
+
+class Error(_Msg, tag="error"):
+    rid: int
+    code: str
+    message: str
+
+
+# ---------------------------------------------------------------- Run sessions
+# sid is chosen by the client, unique per client connection.  Every session
+# message after RunOpen carries seq: 1, 2, 3 ... per direction, so a gap is
+# detected at once.  Data and FileChunk cost credit (payload + MESSAGE_COST);
+# so do FileRequest/FileOpen/FileEnd/FileAbort/StdinEof (MESSAGE_COST).
+
+
+class RunOpen(_Msg, tag="run"):
+    sid: int
+    version: str
+    user: str
+    device: str
+    command: str
+    args: list[str]
+
+
+class Data(_Msg, tag="data"):
+    """Console or print bytes; the bytes are the next frame."""
+
+    sid: int
+    seq: int
+    stream: int
+
+
+class StdinEof(_Msg, tag="eof"):
+    sid: int
+    seq: int
+
+
+class FileRequest(_Msg, tag="freq"):
+    """Agent asks the client for a file the user named."""
+
+    sid: int
+    seq: int
+    xfer: int
+    path: str
+
+
+class FileOpen(_Msg, tag="fopen"):
+    """Sender starts a transfer of ``size`` bytes (either direction)."""
+
+    sid: int
+    seq: int
+    xfer: int
+    path: str
+    size: int
+
+
+class FileChunk(_Msg, tag="fchunk"):
+    """Bytes at ``offset`` of transfer ``xfer``; the bytes are the next frame."""
+
+    sid: int
+    seq: int
+    xfer: int
+    offset: int
+
+
+class FileEnd(_Msg, tag="fend"):
+    sid: int
+    seq: int
+    xfer: int
+    sha256: bytes
+
+
+class FileAbort(_Msg, tag="fabort"):
+    sid: int
+    seq: int
+    xfer: int
+    code: str
+    message: str
+
+
+class Credit(_Msg, tag="credit"):
+    sid: int
+    seq: int
+    nbytes: int
+
+
+class Ping(_Msg, tag="ping"):
+    sid: int
+    seq: int
+
+
+class Cancel(_Msg, tag="cancel"):
+    sid: int
+    seq: int
+
+
+class Resize(_Msg, tag="resize"):
+    """The client's terminal changed size."""
+
+    sid: int
+    seq: int
+    rows: int
+    cols: int
+
+
+class Done(_Msg, tag="done"):
+    """The final message of a session: code "" is success."""
+
+    sid: int
+    seq: int
+    code: str
+    message: str
+
+
+# ---------------------------------------------------------------- broker <-> agent
+
+
+class Register(_Msg, tag="register"):
+    version: str
+    agent: str  # stable agent name: who may take this registration over
+    instance: str  # random per agent process
+    address: str  # the agent's own direct address, informative only
+    devices: list[DeviceEntry]
+    locks: dict[str, LockState]
+
+
+class Registered(_Msg, tag="registered"):
+    broker: str
+    version: str
+    heartbeat_ms: int
+
+
+class Refused(_Msg, tag="refused"):
+    code: str
+    message: str
+
+
+class Heartbeat(_Msg, tag="hb"):
+    pass
+
+
+class Reregister(_Msg, tag="rereg"):
+    """The broker does not know this peer (it restarted or expired it)."""
+
+
+class LockChanged(_Msg, tag="lockchg"):
+    device: str
+    lock: LockState | None
+
+
+class SessionGone(_Msg, tag="gone"):
+    """Broker -> agent: the client of session (peer, sid) is unreachable."""
+
+    peer: bytes
+    sid: int
+
+
+Message = Union[
+    Hello, Welcome, ListDevices, DeviceList, ListCommands, CommandList, GetDetails, Details,
+    Lock, LockResult, Unlock, Unlocked, ListAgents, AgentList, Error,
+    RunOpen, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
+    Credit, Ping, Cancel, Resize, Done,
+    Register, Registered, Refused, Heartbeat, Reregister, LockChanged, SessionGone,
+]
+
+#: Messages followed by exactly one payload frame.
+WITH_PAYLOAD = (Data, FileChunk)
+#: Requests a server answers with one reply carrying the same rid.
+UNARY_REQUESTS = (Hello, ListDevices, ListCommands, GetDetails, Lock, Unlock, ListAgents)
+#: Session messages that are flow-controlled.
+CREDITED = (Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+encode = _encoder.encode
+
+
+def decode(frame: bytes | memoryview) -> Message:
+    """Decode a header frame, raising ProtocolError for anything that is not one."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        return _decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+def cost(msg: Message, payload_len: int = 0) -> int:
+    """Credit a stream message consumes."""
+    return payload_len + MESSAGE_COST
+
+
+# ---------------------------------------------------------------- versions
+
+_SEMVER = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
+
+COMPATIBLE, TOLERATED, INCOMPATIBLE = "compatible", "tolerated", "incompatible"
+
+
+def compare_versions(a: str, b: str) -> tuple[str, str]:
+    """dutctl's compat.Compare: (level, reason) for two semver strings."""
+    ma, mb = _SEMVER.match(a or ""), _SEMVER.match(b or "")
+    if not ma or not mb:
+        return TOLERATED, "versions not comparable"
+    if ma.group(1) != mb.group(1):
+        return INCOMPATIBLE, "major version mismatch"
+    if ma.group(2) != mb.group(2):
+        return TOLERATED, "minor version mismatch"
+    if ma.group(4) != mb.group(4):
+        return TOLERATED, "pre-release version mismatch"
+    return COMPATIBLE, ""
+
+
+def check_client_version(server_role: str, server_version: str, client_version: str) -> None:
+    """Raise FailedPrecondition for a major mismatch (what servers do before any handler)."""
+    level, reason = compare_versions(server_version, client_version)
+    if level == INCOMPATIBLE:
+        raise ZdutError(
+            Code.FAILED_PRECONDITION,
+            f"incompatible zdut versions: {server_role} {server_version}, client {client_version} ({reason})",
+        )
+
+
+def version_drift(client_version: str, server_role: str, server_version: str) -> str | None:
+    """The client's warning for a tolerated drift, or None."""
+    level, reason = compare_versions(client_version, server_version)
+    if level != TOLERATED:
+        return None
+    ca, sa = _SEMVER.match(client_version or ""), _SEMVER.match(server_version or "")
+    relation = "differs from"
+    if ca and sa:
+        ka = tuple(int(x) for x in ca.groups()[:3])
+        kb = tuple(int(x) for x in sa.groups()[:3])
+        relation = "is older than" if ka < kb else "is newer than" if ka > kb else "differs from"
+    return f"zdut client {client_version} {relation} {server_role} {server_version} ({reason})"
+
+
+# ---------------------------------------------------------------- addresses
+
+
+def endpoint(addr: str) -> str:
+    """``host:port`` or ``tcp://host:port`` -> a ZeroMQ endpoint.  ``localhost`` means 127.0.0.1
+    (libzmq resolves it, but binding it may pick ::1 only)."""
+    if "://" in addr:
+        return addr
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid address {addr!r}: want host:port or tcp://host:port")
+    if host in ("", "localhost"):
+        host = "127.0.0.1"
+    elif host == "0.0.0.0":
+        host = "*"
+    return f"tcp://{host}:{port}"
