@@ -29,11 +29,15 @@ VERSION = "0.1.0"
 MAX_HEADER_BYTES = 64 * 1024
 #: Largest payload chunk a sender emits (file chunks, console output).
 CHUNK_SIZE = 256 * 1024
-#: Bytes of credit each side grants the other when a Run session opens.
+#: Bytes of credit each side grants the other when a Run session opens.  Stdin
+#: has a window of its own so that unread console input can never starve a file
+#: transfer the module asks for later (dutctl's deadlock, reference 2.9).
 INITIAL_WINDOW = 4 * 1024 * 1024
+STDIN_WINDOW = 256 * 1024
+WINDOW_MAIN, WINDOW_STDIN = 0, 1
 #: Credit cost charged per stream message on top of its payload, so that a
 #: flood of empty messages is bounded too.
-MESSAGE_COST = 64
+MESSAGE_COST = 256
 #: Session keepalive: each side sends a Ping when it has been quiet this long,
 #: and gives the session up after SESSION_TIMEOUT without hearing anything.
 SESSION_PING_S = 1.0
@@ -240,6 +244,15 @@ class RunOpen(_Msg, tag="run"):
     args: list[str]
 
 
+class RunStarted(_Msg, tag="started"):
+    """Agent -> client, first session message: the command passed the lock check
+    and runs; ``interactive`` tells the client to offer raw mode on a terminal."""
+
+    sid: int
+    seq: int
+    interactive: bool
+
+
 class Data(_Msg, tag="data"):
     """Console or print bytes; the bytes are the next frame."""
 
@@ -300,6 +313,7 @@ class Credit(_Msg, tag="credit"):
     sid: int
     seq: int
     nbytes: int
+    window: int = WINDOW_MAIN  # WINDOW_STDIN for stdin credit
 
 
 class Ping(_Msg, tag="ping"):
@@ -376,7 +390,7 @@ class SessionGone(_Msg, tag="gone"):
 Message = Union[
     Hello, Welcome, ListDevices, DeviceList, ListCommands, CommandList, GetDetails, Details,
     Lock, LockResult, Unlock, Unlocked, ListAgents, AgentList, Error,
-    RunOpen, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
+    RunOpen, RunStarted, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
     Credit, Ping, Cancel, Resize, Done,
     Register, Registered, Refused, Heartbeat, Reregister, LockChanged, SessionGone,
 ]
@@ -385,8 +399,11 @@ Message = Union[
 WITH_PAYLOAD = (Data, FileChunk)
 #: Requests a server answers with one reply carrying the same rid.
 UNARY_REQUESTS = (Hello, ListDevices, ListCommands, GetDetails, Lock, Unlock, ListAgents)
-#: Session messages that are flow-controlled.
+#: Session messages that are flow-controlled (stdin Data and StdinEof on the stdin window).
 CREDITED = (Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort)
+#: Messages of a Run session after RunOpen (everything that carries sid and seq).
+SESSION = (RunStarted, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
+           Credit, Ping, Cancel, Resize, Done)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -404,8 +421,8 @@ def decode(frame: bytes | memoryview) -> Message:
         raise ProtocolError(str(exc)) from None
 
 
-def cost(msg: Message, payload_len: int = 0) -> int:
-    """Credit a stream message consumes."""
+def cost(payload_len: int = 0) -> int:
+    """Credit a flow-controlled message consumes."""
     return payload_len + MESSAGE_COST
 
 

@@ -1,0 +1,253 @@
+"""The agent's side of one Run session: the Session that modules see.
+
+Incoming messages arrive synchronously from the agent's receive loop through
+``deliver`` and land in queues; modules consume them through the Session API.
+Outgoing output waits for the client's credit, so a slow client slows the
+module down instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from zdut.devices.base import ModuleError
+from zdut.protocol import (
+    CHUNK_SIZE,
+    PRINT,
+    STDERR,
+    STDIN,
+    STDIN_WINDOW,
+    STDOUT,
+    WINDOW_STDIN,
+    Cancel,
+    Code,
+    Credit,
+    Data,
+    Done,
+    FileAbort,
+    FileChunk,
+    FileEnd,
+    FileOpen,
+    FileRequest,
+    Message,
+    Ping,
+    Resize,
+    RunStarted,
+    StdinEof,
+    ZdutError,
+)
+from zdut.stream import SendFrames, Stream
+
+log = logging.getLogger("zdut.session")
+
+
+class _Incoming:
+    """A file arriving from the client, iterated by the module."""
+
+    def __init__(self, run: AgentRun, xfer: int, path: str) -> None:
+        self._run = run
+        self.xfer = xfer
+        self.path = path
+        self.size = -1
+        self.queue: asyncio.Queue[FileOpen | tuple[int, Any] | FileEnd | FileAbort] = asyncio.Queue()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        run = self._run
+        if run.transfer is not None:
+            raise ZdutError(Code.FAILED_PRECONDITION, "a file transfer is already in progress")
+        run.transfer = self
+        try:
+            await run.stream.send_credited(FileRequest, xfer=self.xfer, path=self.path)
+            digest = hashlib.sha256()
+            received = 0
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, FileOpen):
+                    self.size = item.size
+                elif isinstance(item, tuple):
+                    offset, chunk = item
+                    if offset != received:
+                        raise ZdutError(Code.INVALID_ARGUMENT, f"{self.path!r}: chunk at {offset}, want {received}")
+                    data = bytes(chunk)
+                    digest.update(data)
+                    received += len(data)
+                    run.stream.consumed(len(data))
+                    yield data
+                elif isinstance(item, FileEnd):
+                    if item.sha256 != digest.digest():
+                        raise ZdutError(Code.ABORTED, f"file {self.path!r}: SHA-256 mismatch after {received} bytes")
+                    if 0 <= self.size != received:
+                        raise ZdutError(Code.ABORTED, f"file {self.path!r}: got {received} of {self.size} bytes")
+                    return
+                else:
+                    raise ZdutError(item.code or Code.ABORTED, item.message)
+        finally:
+            run.transfer = None
+
+
+class AgentRun:
+    """Implements devices.base.Session for one Run."""
+
+    def __init__(
+        self,
+        sid: int,
+        send_frames: SendFrames,
+        device: str,
+        command: str,
+        user: str,
+        on_close: Callable[[AgentRun], None],
+    ) -> None:
+        self.device, self.command, self.user = device, command, user
+        self.stream = Stream(sid, send_frames)
+        self.task: asyncio.Task[None] | None = None
+        self.transfer: _Incoming | None = None
+        self._stdin: asyncio.Queue[bytes] = asyncio.Queue()
+        self._stdin_buf = b""
+        self._stdin_eof = False
+        self._xfers = 0
+        self._aborted: dict[int, FileAbort] = {}
+        self._term: tuple[int, int] | None = None
+        self._on_close = on_close
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self, interactive: bool, body: Callable[[AgentRun], Any]) -> None:
+        self.stream.send(RunStarted, interactive=interactive)
+        self.task = asyncio.get_running_loop().create_task(self._main(body))
+
+    async def _main(self, body: Callable[[AgentRun], Any]) -> None:
+        code, message = Code.OK, ""
+        try:
+            await body(self)
+        except asyncio.CancelledError:
+            code, message = Code.CANCELED, "module execution aborted: canceled"
+        except ModuleError as exc:
+            code, message = exc.code, f"module failed: {exc.message}"
+        except ZdutError as exc:
+            code, message = exc.code, exc.message
+        except Exception as exc:  # a module bug must never take the agent down
+            log.exception("module raised device=%s command=%s", self.device, self.command)
+            code, message = Code.INTERNAL, f"module failed: {type(exc).__name__}: {exc}"
+        finally:
+            self._on_close(self)
+        if self.stream.closed is None:
+            try:
+                self.stream.send(Done, code=code, message=message)
+            except ZdutError:
+                pass
+            self.stream.fail(ZdutError(Code.CANCELED, "session ended"))
+
+    def cancel(self, reason: ZdutError) -> None:
+        """End the session now (client cancelled or vanished)."""
+        self.stream.fail(reason)
+        if self.task is not None:
+            self.task.cancel()
+
+    # ------------------------------------------------------------- incoming
+    def deliver(self, msg: Message, payload: Any) -> None:
+        """Handle one message from the client; called from the receive loop, never blocks."""
+        self.stream.received(msg.seq)  # type: ignore[union-attr]
+        match msg:
+            case Data() if msg.stream == STDIN:
+                self._stdin.put_nowait(bytes(payload))
+            case StdinEof():
+                self._stdin.put_nowait(b"")
+            case Credit():
+                self.stream.granted(msg.nbytes, msg.window)
+            case FileOpen() | FileEnd() | FileAbort() | FileChunk():
+                self._deliver_file(msg, payload)
+            case Resize():
+                self._term = (msg.rows, msg.cols)
+            case Cancel():
+                self.cancel(ZdutError(Code.CANCELED, "canceled by the client"))
+            case Ping():
+                pass
+            case _:
+                log.warning("unexpected %s in session %s", type(msg).__name__, self.stream.sid)
+
+    def _deliver_file(self, msg: FileOpen | FileEnd | FileAbort | FileChunk, payload: Any) -> None:
+        if isinstance(msg, FileAbort) and (self.transfer is None or self.transfer.xfer != msg.xfer):
+            self._aborted[msg.xfer] = msg  # refusal of a file we are sending
+            return
+        if self.transfer is None or self.transfer.xfer != msg.xfer:
+            raise ZdutError(Code.INVALID_ARGUMENT, f"unexpected file transfer {msg.xfer} from the client")
+        self.transfer.queue.put_nowait((msg.offset, payload) if isinstance(msg, FileChunk) else msg)
+
+    # ------------------------------------------------------------- Session API
+    async def print(self, text: str) -> None:
+        await self._out(PRINT, text.encode())
+
+    async def stdout(self, data: bytes) -> None:
+        await self._out(STDOUT, data)
+
+    async def stderr(self, data: bytes) -> None:
+        await self._out(STDERR, data)
+
+    async def _out(self, stream: int, data: bytes) -> None:
+        for i in range(0, max(len(data), 1), CHUNK_SIZE):
+            await self.stream.send_credited(Data, data[i : i + CHUNK_SIZE], stream=stream)
+
+    async def read_stdin(self) -> bytes:
+        if self._stdin_buf:
+            data, self._stdin_buf = self._stdin_buf, b""
+            return data
+        if self._stdin_eof:
+            return b""
+        data = await self._stdin.get()
+        if not data:
+            self._stdin_eof = True
+        self.stream.consumed(len(data), WINDOW_STDIN, STDIN_WINDOW)
+        return data
+
+    async def readline(self) -> bytes:
+        while b"\n" not in self._stdin_buf and not self._stdin_eof:
+            chunk = await self._stdin.get()
+            self.stream.consumed(len(chunk), WINDOW_STDIN, STDIN_WINDOW)
+            if not chunk:
+                self._stdin_eof = True
+                break
+            self._stdin_buf += chunk
+        line, sep, self._stdin_buf = self._stdin_buf.partition(b"\n")
+        return line + sep
+
+    def request_file(self, name: str) -> _Incoming:
+        self._xfers += 1
+        return _Incoming(self, self._xfers, name)
+
+    async def send_file(self, name: str, source: Any, size: int = -1) -> None:
+        self._xfers += 1
+        xfer = self._xfers
+        if isinstance(source, (str, os.PathLike)):
+            size = os.path.getsize(source) if size < 0 else size
+            source = _read_chunks(source)
+        await self.stream.send_credited(FileOpen, xfer=xfer, path=name, size=size)
+        digest = hashlib.sha256()
+        offset = 0
+        async for chunk in source:
+            for i in range(0, len(chunk), CHUNK_SIZE):
+                piece = chunk[i : i + CHUNK_SIZE]
+                self._check_abort(xfer, name)
+                digest.update(piece)
+                await self.stream.send_credited(FileChunk, piece, xfer=xfer, offset=offset)
+                offset += len(piece)
+        self._check_abort(xfer, name)
+        await self.stream.send_credited(FileEnd, xfer=xfer, sha256=digest.digest())
+
+    def _check_abort(self, xfer: int, name: str) -> None:
+        abort = self._aborted.pop(xfer, None)
+        if abort is not None:
+            raise ZdutError(abort.code or Code.ABORTED, f"sending {name!r}: {abort.message}")
+
+    @property
+    def terminal_size(self) -> tuple[int, int] | None:
+        return self._term
+
+
+async def _read_chunks(path: str | os.PathLike[str]) -> AsyncIterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_SIZE):
+            yield chunk

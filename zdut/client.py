@@ -1,0 +1,541 @@
+"""The client library: one connection to a broker or agent, unary calls and Run sessions.
+
+The CLI, the shell and automation scripts all use it; it prints nothing.  One
+``Client`` keeps one DEALER connection open, so a call costs a round trip, not
+a process start.  Everything is asyncio; ``zdut.api`` wraps it for plain
+synchronous scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import hashlib
+import itertools
+import os
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from zdut.links import recv_message, tune
+from zdut.protocol import (
+    CHUNK_SIZE,
+    INITIAL_WINDOW,
+    SESSION,
+    STDIN,
+    STDIN_WINDOW,
+    VERSION,
+    WINDOW_MAIN,
+    WINDOW_STDIN,
+    AgentInfo,
+    AgentList,
+    Cancel,
+    Code,
+    CommandList,
+    Credit,
+    Data,
+    Details,
+    DeviceInfo,
+    DeviceList,
+    Done,
+    Error,
+    FileAbort,
+    FileChunk,
+    FileEnd,
+    FileOpen,
+    FileRequest,
+    GetDetails,
+    Hello,
+    ListAgents,
+    ListCommands,
+    ListDevices,
+    Lock,
+    LockResult,
+    LockState,
+    Message,
+    Ping,
+    Resize,
+    RunOpen,
+    RunStarted,
+    StdinEof,
+    Unlock,
+    ZdutError,
+    encode,
+    endpoint,
+    version_drift,
+)
+from zdut.stream import Stream
+
+CONNECT_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 30.0
+#: Connection refused for this long means nobody listens there.
+REFUSED_GRACE_S = 1.0
+TICK_S = 0.5
+
+
+def default_user() -> str:
+    """``$USER@hostname`` as dutctl, else ``unknown-<hex>``."""
+    try:
+        user = os.environ.get("USER") or getpass.getuser()
+        return f"{user}@{socket.gethostname()}"
+    except Exception:
+        return f"unknown-{secrets.token_hex(4)}"
+
+
+class RunHandler:
+    """Receives what a Run session produces.  The defaults collect everything in memory."""
+
+    def __init__(self) -> None:
+        self.output_bytes: dict[int, bytearray] = {}
+        self.transfers: list[tuple[str, str, int]] = []
+        self.warnings: list[str] = []
+
+    def started(self, interactive: bool) -> None:
+        """The command passed the lock check and runs."""
+
+    def output(self, stream: int, data: bytes, consumed: Callable[[], None]) -> None:
+        """Output of stream PRINT/STDOUT/STDERR; call ``consumed`` once it is written (returns credit)."""
+        self.output_bytes.setdefault(stream, bytearray()).extend(data)
+        consumed()
+
+    def transferred(self, direction: str, path: str, size: int) -> None:
+        """A file was ``sent`` to or ``received`` from the agent."""
+        self.transfers.append((direction, path, size))
+
+    def progress(self, direction: str, path: str, done: int, total: int) -> None:
+        """Transfer progress, called per chunk."""
+
+    def warning(self, text: str) -> None:
+        self.warnings.append(text)
+
+
+def allowed_paths(args: list[str]) -> set[str]:
+    """Client files a command may touch: the arguments the user typed, and each side of ``src:dst``."""
+    allowed = set()
+    for arg in args:
+        allowed.add(os.path.normpath(arg))
+        if arg.count(":") == 1:
+            allowed.update(os.path.normpath(p) for p in arg.split(":") if p)
+    return allowed
+
+
+class Run:
+    """A Run session seen from the client."""
+
+    def __init__(self, client: Client, sid: int, device: str, command: str, args: list[str],
+                 handler: RunHandler) -> None:
+        self.client = client
+        self.sid = sid
+        self.device, self.command, self.args = device, command, args
+        self.handler = handler
+        self.stream = Stream(sid, client._send, {WINDOW_MAIN: INITIAL_WINDOW, WINDOW_STDIN: STDIN_WINDOW})
+        loop = asyncio.get_running_loop()
+        self.started: asyncio.Future[bool] = loop.create_future()
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self._allowed = allowed_paths(args)
+        self._download: _Download | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._local_error: ZdutError | None = None
+
+    # ------------------------------------------------------------- user actions
+    async def write_stdin(self, data: bytes) -> None:
+        for i in range(0, len(data), CHUNK_SIZE // 4):
+            await self.stream.send_credited(Data, data[i : i + CHUNK_SIZE // 4], window=WINDOW_STDIN, stream=STDIN)
+
+    async def close_stdin(self) -> None:
+        await self.stream.send_credited(StdinEof, window=WINDOW_STDIN)
+
+    def cancel(self) -> None:
+        if not self.finished.done():
+            with contextlib.suppress(ZdutError):
+                self.stream.send(Cancel)
+
+    def resize(self, rows: int, cols: int) -> None:
+        if not self.finished.done():
+            with contextlib.suppress(ZdutError):
+                self.stream.send(Resize, rows=rows, cols=cols)
+
+    async def wait(self) -> None:
+        """Wait for the end; raise ZdutError if the command failed."""
+        await asyncio.shield(self.finished)
+
+    # ------------------------------------------------------------- incoming
+    def deliver(self, msg: Message, payload: Any) -> None:
+        try:
+            self.stream.received(msg.seq)  # type: ignore[union-attr]
+            self._deliver(msg, payload)
+        except ZdutError as exc:
+            self.cancel()
+            self.end(exc)
+
+    def _deliver(self, msg: Message, payload: Any) -> None:
+        match msg:
+            case Data():
+                n = len(payload)
+                self.handler.output(msg.stream, bytes(payload), lambda: self.stream.consumed(n))
+            case RunStarted():
+                if not self.started.done():
+                    self.started.set_result(msg.interactive)
+                self.handler.started(msg.interactive)
+            case Credit():
+                self.stream.granted(msg.nbytes, msg.window)
+            case FileRequest():
+                self.stream.consumed(0)
+                task = asyncio.get_running_loop().create_task(self._upload(msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            case FileOpen() | FileChunk() | FileEnd() | FileAbort():
+                self._file_message(msg, payload)
+            case Done():
+                self.end(ZdutError(msg.code, msg.message) if msg.code else None)
+            case Ping():
+                pass
+
+    def end(self, error: ZdutError | None) -> None:
+        if self.finished.done():
+            return
+        error = error or self._local_error
+        self.stream.fail(error or ZdutError(Code.CANCELED, "session ended"))
+        for task in self._tasks:
+            task.cancel()
+        if self._download is not None:
+            self._download.discard()
+        if not self.started.done():
+            self.started.set_result(False)
+        if error is None:
+            self.finished.set_result(None)
+        else:
+            self.finished.set_exception(error)
+            self.finished.exception()  # retrieved: callers may not wait
+        self.client._runs.pop(self.sid, None)
+
+    def _refuse(self, xfer: int, code: str, text: str) -> None:
+        self._local_error = self._local_error or ZdutError(code, text)
+        with contextlib.suppress(ZdutError):
+            self.stream.send(FileAbort, xfer=xfer, code=code, message=text)
+
+    def _allowed_path(self, path: str) -> bool:
+        return os.path.normpath(path) in self._allowed
+
+    # ------------------------------------------------------------- uploads (agent asks for our file)
+    async def _upload(self, req: FileRequest) -> None:
+        path = req.path
+        if not self._allowed_path(path):
+            self._refuse(req.xfer, Code.PERMISSION_DENIED,
+                         f'refusing to send "{path}": the agent asked for a file not named on the command line')
+            return
+        try:
+            fh = open(path, "rb")
+        except OSError as exc:
+            self._refuse(req.xfer, Code.NOT_FOUND, f'cannot read "{path}": {exc.strerror}')
+            return
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            await self.stream.send_credited(FileOpen, xfer=req.xfer, path=path, size=size)
+            digest = hashlib.sha256()
+            offset = 0
+            while chunk := fh.read(CHUNK_SIZE):
+                digest.update(chunk)
+                await self.stream.send_credited(FileChunk, chunk, xfer=req.xfer, offset=offset)
+                offset += len(chunk)
+                self.handler.progress("sent", path, offset, size)
+            await self.stream.send_credited(FileEnd, xfer=req.xfer, sha256=digest.digest())
+        self.handler.transferred("sent", path, offset)
+
+    # ------------------------------------------------------------- downloads (agent sends us a file)
+    def _file_message(self, msg: FileOpen | FileChunk | FileEnd | FileAbort, payload: Any) -> None:
+        if isinstance(msg, FileOpen):
+            self.stream.consumed(0)
+            if not self._allowed_path(msg.path):
+                self._refuse(msg.xfer, Code.PERMISSION_DENIED,
+                             f'refusing to write "{msg.path}": the agent sent a file not named on the command line')
+                return
+            try:
+                self._download = _Download(msg.xfer, msg.path, msg.size)
+            except OSError as exc:
+                self._refuse(msg.xfer, Code.PERMISSION_DENIED, f'cannot write "{msg.path}": {exc.strerror}')
+            return
+        dl = self._download
+        if isinstance(msg, FileAbort):
+            if dl is not None and dl.xfer == msg.xfer:
+                dl.discard()
+                self._download = None
+            return  # the agent's module reports the failure in Done
+        n = len(payload) if payload is not None else 0
+        self.stream.consumed(n)
+        if dl is None or dl.xfer != msg.xfer:
+            return  # a transfer we refused: drain it
+        if isinstance(msg, FileChunk):
+            dl.write(msg.offset, payload)
+            self.handler.progress("received", dl.path, dl.received, dl.size)
+            return
+        self._download = None
+        try:
+            dl.finish(msg.sha256)
+        except ZdutError as exc:
+            self._local_error = exc
+            self.cancel()
+            return
+        self.handler.transferred("received", dl.path, dl.received)
+
+
+class _Download:
+    """A file arriving from the agent, written beside its destination and renamed into place when verified."""
+
+    def __init__(self, xfer: int, path: str, size: int) -> None:
+        self.xfer, self.path, self.size = xfer, path, size
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".zdut-part")
+        self.fh = os.fdopen(fd, "wb")
+        self.digest = hashlib.sha256()
+        self.received = 0
+
+    def write(self, offset: int, data: Any) -> None:
+        if offset != self.received:
+            raise ZdutError(Code.ABORTED, f'"{self.path}": chunk at offset {offset}, expected {self.received}')
+        self.fh.write(data)
+        self.digest.update(data)
+        self.received += len(data)
+
+    def finish(self, sha256: bytes) -> None:
+        self.fh.close()
+        if sha256 != self.digest.digest():
+            self.discard()
+            raise ZdutError(Code.ABORTED, f'"{self.path}": SHA-256 mismatch, file discarded')
+        os.chmod(self.tmp, 0o600)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+class Client:
+    """One connection to a zdut server (broker or agent)."""
+
+    def __init__(self, address: str, user: str | None = None, *, connect_timeout: float = CONNECT_TIMEOUT_S,
+                 call_timeout: float = CALL_TIMEOUT_S) -> None:
+        self.address = address
+        self.user = user if user is not None else default_user()
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
+        self.server_version = ""
+        self.server_role = ""
+        self.server_name = ""
+        self.warnings: list[str] = []
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._raw: zmq.Socket[Any] | None = None
+        self._rids = itertools.count(1)
+        self._sids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future[Message]] = {}
+        self._runs: dict[int, Run] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connected = asyncio.Event()
+        self.on_connection: Callable[[bool], None] | None = None
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------- connection
+    async def connect(self) -> None:
+        """Connect and exchange versions; raises Unavailable if nobody answers."""
+        try:
+            ep = endpoint(self.address)
+        except ValueError as exc:
+            raise ZdutError(Code.INVALID_ARGUMENT, str(exc)) from None
+        self._ctx = zmq.asyncio.Context()
+        sock = self._sock = self._ctx.socket(zmq.DEALER)
+        tune(sock)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # fail fast instead of queueing towards nobody
+        self._raw = zmq.Socket.shadow(sock.underlying)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        )
+        sock.connect(ep)
+        refused = asyncio.get_running_loop().create_future()
+        self._tasks.append(asyncio.create_task(self._watch(monitor, refused)))
+        self._tasks.append(asyncio.create_task(self._pump()))
+        self._tasks.append(asyncio.create_task(self._tick()))
+        waiter = asyncio.ensure_future(self._connected.wait())
+        done, _ = await asyncio.wait({waiter, refused}, timeout=self.connect_timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not self._connected.is_set():
+            why = "connection refused" if refused in done else f"no connection within {self.connect_timeout:g}s"
+            raise self._unreachable(why)
+        reply = await self._call(lambda rid: Hello(rid, VERSION, self.user))
+        self.server_version, self.server_role, self.server_name = reply.version, reply.role, reply.name  # type: ignore[union-attr]
+        drift = version_drift(VERSION, self.server_role, self.server_version)
+        if drift:
+            self.warnings.append(drift)
+
+    def _unreachable(self, why: str) -> ZdutError:
+        return ZdutError(Code.UNAVAILABLE, f"cannot reach zdut server at {self.address} ({why})")
+
+    async def close(self) -> None:
+        for run in list(self._runs.values()):
+            run.cancel()
+            run.end(ZdutError(Code.CANCELED, "client closed"))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+            self._ctx = None
+
+    async def _watch(self, monitor: zmq.asyncio.Socket, refused: asyncio.Future[None]) -> None:
+        """Connection events: fail fast when refused, fail everything in flight when the link drops."""
+        first_retry: float | None = None
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                first_retry = None
+                self._connected.set()
+                if self.on_connection:
+                    self.on_connection(True)
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._connected.clear()
+                self._fail_all(ZdutError(Code.UNAVAILABLE, f"lost connection to zdut server at {self.address}"))
+                if self.on_connection:
+                    self.on_connection(False)
+            elif event == zmq.EVENT_CONNECT_RETRIED and not self._connected.is_set():
+                now = time.monotonic()
+                first_retry = first_retry or now
+                if now - first_retry >= REFUSED_GRACE_S and not refused.done():
+                    refused.set_result(None)
+
+    def _fail_all(self, error: ZdutError) -> None:
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(error)
+        for run in list(self._runs.values()):
+            run.end(error)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # ------------------------------------------------------------- frames
+    def _send(self, header: bytes, payload: Any = None) -> None:
+        raw = self._raw
+        if raw is None:
+            raise ZdutError(Code.UNAVAILABLE, "client is closed")
+        try:
+            if payload is None:
+                raw.send(header, zmq.NOBLOCK)
+            else:
+                raw.send(header, zmq.SNDMORE | zmq.NOBLOCK)
+                raw.send(payload, zmq.NOBLOCK, copy=len(payload) < 65536)
+        except zmq.Again:
+            raise self._unreachable("not connected") from None
+
+    async def _pump(self) -> None:
+        assert self._sock is not None and self._raw is not None
+        while True:
+            await self._sock.poll(flags=zmq.POLLIN)
+            while True:
+                try:
+                    item = recv_message(self._raw, with_peer=False)
+                except zmq.Again:
+                    break
+                if item is not None:
+                    self._dispatch(item[1], item[2])
+
+    def _dispatch(self, msg: Message, payload: Any) -> None:
+        if isinstance(msg, SESSION):
+            run = self._runs.get(msg.sid)  # type: ignore[union-attr]
+            if run is not None:
+                run.deliver(msg, payload)
+            return
+        fut = self._calls.pop(getattr(msg, "rid", -1), None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            for run in list(self._runs.values()):
+                try:
+                    error = run.stream.tick(now)
+                except ZdutError as exc:
+                    error = exc
+                if error is not None:
+                    run.end(ZdutError(Code.UNAVAILABLE,
+                                      f"lost contact with the session at {self.address} ({error.message})"))
+
+    # ------------------------------------------------------------- unary calls
+    async def _call(self, make: Callable[[int], Message]) -> Message:
+        """Send the request ``make(rid)`` and wait for its reply."""
+        rid = next(self._rids)
+        msg = make(rid)
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._calls[rid] = fut
+        try:
+            self._send(encode(msg))
+            reply = await asyncio.wait_for(fut, self.call_timeout)
+        except TimeoutError:
+            raise ZdutError(Code.DEADLINE_EXCEEDED,
+                            f"no answer from {self.address} within {self.call_timeout:g}s") from None
+        finally:
+            self._calls.pop(rid, None)
+        if isinstance(reply, Error):
+            raise ZdutError(reply.code, reply.message)
+        return reply
+
+    async def list(self) -> list[DeviceInfo]:
+        reply = await self._call(lambda rid: ListDevices(rid, VERSION, self.user))
+        assert isinstance(reply, DeviceList)
+        return reply.devices
+
+    async def commands(self, device: str) -> list[str]:
+        reply = await self._call(lambda rid: ListCommands(rid, VERSION, self.user, device))
+        assert isinstance(reply, CommandList)
+        return reply.commands
+
+    async def details(self, device: str, command: str, keyword: str = "help") -> str:
+        reply = await self._call(lambda rid: GetDetails(rid, VERSION, self.user, device, command, keyword))
+        assert isinstance(reply, Details)
+        return reply.text
+
+    async def lock(self, device: str, duration_s: int = 0) -> LockState:
+        reply = await self._call(lambda rid: Lock(rid, VERSION, self.user, device, duration_s))
+        assert isinstance(reply, LockResult)
+        return reply.lock
+
+    async def unlock(self, device: str, force: bool = False) -> None:
+        await self._call(lambda rid: Unlock(rid, VERSION, self.user, device, force))
+
+    async def agents(self) -> list[AgentInfo]:
+        reply = await self._call(lambda rid: ListAgents(rid, VERSION, self.user))
+        assert isinstance(reply, AgentList)
+        return reply.agents
+
+    # ------------------------------------------------------------- Run
+    def run(self, device: str, command: str, args: list[str] | None = None,
+            handler: RunHandler | None = None) -> Run:
+        """Open a Run session; await ``run.wait()`` for its end."""
+        args = list(args or [])
+        sid = next(self._sids)
+        run = Run(self, sid, device, command, args, handler or RunHandler())
+        self._runs[sid] = run
+        try:
+            self._send(encode(RunOpen(sid, VERSION, self.user, device, command, args)))
+        except ZdutError as exc:
+            run.end(exc)
+        return run

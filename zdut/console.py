@@ -1,0 +1,124 @@
+"""Terminal bridging for Run sessions, shared by the one-shot CLI and the shell.
+
+Forwards stdin to a session (raw mode on a terminal when the command is
+interactive, with Ctrl-] to detach), delivers EOF as a half-close, and passes
+window-size changes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import stat
+import termios
+import tty
+from collections.abc import Iterator
+
+from zdut.client import Run
+
+DETACH = b"\x1d"  # Ctrl-]
+READ_SIZE = 64 * 1024
+
+
+@contextlib.contextmanager
+def raw_mode(fd: int) -> Iterator[None]:
+    """Put a terminal in raw mode and always restore it."""
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+async def read_fd(fd: int) -> bytes:
+    """One read of up to READ_SIZE bytes, waiting for readiness on the event loop."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bytes] = loop.create_future()
+
+    def ready() -> None:
+        loop.remove_reader(fd)
+        if not fut.done():
+            try:
+                fut.set_result(os.read(fd, READ_SIZE))
+            except OSError as exc:
+                fut.set_exception(exc)
+
+    loop.add_reader(fd, ready)
+    try:
+        return await fut
+    finally:
+        loop.remove_reader(fd)
+
+
+def _pollable(fd: int) -> bool:
+    """Regular files cannot be registered with epoll; they are always readable anyway."""
+    try:
+        return not stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+async def forward_stdin(run: Run, fd: int, raw: bool) -> bool:
+    """Copy ``fd`` into the session until EOF (sent as a half-close) or, in raw mode, Ctrl-].
+
+    Returns True if the user detached with Ctrl-]."""
+    pollable = _pollable(fd)
+    while True:
+        try:
+            data = await read_fd(fd) if pollable else os.read(fd, READ_SIZE)
+        except OSError:
+            data = b""
+        if raw and DETACH in data:
+            before = data.split(DETACH, 1)[0]
+            if before:
+                await run.write_stdin(before)
+            return True
+        if not data:
+            await run.close_stdin()
+            return False
+        await run.write_stdin(data)
+
+
+def terminal_size(fd: int) -> tuple[int, int]:
+    size = shutil.get_terminal_size()
+    with contextlib.suppress(OSError):
+        size = os.get_terminal_size(fd)
+    return size.lines, size.columns
+
+
+@contextlib.contextmanager
+def track_resize(run: Run, fd: int) -> Iterator[None]:
+    """Send the terminal size now and on every SIGWINCH."""
+    loop = asyncio.get_running_loop()
+    run.resize(*terminal_size(fd))
+    loop.add_signal_handler(signal.SIGWINCH, lambda: run.resize(*terminal_size(fd)))
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGWINCH)
+
+
+async def attach(run: Run, stdin_fd: int, interactive: bool) -> bool:
+    """Bridge the terminal (or pipe) to a started session until it ends; True if the user detached."""
+    if interactive and os.isatty(stdin_fd):
+        with raw_mode(stdin_fd), track_resize(run, stdin_fd):
+            return await _race(run, forward_stdin(run, stdin_fd, raw=True))
+    return await _race(run, forward_stdin(run, stdin_fd, raw=False))
+
+
+async def _race(run: Run, forwarding: object) -> bool:
+    """Run stdin forwarding until the session ends; a detach cancels the session."""
+    fwd = asyncio.ensure_future(forwarding)  # type: ignore[arg-type]
+    done, _ = await asyncio.wait({fwd, run.finished}, return_when=asyncio.FIRST_COMPLETED)
+    if fwd in done and not fwd.cancelled() and fwd.exception() is None and fwd.result():
+        run.cancel()
+        return True
+    if run.finished in done:
+        fwd.cancel()
+        with contextlib.suppress(BaseException):
+            await fwd
+    return False

@@ -1,0 +1,171 @@
+"""Device locks, owned by the agent (the single lock authority for its devices).
+
+Two holds per device, as dutctl: a *reservation* (explicit ``lock``, with an
+expiry) and a *busy* hold (taken for the length of each Run).  Unlike dutctl,
+reservations survive an agent restart (a small JSON state file, rewritten
+atomically on change) and the busy hold counts runs, so a user's second
+concurrent run does not lose its hold when the first one ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from zdut.durations import format_minutes
+from zdut.protocol import Code, LockState, ZdutError
+
+log = logging.getLogger("zdut.locker")
+
+DEFAULT_LOCK_S = 30 * 60
+
+
+@dataclass
+class _Hold:
+    owner: str
+    locked_at: int
+    expires_at: int  # 0 for busy holds
+    runs: int = 0  # busy holds: number of runs holding it
+
+
+class Locker:
+    def __init__(
+        self,
+        devices: set[str],
+        state_path: Path | None = None,
+        on_change: Callable[[str, LockState | None], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._devices = devices
+        self._path = state_path
+        self._on_change = on_change
+        self._clock = clock
+        self._reserved: dict[str, _Hold] = {}
+        self._busy: dict[str, _Hold] = {}
+        if state_path is not None:
+            self._load()
+
+    # ------------------------------------------------------------- queries
+    def state(self, device: str) -> LockState | None:
+        """The effective hold as listed: a reservation shadows a busy hold."""
+        hold = self._reservation(device) or self._busy.get(device)
+        return LockState(hold.owner, hold.locked_at, hold.expires_at) if hold else None
+
+    def states(self) -> dict[str, LockState]:
+        return {d: s for d in sorted(self._devices) if (s := self.state(d)) is not None}
+
+    def check_access(self, device: str, user: str) -> None:
+        """Raise FailedPrecondition if another owner holds the device."""
+        reserved = self._reservation(device)
+        if reserved and reserved.owner != user:
+            left = format_minutes(reserved.expires_at - self._clock())
+            raise ZdutError(Code.FAILED_PRECONDITION, f'device "{device}" is locked by "{reserved.owner}" for {left}')
+        busy = self._busy.get(device)
+        if busy and busy.owner != user:
+            raise ZdutError(Code.FAILED_PRECONDITION, f'device "{device}" is locked by "{busy.owner}"')
+
+    # ------------------------------------------------------------- busy holds (Run)
+    def acquire_busy(self, device: str, user: str) -> None:
+        self.check_access(device, user)
+        hold = self._busy.get(device)
+        if hold is None:
+            hold = self._busy[device] = _Hold(user, int(self._clock()), 0)
+            self._changed(device)
+        hold.runs += 1
+
+    def release_busy(self, device: str, user: str) -> None:
+        hold = self._busy.get(device)
+        if hold is None or hold.owner != user:
+            return  # force-unlocked meanwhile
+        hold.runs -= 1
+        if hold.runs <= 0:
+            del self._busy[device]
+            self._changed(device)
+
+    # ------------------------------------------------------------- reservations
+    def lock(self, device: str, user: str, duration_s: int) -> LockState:
+        if not user:
+            raise ZdutError(Code.UNAUTHENTICATED, "operation requires an identified caller; set the user with -u")
+        if device not in self._devices:
+            raise ZdutError(Code.NOT_FOUND, f'device "{device}": no such device')
+        if duration_s < 0:
+            raise ZdutError(Code.INVALID_ARGUMENT, "lock duration must be positive")
+        self.check_access(device, user)
+        now = int(self._clock())
+        expires = now + (duration_s or DEFAULT_LOCK_S)
+        current = self._reservation(device)
+        if current is not None:  # same owner: extend, never shrink
+            current.expires_at = max(current.expires_at, expires)
+            hold = current
+        else:
+            hold = self._reserved[device] = _Hold(user, now, expires)
+        self._save()
+        self._changed(device)
+        return LockState(hold.owner, hold.locked_at, hold.expires_at)
+
+    def unlock(self, device: str, user: str, force: bool) -> None:
+        if force:
+            previous = self._reserved.pop(device, None) or self._busy.get(device)
+            self._busy.pop(device, None)
+            if previous is not None:
+                log.warning("device %s force-unlocked by %s (was held by %s)", device, user, previous.owner)
+                self._save()
+                self._changed(device)
+            return
+        if not user:
+            raise ZdutError(Code.UNAUTHENTICATED, "operation requires an identified caller; set the user with -u")
+        current = self._reservation(device)
+        if current is None:
+            raise ZdutError(Code.FAILED_PRECONDITION, "device is not locked")
+        if current.owner != user:
+            raise ZdutError(
+                Code.PERMISSION_DENIED,
+                f'device "{device}" is locked by "{current.owner}"; use "unlock force" to break it',
+            )
+        del self._reserved[device]
+        self._save()
+        self._changed(device)
+
+    # ------------------------------------------------------------- internals
+    def _reservation(self, device: str) -> _Hold | None:
+        hold = self._reserved.get(device)
+        if hold is not None and hold.expires_at <= self._clock():
+            log.info("reservation expired device=%s owner=%s", device, hold.owner)
+            del self._reserved[device]
+            self._save()
+            self._changed(device)
+            return None
+        return hold
+
+    def _changed(self, device: str) -> None:
+        if self._on_change is not None:
+            self._on_change(device, self.state(device))
+
+    def _load(self) -> None:
+        assert self._path is not None
+        try:
+            raw = json.loads(self._path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise ZdutError(Code.INTERNAL, f"lock state file {self._path}: {exc}") from None
+        for device, h in raw.get("reserved", {}).items():
+            if device in self._devices and h["expires_at"] > self._clock():
+                self._reserved[device] = _Hold(h["owner"], h["locked_at"], h["expires_at"])
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        data = {"reserved": {d: {"owner": h.owner, "locked_at": h.locked_at, "expires_at": h.expires_at}
+                             for d, h in self._reserved.items()}}
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".locks-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, self._path)

@@ -1,0 +1,143 @@
+"""One side of a Run session's message stream: sequence numbers, credit and liveness.
+
+The agent and the client both own one ``Stream`` per session; it stamps outgoing
+messages with the next sequence number, makes flow-controlled messages wait for
+credit, checks incoming sequence numbers and returns credit as the owner
+consumes what it received.  It never touches a socket: ``send_frames`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from zdut.protocol import (
+    INITIAL_WINDOW,
+    MESSAGE_COST,
+    SESSION_PING_S,
+    SESSION_TIMEOUT_S,
+    WINDOW_MAIN,
+    Code,
+    Credit,
+    Message,
+    Ping,
+    ZdutError,
+    encode,
+)
+
+#: send_frames(header_bytes, payload_or_None) -> None; raises ZdutError if the peer is gone.
+SendFrames = Callable[[bytes, Any], None]
+
+
+class _Window:
+    """Credit towards the peer for one class of messages."""
+
+    def __init__(self, size: int) -> None:
+        self.available = size
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def take(self, n: int) -> None:
+        while self.available < n:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+        self.available -= n
+
+    def give(self, n: int) -> None:
+        self.available += n
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+
+
+class Stream:
+    """Sequence, credit and liveness bookkeeping for one session on one side."""
+
+    def __init__(self, sid: int, send_frames: SendFrames, windows: dict[int, int] | None = None) -> None:
+        self.sid = sid
+        self._send_frames = send_frames
+        self._tx_seq = 0
+        self._rx_seq = 0
+        self._windows = {w: _Window(size) for w, size in (windows or {WINDOW_MAIN: INITIAL_WINDOW}).items()}
+        self._consumed: dict[int, int] = {}
+        self._return_at: dict[int, int] = {}
+        self.last_rx = self.last_tx = time.monotonic()
+        self.closed: ZdutError | None = None
+
+    # ------------------------------------------------------------- sending
+    def send(self, cls: type[Message], payload: Any = None, **fields: Any) -> None:
+        """Send a message that needs no credit (control, or credit already taken)."""
+        if self.closed is not None:
+            raise self.closed
+        self._tx_seq += 1
+        header = encode(cls(sid=self.sid, seq=self._tx_seq, **fields))
+        self.last_tx = time.monotonic()
+        self._send_frames(header, payload)
+
+    async def send_credited(
+        self, cls: type[Message], payload: Any = None, window: int = WINDOW_MAIN, **fields: Any
+    ) -> None:
+        """Wait for credit, then send a flow-controlled message."""
+        if self.closed is not None:
+            raise self.closed
+        await self._windows[window].take(MESSAGE_COST + (len(payload) if payload is not None else 0))
+        self.send(cls, payload, **fields)
+
+    def fail(self, error: ZdutError) -> None:
+        """The session is over: wake and fail every sender waiting for credit."""
+        if self.closed is None:
+            self.closed = error
+            for w in self._windows.values():
+                w.fail(error)
+
+    # ------------------------------------------------------------- receiving
+    def received(self, seq: int) -> None:
+        """Check an incoming message's sequence number (raises Aborted on a gap)."""
+        self.last_rx = time.monotonic()
+        if seq != self._rx_seq + 1:
+            raise ZdutError(
+                Code.ABORTED, f"session {self.sid}: sequence gap: expected message {self._rx_seq + 1}, got {seq}"
+            )
+        self._rx_seq = seq
+
+    def granted(self, nbytes: int, window: int) -> None:
+        """The peer returned credit."""
+        w = self._windows.get(window)
+        if w is not None:
+            w.give(nbytes)
+
+    def consumed(self, nbytes: int, window: int = WINDOW_MAIN, peer_window: int = INITIAL_WINDOW) -> None:
+        """We consumed a flow-controlled message: return its credit in batches of a quarter window."""
+        total = self._consumed.get(window, 0) + nbytes + MESSAGE_COST
+        if total >= peer_window // 4:
+            total_sent, total = total, 0
+            if self.closed is None:
+                self.send(Credit, nbytes=total_sent, window=window)
+        self._consumed[window] = total
+
+    def flush_credit(self) -> None:
+        """Return all credit consumed so far (used when a stream goes idle)."""
+        for window, total in self._consumed.items():
+            if total and self.closed is None:
+                self._consumed[window] = 0
+                self.send(Credit, nbytes=total, window=window)
+
+    # ------------------------------------------------------------- liveness
+    def tick(self, now: float) -> ZdutError | None:
+        """Send a Ping if we have been quiet; return an error if the peer has been silent too long."""
+        if now - self.last_rx > SESSION_TIMEOUT_S:
+            return ZdutError(Code.UNAVAILABLE, f"no message from the peer for {SESSION_TIMEOUT_S:g}s")
+        if now - self.last_tx >= SESSION_PING_S and self.closed is None:
+            self.flush_credit()
+            if now - self.last_tx >= SESSION_PING_S:
+                self.send(Ping)
+        return None

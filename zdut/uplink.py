@@ -1,0 +1,161 @@
+"""The agent's link to one broker: connect out, register, heartbeat, re-register.
+
+The agent connects a DEALER (so it works from behind NAT), registers its
+devices, and from then on relays client traffic that the broker prefixes with
+the client's id.  When the broker goes silent for ``LIVENESS`` heartbeats, or
+answers ``Reregister``, the agent starts over on a fresh socket with
+exponential backoff: no agent restart is ever needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+import zmq
+import zmq.asyncio
+
+from zdut.links import Link, recv_message, tune
+from zdut.protocol import (
+    VERSION,
+    Heartbeat,
+    Message,
+    Refused,
+    Register,
+    Registered,
+    Reregister,
+    SessionGone,
+    ZdutError,
+    encode,
+    endpoint,
+)
+
+if TYPE_CHECKING:
+    from zdut.worker import Agent
+
+log = logging.getLogger("zdut.uplink")
+
+LIVENESS = 3
+#: Until the broker tells us its interval.
+DEFAULT_HEARTBEAT_S = 1.0
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 5.0
+
+
+class Uplink:
+    def __init__(self, agent: Agent, ctx: zmq.asyncio.Context, address: str) -> None:
+        self.agent = agent
+        self.ctx = ctx
+        self.address = address
+        self.instance = secrets.token_hex(8)
+        self.link: Link | None = None
+        self.registered = False
+        self.heartbeat_s = DEFAULT_HEARTBEAT_S
+        self._last_refusal = ""
+
+    # ------------------------------------------------------------- sending
+    def send_control(self, msg: Message) -> None:
+        """A message for the broker itself (empty client-id frame); dropped while not registered."""
+        if self.link is None or not self.registered:
+            return
+        try:
+            self.link.send(b"", encode(msg))
+        except ZdutError as exc:
+            log.debug("control message to %s dropped: %s", self.address, exc)
+
+    def _register(self) -> None:
+        assert self.link is not None
+        msg = Register(VERSION, self.agent.name, self.instance, self.agent.address, self.agent.device_entries(),
+                       self.agent.locker.states())
+        try:
+            self.link.send(b"", encode(msg))
+        except ZdutError as exc:
+            log.debug("register to %s not sent: %s", self.address, exc)
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.sock.close(linger=0)
+            self.link = None
+
+    # ------------------------------------------------------------- connection loop
+    async def run(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            started = time.monotonic()
+            reason = await self._connection()
+            self.close()
+            if time.monotonic() - started > 10 * self.heartbeat_s:
+                backoff = BACKOFF_MIN_S  # it worked for a while: retry promptly
+            log.warning("broker %s: %s; reconnecting in %.2gs", self.address, reason, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _connection(self) -> str:
+        """One socket's life: returns why it ended."""
+        sock = self.ctx.socket(zmq.DEALER)
+        tune(sock)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing towards a broker that is not there
+        sock.connect(endpoint(self.address))
+        link = self.link = Link(sock, f"broker {self.address}")
+        self.registered = False
+        last_rx = last_tx = time.monotonic()
+        next_register = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if not self.registered and now >= next_register:
+                    self._register()
+                    last_tx = now
+                    next_register = now + max(self.heartbeat_s, 1.0)
+                if self.registered and now - last_tx >= self.heartbeat_s:
+                    self.send_control(Heartbeat())
+                    last_tx = now
+                if now - last_rx > LIVENESS * self.heartbeat_s and (self.registered or now - last_rx > 5.0):
+                    return f"no message for {now - last_rx:.1f}s"
+                timeout_ms = max(1, int(1000 * min(self.heartbeat_s / 2, 0.25)))
+                if not await sock.poll(timeout_ms, zmq.POLLIN):
+                    continue
+                while True:
+                    try:
+                        item = recv_message(link.raw, with_peer=True)
+                    except zmq.Again:
+                        break
+                    last_rx = time.monotonic()
+                    if item is None:
+                        continue
+                    peer, msg, payload = item
+                    if peer:
+                        self.agent.handle(link, peer, msg, payload)
+                        last_tx = time.monotonic()
+                    elif (why := self._control(msg)) is not None:
+                        return why
+        finally:
+            self.agent.drop_link_sessions(link, f"connection to broker {self.address} lost")
+
+    def _control(self, msg: Message) -> str | None:
+        match msg:
+            case Registered():
+                self.registered = True
+                self.heartbeat_s = max(msg.heartbeat_ms / 1000, 0.05)
+                self._last_refusal = ""
+                log.info("registered with broker %s (%s) as %s: %d devices", self.address, msg.broker,
+                         self.agent.name, len(self.agent.config.devices))
+            case Refused():
+                if msg.message != self._last_refusal:
+                    log.error("broker %s refused registration: %s", self.address, msg.message)
+                    self._last_refusal = msg.message
+                return "registration refused"
+            case Reregister():
+                log.info("broker %s asks to register again", self.address)
+                self.registered = False
+                self._register()
+            case SessionGone():
+                assert self.link is not None
+                self.agent.session_gone(self.link, msg.peer, msg.sid)
+            case Heartbeat():
+                pass
+            case _:
+                log.debug("ignored %s from broker", type(msg).__name__)
+        return None
