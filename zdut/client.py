@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from zdut.links import recv_message, tune
+from zdut.links import Pump, tune
 from zdut.protocol import (
     CHUNK_SIZE,
     INITIAL_WINDOW,
@@ -335,6 +335,7 @@ class Client:
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._raw: zmq.Socket[Any] | None = None
+        self._pump: Pump
         self._rids = itertools.count(1)
         self._sids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[Message]] = {}
@@ -361,14 +362,15 @@ class Client:
         sock = self._sock = self._ctx.socket(zmq.DEALER)
         tune(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # fail fast instead of queueing towards nobody
-        self._raw = zmq.Socket.shadow(sock.underlying)
+        self._pump = Pump(sock, with_peer=False)
+        self._raw = self._pump.raw
         monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
         )
         sock.connect(ep)
         refused = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._watch(monitor, refused)))
-        self._tasks.append(asyncio.create_task(self._pump()))
+        self._tasks.append(asyncio.create_task(self._pump.run(lambda _, msg, payload: self._dispatch(msg, payload))))
         self._tasks.append(asyncio.create_task(self._tick()))
         waiter = asyncio.ensure_future(self._connected.wait())
         done, _ = await asyncio.wait({waiter, refused}, timeout=self.connect_timeout,
@@ -443,18 +445,8 @@ class Client:
                 raw.send(payload, zmq.NOBLOCK, copy=len(payload) < 65536)
         except zmq.Again:
             raise self._unreachable("not connected") from None
-
-    async def _pump(self) -> None:
-        assert self._sock is not None and self._raw is not None
-        while True:
-            await self._sock.poll(flags=zmq.POLLIN)
-            while True:
-                try:
-                    item = recv_message(self._raw, with_peer=False)
-                except zmq.Again:
-                    break
-                if item is not None:
-                    self._dispatch(item[1], item[2])
+        finally:
+            self._pump.after_send()
 
     def _dispatch(self, msg: Message, payload: Any) -> None:
         if isinstance(msg, SESSION):

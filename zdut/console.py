@@ -29,6 +29,10 @@ def raw_mode(fd: int) -> Iterator[None]:
     saved = termios.tcgetattr(fd)
     try:
         tty.setraw(fd, termios.TCSANOW)
+        # Keep output processing so that a module's "\n" still starts a new line on screen.
+        attrs = termios.tcgetattr(fd)
+        attrs[1] |= termios.OPOST | termios.ONLCR
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)

@@ -8,6 +8,7 @@ unreachable peer becomes a ZdutError for the session that tried, never a stall.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from collections.abc import Callable
@@ -39,13 +40,53 @@ def tune(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.HEARTBEAT_TTL, 3000)
 
 
-class Link:
+class Pump:
+    """Receives from one asyncio socket and dispatches every well-formed message.
+
+    Sends on the sync shadow bypass pyzmq's asyncio bookkeeping, and a send can
+    consume the edge-triggered FD's "readable" notification of a message that
+    arrived meanwhile; so after every send we check ZMQ_EVENTS and, if input is
+    waiting, schedule a drain ourselves.  Without this a session can stall."""
+
+    def __init__(self, sock: zmq.asyncio.Socket, with_peer: bool) -> None:
+        self.sock = sock
+        self.raw = zmq.Socket.shadow(sock.underlying)
+        self.with_peer = with_peer
+        self.handler: Handler | None = None
+        self._scheduled = False
+
+    async def run(self, handler: Handler) -> None:
+        """Receive forever, calling handler(peer, message, payload)."""
+        self.handler = handler
+        while True:
+            await self.sock.poll(flags=zmq.POLLIN)
+            self.drain()
+
+    def drain(self) -> None:
+        self._scheduled = False
+        handler, raw, with_peer = self.handler, self.raw, self.with_peer
+        if handler is None:
+            return
+        while True:
+            try:
+                item = recv_message(raw, with_peer)
+            except zmq.Again:
+                return
+            if item is not None:
+                handler(*item)
+
+    def after_send(self) -> None:
+        if not self._scheduled and self.raw.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.drain)
+
+
+class Link(Pump):
     """One socket whose messages start with a peer frame (ROUTER, or a DEALER towards a broker)."""
 
     def __init__(self, sock: zmq.asyncio.Socket, name: str) -> None:
-        self.sock = sock
+        super().__init__(sock, with_peer=True)
         self.name = name
-        self.raw = zmq.Socket.shadow(sock.underlying)
 
     def send(self, peer: bytes, header: bytes, payload: Any = None) -> None:
         raw = self.raw
@@ -62,23 +103,12 @@ class Link:
             if exc.errno == errno.EHOSTUNREACH:
                 raise ZdutError(Code.UNAVAILABLE, f"{self.name}: peer is gone") from None
             raise
+        finally:
+            self.after_send()
 
     def sender(self, peer: bytes) -> Callable[[bytes, Any], None]:
         """A send function bound to one peer (what a session's Stream uses)."""
         return lambda header, payload=None: self.send(peer, header, payload)
-
-    async def pump(self, handler: Handler, with_peer: bool = True) -> None:
-        """Receive forever, calling handler for every well-formed message."""
-        raw = self.raw
-        while True:
-            await self.sock.poll(flags=zmq.POLLIN)
-            while True:
-                try:
-                    item = recv_message(raw, with_peer)
-                except zmq.Again:
-                    break
-                if item is not None:
-                    handler(*item)
 
 
 def recv_message(raw: zmq.Socket[Any], with_peer: bool) -> tuple[bytes, Message, Any] | None:

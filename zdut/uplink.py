@@ -13,12 +13,12 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
 
-from zdut.links import Link, recv_message, tune
+from zdut.links import Link, tune
 from zdut.protocol import (
     VERSION,
     Heartbeat,
@@ -54,12 +54,15 @@ class Uplink:
         self.registered = False
         self.heartbeat_s = DEFAULT_HEARTBEAT_S
         self._last_refusal = ""
+        self._tx_at = 0.0
+        self._last_rx = 0.0
 
     # ------------------------------------------------------------- sending
     def send_control(self, msg: Message) -> None:
         """A message for the broker itself (empty client-id frame); dropped while not registered."""
         if self.link is None or not self.registered:
             return
+        self._tx_at = time.monotonic()
         try:
             self.link.send(b"", encode(msg))
         except ZdutError as exc:
@@ -100,39 +103,34 @@ class Uplink:
         sock.connect(endpoint(self.address))
         link = self.link = Link(sock, f"broker {self.address}")
         self.registered = False
-        last_rx = last_tx = time.monotonic()
-        next_register = 0.0
+        self._last_rx = time.monotonic()
+        self._ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        pump = asyncio.create_task(link.run(self._on_message))
+        last_register = 0.0
         try:
-            while True:
+            while not self._ended.done():
                 now = time.monotonic()
-                if not self.registered and now >= next_register:
+                if not self.registered and now - last_register >= max(self.heartbeat_s, 1.0):
                     self._register()
-                    last_tx = now
-                    next_register = now + max(self.heartbeat_s, 1.0)
-                if self.registered and now - last_tx >= self.heartbeat_s:
+                    last_register = now
+                elif self.registered and now - self._tx_at >= self.heartbeat_s:
                     self.send_control(Heartbeat())
-                    last_tx = now
-                if now - last_rx > LIVENESS * self.heartbeat_s and (self.registered or now - last_rx > 5.0):
-                    return f"no message for {now - last_rx:.1f}s"
-                timeout_ms = max(1, int(1000 * min(self.heartbeat_s / 2, 0.25)))
-                if not await sock.poll(timeout_ms, zmq.POLLIN):
-                    continue
-                while True:
-                    try:
-                        item = recv_message(link.raw, with_peer=True)
-                    except zmq.Again:
-                        break
-                    last_rx = time.monotonic()
-                    if item is None:
-                        continue
-                    peer, msg, payload = item
-                    if peer:
-                        self.agent.handle(link, peer, msg, payload)
-                        last_tx = time.monotonic()
-                    elif (why := self._control(msg)) is not None:
-                        return why
+                silent = now - self._last_rx
+                if silent > LIVENESS * self.heartbeat_s and (self.registered or silent > 5.0):
+                    return f"no message for {silent:.1f}s"
+                await asyncio.wait({self._ended}, timeout=min(self.heartbeat_s / 2, 0.25))
+            return self._ended.result()
         finally:
+            pump.cancel()
             self.agent.drop_link_sessions(link, f"connection to broker {self.address} lost")
+
+    def _on_message(self, peer: bytes, msg: Message, payload: Any) -> None:
+        self._last_rx = time.monotonic()
+        if peer:
+            assert self.link is not None
+            self.agent.handle(self.link, peer, msg, payload)
+        elif (why := self._control(msg)) is not None and not self._ended.done():
+            self._ended.set_result(why)
 
     def _control(self, msg: Message) -> str | None:
         match msg:

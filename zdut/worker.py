@@ -316,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        log.error("invalid config %s: %s", args.config, exc)
         print(f"zdut-agent: {args.config}: {exc}", file=sys.stderr)
         return 1
     if args.check_config:
@@ -370,7 +369,7 @@ async def _serve(agent: Agent, args: argparse.Namespace) -> int:
                 print(f"zdut-agent: cannot listen on {args.address}: {exc}", file=sys.stderr)
                 return 1
             direct = Link(sock, f"direct {args.address}")
-            tasks.append(asyncio.create_task(direct.pump(lambda p, m, d: agent.handle(direct, p, m, d))))
+            tasks.append(asyncio.create_task(direct.run(lambda p, m, d: agent.handle(direct, p, m, d))))
             log.info("serving %d devices on %s", len(agent.config.devices), args.address)
         for server in args.server:
             uplink = Uplink(agent, ctx, server)

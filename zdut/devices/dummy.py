@@ -37,11 +37,16 @@ class DummyRepeat(Module):
         await session.stdout(
             b"Hello from dummy repeat module!\nEnter one word per line. (Two words will terminate)\n"
         )
+        pending = b""
         while True:
-            line = await session.readline()
-            if not line.endswith(b"\n"):
-                raise ModuleError("EOF")
-            words = line[:-1].split(b" ")
+            # A raw-mode terminal sends CR for Enter; a pipe sends LF (or CRLF).
+            while b"\n" not in pending:
+                chunk = await session.read_stdin()
+                if not chunk:
+                    raise ModuleError("EOF")
+                pending += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            line, _, pending = pending.partition(b"\n")
+            words = line.split(b" ")
             if len(words) > 1:
                 await session.stderr(b"Oh no! Can only handle one word per line.\n")
                 return

@@ -1,0 +1,139 @@
+"""Shared fixtures: real zdut processes on loopback, and condition waits with deadlines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CONF = ROOT / "conf"
+
+
+def exe(name: str) -> str:
+    """A console script of this environment (zdut, zdut-agent, zdut-broker)."""
+    path = BIN / name
+    assert path.exists(), f"{path} missing: install the package (pip install -e .)"
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition", interval: float = 0.02) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+
+
+@dataclass
+class Proc:
+    """A background zdut process whose output goes to a log file."""
+
+    popen: subprocess.Popen[bytes]
+    log: Path
+    args: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def stop(self) -> int:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+class Lab:
+    """Starts real zdut-agent / zdut-broker processes and runs the real zdut CLI."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+        self.env = {**os.environ, "XDG_STATE_HOME": str(tmp / "state"), "USER": "tester", "ZDUT_SERVER": ""}
+
+    def spawn(self, args: list[str], name: str, env: dict[str, str] | None = None) -> Proc:
+        log = self.tmp / f"{name}-{len(self.procs)}.log"
+        fh = open(log, "wb")
+        popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=env or self.env, cwd=self.tmp, start_new_session=True)
+        fh.close()
+        proc = Proc(popen, log, args)
+        self.procs.append(proc)
+        return proc
+
+    def agent(self, config: str | Path, port: int | None = None, *extra: str, ready: bool = True) -> tuple[Proc, str]:
+        """Start an agent serving ``config`` directly on a free port; wait until it answers."""
+        port = port or free_port()
+        addr = f"127.0.0.1:{port}"
+        proc = self.spawn([exe("zdut-agent"), "-c", str(config), "-a", addr, "--log", "debug", *extra], "agent")
+        if ready:
+            wait_for(lambda: self.zdut("-s", addr, "list", timeout=5).returncode == 0 or not proc.alive(),
+                     15, f"agent on {addr}")
+            assert proc.alive(), proc.text()
+        return proc, addr
+
+    def zdut(self, *args: str, input: bytes | None = None, timeout: float = 30, cwd: Path | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real CLI to completion."""
+        return subprocess.run([exe("zdut"), *args], input=input.decode() if input is not None else None,
+                              capture_output=True, text=True, timeout=timeout, cwd=cwd or self.tmp,
+                              env=env or self.env, stdin=None if input is not None else subprocess.DEVNULL)
+
+    def zdut_bg(self, *args: str, name: str = "client") -> Proc:
+        return self.spawn([exe("zdut"), *args], name)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    lab = Lab(tmp_path)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set of a live process (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
