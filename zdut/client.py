@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from zdut.links import Pump, tune
@@ -332,8 +331,7 @@ class Client:
         self.server_role = ""
         self.server_name = ""
         self.warnings: list[str] = []
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.Context[Any] | None = None
         self._raw: zmq.Socket[Any] | None = None
         self._pump: Pump
         self._rids = itertools.count(1)
@@ -358,8 +356,8 @@ class Client:
             ep = endpoint(self.address)
         except ValueError as exc:
             raise ZdutError(Code.INVALID_ARGUMENT, str(exc)) from None
-        self._ctx = zmq.asyncio.Context()
-        sock = self._sock = self._ctx.socket(zmq.DEALER)
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
         tune(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # fail fast instead of queueing towards nobody
         self._pump = Pump(sock, with_peer=False)
@@ -400,11 +398,27 @@ class Client:
             self._ctx.destroy(linger=0)
             self._ctx = None
 
-    async def _watch(self, monitor: zmq.asyncio.Socket, refused: asyncio.Future[None]) -> None:
+    async def _watch(self, monitor: zmq.Socket[Any], refused: asyncio.Future[None]) -> None:
         """Connection events: fail fast when refused, fail everything in flight when the link drops."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[int] = asyncio.Queue()
+
+        def ready() -> None:
+            while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                events.put_nowait(parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"])
+
+        fd = monitor.getsockopt(zmq.FD)
+        loop.add_reader(fd, ready)
+        ready()
+        try:
+            await self._on_events(events, refused)
+        finally:
+            loop.remove_reader(fd)
+
+    async def _on_events(self, events: asyncio.Queue[int], refused: asyncio.Future[None]) -> None:
         first_retry: float | None = None
         while True:
-            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            event = await events.get()
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 first_retry = None
                 self._connected.set()

@@ -38,24 +38,46 @@ def raw_mode(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-async def read_fd(fd: int) -> bytes:
-    """One read of up to READ_SIZE bytes, waiting for readiness on the event loop."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[bytes] = loop.create_future()
+class FdReader:
+    """Reads an fd on the event loop, a few chunks ahead at most (then it pauses)."""
 
-    def ready() -> None:
-        loop.remove_reader(fd)
-        if not fut.done():
-            try:
-                fut.set_result(os.read(fd, READ_SIZE))
-            except OSError as exc:
-                fut.set_exception(exc)
+    AHEAD = 4
 
-    loop.add_reader(fd, ready)
-    try:
-        return await fut
-    finally:
-        loop.remove_reader(fd)
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._paused = False
+        self._eof = False
+        self._loop.add_reader(fd, self._ready)
+
+    def _ready(self) -> None:
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self._queue.put_nowait(data)
+        if not data:
+            self._eof = True
+        if not data or self._queue.qsize() >= self.AHEAD:
+            self._pause()
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._loop.remove_reader(self.fd)
+
+    async def read(self) -> bytes:
+        data = await self._queue.get()
+        if self._paused and not self._eof and self._queue.qsize() < self.AHEAD // 2:
+            self._paused = False
+            self._loop.add_reader(self.fd, self._ready)
+        return data
+
+    def close(self) -> None:
+        self._pause()
 
 
 def _pollable(fd: int) -> bool:
@@ -70,21 +92,28 @@ async def forward_stdin(run: Run, fd: int, raw: bool) -> bool:
     """Copy ``fd`` into the session until EOF (sent as a half-close) or, in raw mode, Ctrl-].
 
     Returns True if the user detached with Ctrl-]."""
-    pollable = _pollable(fd)
-    while True:
-        try:
-            data = await read_fd(fd) if pollable else os.read(fd, READ_SIZE)
-        except OSError:
-            data = b""
-        if raw and DETACH in data:
-            before = data.split(DETACH, 1)[0]
-            if before:
-                await run.write_stdin(before)
-            return True
-        if not data:
-            await run.close_stdin()
-            return False
-        await run.write_stdin(data)
+    reader = FdReader(fd) if _pollable(fd) else None
+    try:
+        while True:
+            if reader is not None:
+                data = await reader.read()
+            else:
+                try:
+                    data = os.read(fd, READ_SIZE)
+                except OSError:
+                    data = b""
+            if raw and DETACH in data:
+                before = data.split(DETACH, 1)[0]
+                if before:
+                    await run.write_stdin(before)
+                return True
+            if not data:
+                await run.close_stdin()
+                return False
+            await run.write_stdin(data)
+    finally:
+        if reader is not None:
+            reader.close()
 
 
 def terminal_size(fd: int) -> tuple[int, int]:

@@ -1,9 +1,9 @@
 """Socket plumbing for asyncio peers (agent and client): non-blocking frame I/O.
 
-Reads follow the fast pattern of zeromq-notes 4.1: ``await poll()`` on the
-asyncio socket, then drain with non-blocking per-frame ``recv`` on a sync shadow
-of the same socket until EAGAIN.  Sends are non-blocking too; a full pipe or an
-unreachable peer becomes a ZdutError for the session that tried, never a stall.
+Reads register the socket's ZMQ_FD with the asyncio loop and drain with
+non-blocking per-frame ``recv`` while input is waiting (zeromq-notes 4.1).
+Sends are non-blocking too; a full pipe or an unreachable peer becomes a
+ZdutError for the session that tried, never a stall.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from zdut.protocol import WITH_PAYLOAD, Code, Message, ProtocolError, ZdutError, decode
 
@@ -41,33 +40,39 @@ def tune(sock: zmq.Socket[Any]) -> None:
 
 
 class Pump:
-    """Receives from one asyncio socket and dispatches every well-formed message.
+    """Receives from one socket inside the asyncio loop and dispatches every well-formed message.
 
-    Sends on the sync shadow bypass pyzmq's asyncio bookkeeping, and a send can
-    consume the edge-triggered FD's "readable" notification of a message that
-    arrived meanwhile; so after every send we check ZMQ_EVENTS and, if input is
-    waiting, schedule a drain ourselves.  Without this a session can stall."""
+    The socket's ZMQ_FD is registered with the event loop directly (cheaper than
+    zmq.asyncio's poll futures: one loop callback per burst).  That FD is
+    edge-like: it only says "events changed", so each wake-up drains while
+    ZMQ_EVENTS reports input, and every send checks ZMQ_EVENTS too, because a
+    send can consume the notification of a message that arrived meanwhile."""
 
-    def __init__(self, sock: zmq.asyncio.Socket, with_peer: bool) -> None:
+    def __init__(self, sock: zmq.Socket[Any], with_peer: bool) -> None:
         self.sock = sock
-        self.raw = zmq.Socket.shadow(sock.underlying)
+        self.raw = sock
         self.with_peer = with_peer
         self.handler: Handler | None = None
         self._scheduled = False
 
     async def run(self, handler: Handler) -> None:
-        """Receive forever, calling handler(peer, message, payload)."""
+        """Receive until cancelled, calling handler(peer, message, payload)."""
         self.handler = handler
-        while True:
-            await self.sock.poll(flags=zmq.POLLIN)
+        loop = asyncio.get_running_loop()
+        fd = self.raw.getsockopt(zmq.FD)
+        loop.add_reader(fd, self.drain)
+        try:
             self.drain()
+            await loop.create_future()  # runs until cancelled
+        finally:
+            loop.remove_reader(fd)
 
     def drain(self) -> None:
         self._scheduled = False
         handler, raw, with_peer = self.handler, self.raw, self.with_peer
-        if handler is None:
+        if handler is None or raw.closed:
             return
-        while True:
+        while raw.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 item = recv_message(raw, with_peer)
             except zmq.Again:
@@ -84,7 +89,7 @@ class Pump:
 class Link(Pump):
     """One socket whose messages start with a peer frame (ROUTER, or a DEALER towards a broker)."""
 
-    def __init__(self, sock: zmq.asyncio.Socket, name: str) -> None:
+    def __init__(self, sock: zmq.Socket[Any], name: str) -> None:
         super().__init__(sock, with_peer=True)
         self.name = name
 

@@ -16,7 +16,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import zmq
-import zmq.asyncio
 
 from zdut.links import Link, tune
 from zdut.protocol import (
@@ -45,7 +44,7 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 5.0
 
 
 class Uplink:
-    def __init__(self, agent: Agent, ctx: zmq.asyncio.Context, address: str) -> None:
+    def __init__(self, agent: Agent, ctx: zmq.Context[Any], address: str) -> None:
         self.agent = agent
         self.ctx = ctx
         self.address = address

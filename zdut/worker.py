@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from zdut import logs
 from zdut.agent_run import AgentRun
@@ -352,7 +351,7 @@ async def _serve(agent: Agent, args: argparse.Namespace) -> int:
 
     from zdut.uplink import Uplink  # the broker link; imported here to keep --check-config light
 
-    ctx = zmq.asyncio.Context()
+    ctx = zmq.Context()
     tasks: list[asyncio.Task[Any]] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

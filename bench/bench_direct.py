@@ -1,0 +1,170 @@
+"""Direct-to-agent benchmarks: console echo latency and file round-trip throughput.
+
+Each figure is printed beside a raw pyzmq DEALER/ROUTER baseline measured in the
+same run on the same machine, because these machines are noisy.
+
+    .venv/bin/python bench/bench_direct.py [--lines 2000] [--mb 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentiles(samples: list[float]) -> str:
+    samples = sorted(samples)
+    p50 = samples[len(samples) // 2]
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    return f"p50 {p50 * 1e6:7.0f} us   p99 {p99 * 1e6:7.0f} us   mean {statistics.mean(samples) * 1e6:7.0f} us"
+
+
+ECHO_SERVER = """
+import sys, zmq
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
+while True:
+    rid = s.recv(); msg = s.recv()
+    if msg == b"quit": break
+    s.send(rid, zmq.SNDMORE); s.send(msg)
+"""
+
+
+def raw_echo_baseline(n: int) -> list[float]:
+    """Round trip of a small message over a raw DEALER/ROUTER pair between two processes."""
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, ep])
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(ep)
+    s.send(b"warm")
+    s.recv()
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        s.send(b"word%d\n" % i)
+        s.recv()
+        out.append(time.perf_counter() - t)
+    s.send(b"quit")
+    server.wait(5)
+    ctx.destroy(linger=0)
+    return out
+
+
+def raw_transfer_baseline(mb: int) -> float:
+    """MB/s of pushing ``mb`` MiB in 256 KiB frames to another process and back (a round trip)."""
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, ep])
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(ep)
+    chunk = os.urandom(256 * 1024)
+    n = mb * 4
+    window = 16
+    t = time.perf_counter()
+    sent = recvd = 0
+    while recvd < n:
+        while sent < n and sent - recvd < window:
+            s.send(chunk, copy=False)
+            sent += 1
+        s.recv(copy=False)
+        recvd += 1
+    elapsed = time.perf_counter() - t
+    s.send(b"quit")
+    server.wait(5)
+    ctx.destroy(linger=0)
+    return mb / elapsed
+
+
+def start_agent(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    addr = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp)}
+    agent = subprocess.Popen([str(BIN / "zdut-agent"), "-a", addr, "-c", str(ROOT / "conf/demo.yaml"), "--log",
+                              "warn"], env=env)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if subprocess.run([str(BIN / "zdut"), "-s", addr, "list"], capture_output=True).returncode == 0:
+            return agent, addr
+    raise SystemExit("agent did not start")
+
+
+def zdut_echo(addr: str, n: int) -> list[float]:
+    """Round trip of one line through `zdut ADDR device2 repeat` driven through pipes."""
+    proc = subprocess.Popen([str(BIN / "zdut"), "-s", addr, "device2", "repeat"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, bufsize=0)
+    assert proc.stdin and proc.stdout
+    out = proc.stdout
+    out.readline()
+    out.readline()
+    samples = []
+    for i in range(n + 50):
+        line = b"word%d\n" % i
+        t = time.perf_counter()
+        proc.stdin.write(line)
+        got = out.readline()
+        dt = time.perf_counter() - t
+        assert got == line, (got, line)
+        if i >= 50:  # warm-up
+            samples.append(dt)
+    proc.stdin.write(b"two words\n")
+    proc.wait(10)
+    return samples
+
+
+def zdut_file(addr: str, mb: int, tmp: Path) -> float:
+    src = tmp / "in.bin"
+    with open(src, "wb") as fh:
+        block = os.urandom(1 << 20)
+        for _ in range(mb):
+            fh.write(block)
+    t = time.perf_counter()
+    r = subprocess.run([str(BIN / "zdut"), "-s", addr, "device3", "file-transfer", "in.bin", "out.bin"], cwd=tmp,
+                       capture_output=True)
+    elapsed = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr
+    with open(src, "rb") as a, open(tmp / "out.bin", "rb") as b:
+        want = hashlib.file_digest(a, "sha256").digest()
+        assert want != hashlib.file_digest(b, "sha256").digest()  # the module appends its marker
+    return mb / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lines", type=int, default=2000)
+    ap.add_argument("--mb", type=int, default=256)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        agent, addr = start_agent(tmp)
+        try:
+            print(f"console echo, {args.lines} lines (device2 repeat via the zdut CLI, stdin/stdout pipes)")
+            print(f"  raw pyzmq DEALER/ROUTER round trip : {percentiles(raw_echo_baseline(args.lines))}")
+            print(f"  zdut direct to agent               : {percentiles(zdut_echo(addr, args.lines))}")
+            print(f"file round trip, {args.mb} MiB (device3 file-transfer: upload + download, SHA-256 checked)")
+            print(f"  raw pyzmq 256 KiB frames, echoed   : {raw_transfer_baseline(args.mb):7.0f} MB/s")
+            print(f"  zdut direct to agent               : {zdut_file(addr, args.mb, tmp):7.0f} MB/s")
+        finally:
+            agent.terminate()
+            agent.wait(10)
+
+
+if __name__ == "__main__":
+    main()
