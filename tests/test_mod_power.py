@@ -1,0 +1,294 @@
+"""pdu and wifisocket modules against local HTTP stand-ins that keep outlet state.
+
+The stand-ins (tests/standins/pdu_http.py, tests/standins/tasmota.py) follow the
+vendors' documented endpoints; see their docstrings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from standins.pdu_http import PDUServer
+from standins.tasmota import TasmotaServer
+
+from zdut.devices import get
+from zdut.devices.base import ModuleError, decode_options
+from zdut.devices.power import PDU, WifiSocket
+from zdut.devices.testing import LocalSession
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def pdu(**with_keys) -> PDU:
+    mod = PDU(decode_options(PDU, with_keys))
+    run(mod.init())
+    return mod
+
+
+def socket_module(**with_keys) -> WifiSocket:
+    mod = WifiSocket(decode_options(WifiSocket, with_keys))
+    run(mod.init())
+    return mod
+
+
+def say(mod, *args: str) -> str:
+    session = LocalSession()
+    run(mod.run(session, list(args)))
+    return session.text
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_registry_maps_ids() -> None:
+    assert get("pdu") is PDU
+    assert get("wifisocket") is WifiSocket
+
+
+# ------------------------------------------------------------------ PDU: Intellinet
+
+
+def test_intellinet_on_off_toggle_status() -> None:
+    with PDUServer("intellinet", outlets=8, user="admin", password="secret") as server:
+        mod = pdu(host=server.url, user="admin", password="secret", outlet=3)
+        assert say(mod, "status") == "PDU outlet 3 state: off\n"
+        assert say(mod, "on") == "PDU outlet 3 powered on\n"
+        assert server.states == [False, False, False, True, False, False, False, False]
+        assert say(mod, "status") == "PDU outlet 3 state: on\n"
+        assert say(mod, "toggle") == "PDU outlet 3 powered off\n"  # read back from status.xml
+        assert server.states[3] is False
+        assert say(mod, "ON") == "PDU outlet 3 powered on\n"  # case-insensitive
+        assert say(mod, "off") == "PDU outlet 3 powered off\n"
+        assert not any(server.states)
+        assert server.requests[:3] == [
+            "/status.xml",
+            "/control_outlet.htm?outlet3=1&op=0",
+            "/status.xml",
+        ]
+        assert "/control_outlet.htm?outlet3=1&op=2" in server.requests
+        assert "/control_outlet.htm?outlet3=1&op=1" in server.requests
+
+
+def test_intellinet_is_the_default_vendor_and_outlet_0() -> None:
+    with PDUServer("intellinet", outlets=2) as server:
+        mod = pdu(host=server.url + "/")
+        assert say(mod, "on") == "PDU outlet 0 powered on\n"
+        assert server.states == [True, False]
+
+
+def test_intellinet_unknown_outlet() -> None:
+    with PDUServer("intellinet", outlets=4) as server:
+        mod = pdu(host=server.url, outlet=9)
+        with pytest.raises(ModuleError, match="outlet 9 not found in PDU status"):
+            run(mod.run(LocalSession(), ["status"]))
+
+
+# ------------------------------------------------------------------ PDU: Gude
+
+
+def test_gude_on_off_toggle_status() -> None:
+    with PDUServer("gude", outlets=4, user="admin", password="pw") as server:
+        mod = pdu(vendor="gude", host=server.url, user="admin", password="pw", outlet=1)
+        assert say(mod, "status") == "PDU outlet 1 state: off\n"
+        assert say(mod, "on") == "PDU outlet 1 powered on\n"
+        assert server.states == [False, True, False, False]  # outlet 1 is Gude's port 2
+        assert "/ov.html?cmd=1&p=2&s=1" in server.requests
+        server.requests.clear()
+        assert say(mod, "toggle") == "PDU outlet 1 powered off\n"
+        assert server.requests == ["/statusjsn.js?components=1", "/ov.html?cmd=1&p=2&s=0"]  # read, then set
+        assert say(mod, "toggle") == "PDU outlet 1 powered on\n"
+        assert say(mod, "off") == "PDU outlet 1 powered off\n"
+        assert say(mod, "status") == "PDU outlet 1 state: off\n"
+        assert not any(server.states)
+
+
+def test_gude_outlet_beyond_the_device() -> None:
+    with PDUServer("gude", outlets=2) as server:
+        mod = pdu(vendor="gude", host=server.url, outlet=5)
+        with pytest.raises(ModuleError, match=r"outlet 5 not found in PDU status \(only 2 outlets available\)"):
+            run(mod.run(LocalSession(), ["status"]))
+
+
+# ------------------------------------------------------------------ PDU: errors
+
+
+@pytest.mark.parametrize("vendor", ["intellinet", "gude"])
+def test_pdu_wrong_credentials(vendor: str) -> None:
+    with PDUServer(vendor, user="admin", password="secret") as server:
+        for creds in ({"user": "admin", "password": "wrong"}, {}):
+            mod = pdu(vendor=vendor, host=server.url, **creds)
+            with pytest.raises(ModuleError, match=rf"PDU at {server.url} request failed with status 401"):
+                run(mod.run(LocalSession(), ["on"]))
+        assert not any(server.states)
+
+
+def test_pdu_arguments_are_required_and_checked() -> None:
+    with PDUServer("intellinet") as server:
+        mod = pdu(host=server.url)
+        with pytest.raises(ModuleError, match="no command specified, available commands: on, off, toggle, status"):
+            run(mod.run(LocalSession(), []))
+        with pytest.raises(ModuleError, match="unknown command 'reboot', available commands"):
+            run(mod.run(LocalSession(), ["reboot"]))
+        assert server.requests == []
+
+
+def test_pdu_unreachable_names_the_host() -> None:
+    port = closed_port()
+    mod = pdu(host=f"http://127.0.0.1:{port}")
+    with pytest.raises(ModuleError, match=rf"cannot reach PDU at http://127.0.0.1:{port}: .*refused"):
+        run(mod.run(LocalSession(), ["status"]))
+
+
+def test_pdu_answer_that_is_not_http() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer_garbage() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        thread = threading.Thread(target=answer_garbage, daemon=True)
+        thread.start()
+        mod = pdu(host=f"http://127.0.0.1:{port}")
+        with pytest.raises(ModuleError, match=rf"bad answer from PDU at http://127.0.0.1:{port}"):
+            run(mod.run(LocalSession(), ["status"]))
+        thread.join(5)
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({}, "PDU host address not configured"),
+        ({"host": "192.168.1.5"}, "must be an absolute URL including scheme"),
+        ({"host": "ftp://pdu"}, "must be an absolute URL including scheme"),
+        ({"host": "http://pdu", "outlet": -1}, "outlet must be 0 or greater"),
+        ({"host": "http://pdu", "user": "admin"}, "both user and password to be set, or neither"),
+        ({"host": "http://pdu", "password": "x"}, "both user and password to be set, or neither"),
+        ({"host": "http://pdu", "vendor": "apc"}, "unknown PDU vendor 'apc'"),
+    ],
+)
+def test_pdu_init_rejects_bad_options(options: dict, error: str) -> None:
+    with pytest.raises(ModuleError, match=error):
+        run(PDU(decode_options(PDU, options)).init())
+
+
+def test_pdu_run_before_init() -> None:
+    with pytest.raises(ModuleError, match="not initialized"):
+        run(PDU(decode_options(PDU, {"host": "http://pdu"})).run(LocalSession(), ["on"]))
+
+
+# ------------------------------------------------------------------ wifisocket (Tasmota)
+
+
+def test_wifisocket_single_relay_with_tasmota_password() -> None:
+    with TasmotaServer(relays=1, user="admin", password="joker") as server:
+        mod = socket_module(host=server.url, user="admin", password="joker")
+        assert say(mod, "status") == "WiFi socket channel 1 state: off\n"
+        assert say(mod, "on") == "WiFi socket channel 1 set to 'on'\n"
+        assert server.states == [True]
+        assert say(mod, "Toggle") == "WiFi socket channel 1 set to 'off'\n"
+        assert say(mod, "toggle") == "WiFi socket channel 1 set to 'on'\n"
+        assert say(mod, "off") == "WiFi socket channel 1 set to 'off'\n"
+        assert server.commands == ["Power", "Power ON", "Power TOGGLE", "Power TOGGLE", "Power OFF"]
+        assert server.paths[1] == "/cm?user=admin&password=joker&cmnd=Power%20ON"
+        assert server.states == [False]
+
+
+def test_wifisocket_channels_of_a_multi_relay_device() -> None:
+    with TasmotaServer(relays=3) as server:
+        second = socket_module(host=server.url, channel=2)
+        assert say(second, "on") == "WiFi socket channel 2 set to 'on'\n"
+        assert say(second, "status") == "WiFi socket channel 2 state: on\n"
+        first = socket_module(host=server.url)  # channel 1: "Power", answered as POWER1
+        assert say(first, "status") == "WiFi socket channel 1 state: off\n"
+        assert server.states == [False, True, False]
+        assert server.commands == ["Power2 ON", "Power2", "Power"]
+
+
+def test_wifisocket_bare_address_and_url_encoding() -> None:
+    with TasmotaServer() as server:
+        mod = socket_module(host=server.address)  # "127.0.0.1:PORT" gets http://
+        assert say(mod, "on") == "WiFi socket channel 1 set to 'on'\n"
+        assert server.states == [True]
+        assert server.paths == ["/cm?cmnd=Power%20ON"]
+
+
+def test_wifisocket_wrong_password_is_an_error() -> None:
+    """Tasmota answers HTTP 200 with a WARNING; dutctl would have printed "set to 'on'"."""
+    with TasmotaServer(user="admin", password="joker") as server:
+        mod = socket_module(host=server.url, user="admin", password="wrong")
+        for arg in ("on", "status"):
+            with pytest.raises(ModuleError, match="WiFi socket refused the command: Need user="):
+                run(mod.run(LocalSession(), [arg]))
+        assert server.states == [False]
+
+
+def test_wifisocket_basic_auth_behind_a_proxy() -> None:
+    with TasmotaServer(user="admin", password="joker", auth="basic") as server:
+        assert say(socket_module(host=server.url, user="admin", password="joker"), "on").endswith("'on'\n")
+        wrong = socket_module(host=server.url, user="admin", password="nope")
+        with pytest.raises(ModuleError, match=rf"WiFi socket at {server.url} request failed with status 401"):
+            run(wrong.run(LocalSession(), ["off"]))
+        assert server.states == [True]
+
+
+def test_wifisocket_no_or_unknown_argument_prints_and_succeeds() -> None:
+    with TasmotaServer() as server:
+        mod = socket_module(host=server.url)
+        assert say(mod) == "No command specified. Call 'help' for usage.\n"
+        assert say(mod, "blink") == "Unknown command: blink\nAvailable commands: on, off, toggle, status\n"
+        assert server.commands == []
+
+
+def test_wifisocket_unreachable_names_the_host() -> None:
+    port = closed_port()
+    mod = socket_module(host=f"127.0.0.1:{port}")
+    with pytest.raises(ModuleError, match=rf"cannot reach WiFi socket at http://127.0.0.1:{port}"):
+        run(mod.run(LocalSession(), ["on"]))
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({}, "host must be configured"),
+        ({"host": "  "}, "host must be configured"),
+        ({"host": "10.0.0.5", "user": "admin"}, "both user and password"),
+    ],
+)
+def test_wifisocket_init_rejects_bad_options(options: dict, error: str) -> None:
+    with pytest.raises(ModuleError, match=error):
+        run(WifiSocket(decode_options(WifiSocket, options)).init())
+
+
+def test_help_documents_arguments_and_keys() -> None:
+    text = PDU(decode_options(PDU, {"host": "http://10.0.0.5", "outlet": 2})).help()
+    for word in ("on|off|toggle|status", "vendor", "host", "user", "password", "outlet", "gude"):
+        assert word in text
+    text = WifiSocket(decode_options(WifiSocket, {"host": "10.0.0.6"})).help()
+    for word in ("on|off|toggle|status", "host", "user", "password", "channel"):
+        assert word in text
+
+
+@pytest.mark.parametrize(("name", "cls"), [("pdu.yaml", PDU), ("wifisocket.yaml", WifiSocket)])
+def test_example_configs_decode_and_init(name: str, cls: type) -> None:
+    config = yaml.safe_load((ROOT / "conf" / name).read_text())
+    steps = [s for d in config["devices"].values() for c in d["cmds"].values() for s in c["uses"]]
+    assert steps and all(s["module"] == cls.id for s in steps)
+    for step in steps:
+        run(cls(decode_options(cls, step["with"])).init())  # init makes no network call

@@ -1,0 +1,300 @@
+"""SPI flash modules: flash (flashrom, flashprog, dpcmd) and flash-emulate (em100).
+
+Both wrap a command-line tool on the agent.  Images stream in chunks through a
+per-module work directory; the tool's combined output streams to the client as
+it arrives.  A cancelled run signals the tool's whole process group with
+SIGTERM, waits up to TERM_GRACE_S and then sends SIGKILL (dutctl's procexec
+policy for flashing: interrupting a write half-way is worse than waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import os
+import shlex
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import msgspec
+
+from zdut.devices.base import Module, ModuleError, Session
+from zdut.protocol import CHUNK_SIZE
+
+SUPPORTED_TOOLS = ("flashrom", "flashprog", "dpcmd")
+INIT_FAILED_MARKER = "Programmer initialization failed"
+
+#: How to get each tool onto an agent (Debian 12 packages where they exist).
+INSTALL_HINTS = {
+    "flashrom": "install it with 'apt-get install flashrom'",
+    "flashprog": "flashprog is not packaged in Debian 12: build it from source and put it on PATH",
+    "dpcmd": "install Dediprog's SF100Linux tools (dpcmd) and put dpcmd on PATH",
+    "em100": "em100 is not packaged in Debian 12: build coreboot's util/em100 and put it on PATH",
+}
+
+
+def _tool_hint(tool: str) -> str:
+    return INSTALL_HINTS.get(os.path.basename(tool), "install it and put it on PATH")
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def stop_group(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM the process group, SIGKILL it if the leader outlives ``grace`` seconds."""
+    pgid = proc.pid  # start_new_session made the tool its own group leader
+    if proc.returncode is None:
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
+        except (TimeoutError, asyncio.CancelledError):
+            pass  # a second cancel only shortens the grace period
+    _signal_group(pgid, signal.SIGKILL)  # also ends helpers the tool started and left behind
+    if proc.returncode is None:
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), 5)
+        except (TimeoutError, asyncio.CancelledError):
+            pass
+
+
+async def run_tool(session: Session, argv: list[str], cwd: str, grace: float) -> tuple[int, bool]:
+    """Run argv, streaming its combined output; return (exit code, whether INIT_FAILED_MARKER appeared)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except FileNotFoundError:
+        raise ModuleError(f'tool "{argv[0]}" not found on PATH ({_tool_hint(argv[0])})') from None
+    except PermissionError:
+        raise ModuleError(f'tool "{argv[0]}" is not executable') from None
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    tail = ""  # enough recent output to spot the marker across chunk borders
+    seen = False
+    try:
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(CHUNK_SIZE):
+            text = decoder.decode(chunk)
+            if text:
+                await session.print(text)
+                window = tail + text
+                if INIT_FAILED_MARKER in window:
+                    seen = True
+                tail = window[-len(INIT_FAILED_MARKER) :]
+        if rest := decoder.decode(b"", final=True):
+            await session.print(rest)
+        code = await proc.wait()
+    except BaseException:
+        await stop_group(proc, grace)
+        raise
+    return code, seen
+
+
+def _exit_error(what: str, code: int) -> ModuleError:
+    if code < 0:
+        return ModuleError(f"{what} was killed by signal {-code}")
+    return ModuleError(f"{what} exited with code {code}")
+
+
+async def receive_file(session: Session, name: str, path: Path) -> None:
+    """Stream the client's file ``name`` into ``path`` (removed again on any failure)."""
+    try:
+        with open(path, "wb") as fh:
+            async for chunk in session.request_file(name):
+                fh.write(chunk)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise ModuleError(f"saving image on the agent: {exc.strerror or exc}") from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+class _ToolModule(Module):
+    """A module that runs a tool in a private work directory, created by the first run."""
+
+    #: Seconds between SIGTERM and SIGKILL when a run is cancelled.
+    TERM_GRACE_S = 10.0
+    _workdir: Path | None = None
+
+    def _work(self) -> Path:
+        if self._workdir is None or not self._workdir.is_dir():
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"zdut-{self.id}-"))
+        return self._workdir
+
+    async def deinit(self) -> None:
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    @staticmethod
+    def _require_tool(tool: str, what: str) -> str:
+        """The tool's absolute path (it runs with the work directory as cwd)."""
+        path = shutil.which(tool)
+        if path is None:
+            raise ModuleError(f'{what} "{tool}" not found on PATH ({_tool_hint(tool)})')
+        return os.path.abspath(path)
+
+
+class FlashOptions(msgspec.Struct, forbid_unknown_fields=True):
+    tool: str = ""
+    # int allowed because dpcmd takes a USB device number here.
+    programmer: str | int = ""
+
+
+class Flash(_ToolModule):
+    id = "flash"
+    Options = FlashOptions
+
+    def help(self) -> str:
+        o = self.options
+        return (
+            "Read and write the SPI flash.\n"
+            "Arguments: read|write <image>\n"
+            "  write: <image> is the client's file, streamed to the agent and written to the chip.\n"
+            "  read:  the chip is read and delivered to the client as <image>.\n"
+            "The flash tool runs on the agent; its output is shown as it runs.\n"
+            "with: tool (required; flashrom, flashprog or dpcmd, optionally as a path; must be on PATH),\n"
+            "      programmer (flashrom/flashprog: the -p argument, required; dpcmd: optional USB device number,\n"
+            "      passed as --device N).\n"
+            f"Using {o.tool!r} as flash tool with programmer {str(o.programmer)!r}.\n"
+        )
+
+    def _basename(self) -> str:
+        return os.path.basename(self.options.tool)
+
+    async def init(self) -> None:
+        tool = self.options.tool
+        if not tool:
+            raise ModuleError(f"tool must be configured (one of {', '.join(SUPPORTED_TOOLS)})")
+        if self._basename() not in SUPPORTED_TOOLS:
+            raise ModuleError(f"{tool!r} unsupported; supported tools are {', '.join(SUPPORTED_TOOLS)}")
+        self._require_tool(tool, "flash tool")
+        if self._basename() != "dpcmd" and self.options.programmer in ("", None):
+            raise ModuleError("programmer must be configured")
+
+    def cmdline(self, tool: str, op: str, image: Path) -> list[str]:
+        programmer = str(self.options.programmer)
+        if self._basename() == "dpcmd":
+            argv = [tool]
+            if programmer:
+                argv += ["--device", programmer]
+            return [*argv, "-u" if op == "write" else "-r", str(image)]
+        return [tool, "-p", programmer, "-w" if op == "write" else "-r", str(image)]
+
+    async def run(self, session: Session, args: list[str]) -> None:
+        if not args:
+            raise ModuleError("missing argument: flash operation (read or write)")
+        op = args[0]
+        if op not in ("read", "write"):
+            raise ModuleError(f'unknown operation "{op}" (expected read or write)')
+        if len(args) < 2:
+            raise ModuleError("missing argument: image file name")
+        if len(args) > 2:
+            raise ModuleError(f"expected 2 arguments (read|write <image>), got {len(args)}")
+        tool = self._require_tool(self.options.tool, "flash tool")
+        name = args[1]
+        work = self._work()
+        local = work / "image"
+        try:
+            if op == "write":
+                await receive_file(session, name, local)
+            argv = self.cmdline(tool, op, local)
+            await session.print(f"Executing: {shlex.join(argv)}\n")
+            code, init_failed = await run_tool(session, argv, str(work), self.TERM_GRACE_S)
+            if init_failed:
+                raise ModuleError(
+                    "programmer initialization failed, check if the programmer hardware is connected and supported"
+                )
+            if code != 0:
+                raise _exit_error("flash tool", code)
+            await session.print("Flash operation completed successfully\n")
+            if op == "read":
+                if not local.is_file():
+                    raise ModuleError("the flash tool reported success but wrote no image")
+                await session.send_file(name, local, local.stat().st_size)
+        finally:
+            await self.deinit()  # nothing is kept between runs: no stale image can be sent later
+
+
+class FlashEmulateOptions(msgspec.Struct, forbid_unknown_fields=True):
+    tool: str = "em100"
+    chip: str = ""
+    # int allowed because it is a USB device number.
+    device: str | int = ""
+
+
+class FlashEmulate(_ToolModule):
+    id = "flash-emulate"
+    Options = FlashEmulateOptions
+    _image: Path | None = None
+
+    def help(self) -> str:
+        o = self.options
+        text = (
+            "Load a firmware image into an SPI flash emulator on the DUT.\n"
+            "Arguments: <image>: the client's file, streamed to the agent and loaded into the emulator.\n"
+            "Any running emulation is stopped first, then the image is loaded and emulation starts.\n"
+            "with: tool (default em100, must be on PATH), chip (required, e.g. N25Q256A13),\n"
+            "      device (optional USB device number when several emulators are connected).\n"
+            f"Using {o.tool!r} as emulation tool with chip {o.chip!r}.\n"
+        )
+        if o.device != "":
+            text += f"Using USB device {str(o.device)!r}.\n"
+        return text
+
+    async def init(self) -> None:
+        if not self.options.tool:
+            raise ModuleError("tool must not be empty (default: em100)")
+        self._require_tool(self.options.tool, "emulation tool")
+        if not self.options.chip:
+            raise ModuleError('chip must be configured (e.g. "N25Q256A13")')
+
+    def cmdline(self, tool: str, image: Path) -> list[str]:
+        argv = [tool]
+        if self.options.device != "":
+            argv += ["--device", str(self.options.device)]
+        return [*argv, "--stop", "--set", self.options.chip, "-d", str(image), "-v", "--start"]
+
+    def _drop_image(self) -> None:
+        if self._image is not None:
+            self._image.unlink(missing_ok=True)
+            self._image = None
+
+    async def deinit(self) -> None:
+        self._drop_image()
+        await super().deinit()
+
+    async def run(self, session: Session, args: list[str]) -> None:
+        if not args:
+            raise ModuleError("missing argument: image file path")
+        if len(args) > 1:
+            raise ModuleError(f"expected 1 argument (<image>), got {len(args)}")
+        tool = self._require_tool(self.options.tool, "emulation tool")
+        self._drop_image()  # the previous run's image is kept until now, as in dutctl
+        work = self._work()
+        fd, tmp = tempfile.mkstemp(dir=work, prefix="flash-emulate-image-")
+        os.close(fd)
+        image = Path(tmp)
+        try:
+            await receive_file(session, args[0], image)
+            argv = self.cmdline(tool, image)
+            await session.print(f"Executing: {shlex.join(argv)}\n")
+            code, _ = await run_tool(session, argv, str(work), self.TERM_GRACE_S)
+            if code != 0:
+                raise _exit_error("emulation tool", code)
+        except BaseException:
+            image.unlink(missing_ok=True)
+            raise
+        self._image = image
+        await session.print("Emulation started successfully\n")
