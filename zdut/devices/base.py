@@ -114,6 +114,12 @@ def decode_options(module_cls: type[Module], raw: object) -> msgspec.Struct:
     if not isinstance(raw, dict):
         raise ValueError(f"'with' must be a mapping, got {type(raw).__name__}")
     lowered = {str(k).lower(): v for k, v in raw.items()}
+    # YAML reads `password: 1234` as a number; Go's yaml.v3 hands it to a string field as text.
+    str_fields = {f.name for f in msgspec.structs.fields(module_cls.Options) if f.type in (str, str | None)}
+    for key in str_fields & lowered.keys():
+        value = lowered[key]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            lowered[key] = str(value)
     try:
         return msgspec.convert(lowered, module_cls.Options, strict=False)
     except msgspec.ValidationError as exc:
