@@ -162,6 +162,20 @@ def zdut_file(addr: str, mb: int, tmp: Path, runs: int = 3) -> tuple[float, floa
     return lib, cli
 
 
+def api_calls(addr: str, n: int) -> list[float]:
+    """Latency of one unary call (`commands`) through the synchronous Python API on an open connection."""
+    from zdut.api import Lab
+
+    with Lab(addr) as lab:
+        lab.devices()
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            lab.commands("device1")
+            out.append(time.perf_counter() - t)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=2000)
@@ -174,6 +188,8 @@ def main() -> None:
             print(f"console echo, {args.lines} lines (device2 repeat via the zdut CLI, stdin/stdout pipes)")
             print(f"  raw pyzmq DEALER/ROUTER round trip : {percentiles(raw_echo_baseline(args.lines))}")
             print(f"  zdut direct to agent               : {percentiles(zdut_echo(addr, args.lines))}")
+            print(f"unary call through the Python API (zdut.api.Lab.commands), {args.lines} calls")
+            print(f"  zdut direct to agent               : {percentiles(api_calls(addr, args.lines))}")
             print(f"file round trip, {args.mb} MiB (device3 file-transfer: upload + download, SHA-256 checked)")
             print(f"  raw pyzmq 256 KiB frames, echoed   : {raw_transfer_baseline(args.mb):7.0f} MB/s")
             lib, cli = zdut_file(addr, args.mb, tmp)
