@@ -219,7 +219,8 @@ class Agent:
             for step, args in zip(command.steps, step_args, strict=True):
                 await step.module.run(session, args)
 
-        run.start(command.interactive, body)
+        interactive = any(step.module.wants_terminal(args) for step, args in zip(command.steps, step_args, strict=True))
+        run.start(interactive, body)
 
     def _close_run(self, key: tuple[int, bytes, int], run: AgentRun) -> None:
         if self.runs.pop(key, None) is run:

@@ -102,6 +102,13 @@ class Module(abc.ABC):
     async def deinit(self) -> None:  # noqa: B027 - optional hook
         """Release what init took; must be safe after a failed init."""
 
+    def wants_terminal(self, args: list[str]) -> bool:
+        """Whether this run reads the user's keystrokes (the client then uses raw mode on a terminal).
+
+        Defaults to the class's ``interactive``; a module with both scripted and console modes decides
+        per run from its arguments."""
+        return self.interactive
+
     @abc.abstractmethod
     async def run(self, session: Session, args: list[str]) -> None:
         """Run once with the resolved arguments; raise ModuleError to fail."""

@@ -1,0 +1,415 @@
+"""The serial module against a simulated boot loader on a real pseudo-terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+
+from zdut.devices import serial as serial_mod
+from zdut.devices.base import ModuleError, decode_options
+from zdut.devices.serial import KEEP_DISPLAY, STRIP_ALL, EscapeFilter, Serial, parse_args
+from zdut.devices.testing import LocalSession
+from zdut.protocol import Code
+
+try:
+    from standins.bootloader import COLOR, Bootloader
+except ImportError:  # tests/ imported as a package
+    from tests.standins.bootloader import COLOR, Bootloader
+
+
+@pytest.fixture
+def board() -> Iterator[Bootloader]:
+    b = Bootloader().start()
+    yield b
+    b.close()
+
+
+@pytest.fixture(autouse=True)
+def short_drain(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serial_mod, "SEND_DRAIN_S", 0.3)
+
+
+async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Wait for a condition with a deadline (polling; never a bare sleep as synchronisation)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def make(port: str, **with_: object) -> Serial:
+    mod = Serial(decode_options(Serial, {"port": port, "delay": "0s", **with_}))
+    await mod.init()
+    return mod
+
+
+def run(coro: Awaitable[object]) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def start(mod: Serial, session: LocalSession, args: list[str]) -> asyncio.Task[None]:
+    """Run in the background and wait until the port is open (the module flushes stale input at open)."""
+    task = asyncio.create_task(mod.run(session, args))
+    await until(lambda: "--- Connected to" in session.text or task.done(), "the connect marker")
+    return task
+
+
+def assert_markers_on_own_lines(text: str) -> None:
+    for m in re.finditer(r"--- ", text):
+        if text[m.start() :].startswith("--- "):
+            assert m.start() == 0 or text[m.start() - 1] == "\n", f"marker not at line start: {text!r}"
+
+
+# ---------------------------------------------------------------- scripts
+
+
+def test_send_expect_markers(board: Bootloader) -> None:
+    async def main() -> LocalSession:
+        mod = await make(board.path)
+        session = LocalSession()
+        await mod.run(session, ["-t", "5s", "--", "send", "version", "expect", r"aarch64-\w+", "expect", "=> "])
+        return session
+
+    session = run(main())
+    text = session.text
+    assert text.startswith(f"--- Connected to {board.path} at 115200 baud ---\n")
+    order = [
+        '--- [1/3] sent "version" ---\n',
+        "U-Boot 2024.01-zdut (Simulated Board)",
+        '--- [2/3] matched "aarch64-\\\\w+" ---\n',
+        '--- [3/3] matched "=> " ---\n',
+        "--- Script completed ---\n",
+    ]
+    positions = [text.index(part) for part in order]
+    assert positions == sorted(positions), text
+    assert text.endswith("--- Script completed ---\n")
+    assert_markers_on_own_lines(text)
+    assert board.received == b"version\r"  # send appends the default EOL, CR
+
+
+def test_autoboot_is_stopped_by_a_key(board: Bootloader) -> None:
+    board.autoboot, board.tick = 3, 0.2
+
+    async def main() -> LocalSession:
+        mod = await make(board.path)
+        session = LocalSession()
+        task = await start(mod, session, ["-t", "5s", "expect", "Hit any key", "send-raw", " ", "expect", "=> "])
+        board.reset()
+        await task
+        return session
+
+    session = run(main())
+    assert "U-Boot 2024.01-zdut" in session.text
+    assert '--- [2/3] sent " " ---' in session.text
+    assert board.state == "uboot"
+    assert "Starting kernel" not in session.text
+
+
+def test_autoboot_boots_and_drain_shows_reply_to_final_send(board: Bootloader) -> None:
+    board.autoboot, board.tick = 2, 0.05
+    script = [
+        "-t",
+        "5s",
+        "expect",
+        "Starting kernel",
+        "expect",
+        "login: ",
+        "send",
+        "root",
+        "expect",
+        "# ",
+        "send",
+        "uname",
+    ]
+
+    async def main() -> tuple[LocalSession, float]:
+        mod = await make(board.path)
+        session = LocalSession()
+        task = await start(mod, session, script)
+        board.reset()
+        loop = asyncio.get_running_loop()
+        await until(lambda: 'sent "uname"' in session.text, "the final send")
+        sent_at = loop.time()
+        await task
+        return session, loop.time() - sent_at
+
+    session, after_send = run(main())
+    text = session.text
+    # The board's answer arrives after the last marker: only the post-send drain can show it.
+    assert (
+        text.index('--- [5/5] sent "uname" ---')
+        < text.index("zdut-board 6.1.0")
+        < text.index("--- Script completed ---")
+    )
+    assert after_send >= 0.25  # the drain window (patched to 0.3 s)
+    assert board.state == "shell"
+
+
+def test_expect_timeout_error_text(board: Bootloader) -> None:
+    async def main() -> None:
+        mod = await make(board.path)
+        await mod.run(LocalSession(), ["-t", "200ms", "expect", "never-printed"])
+
+    with pytest.raises(ModuleError) as err:
+        run(main())
+    assert err.value.message == 'step 1 (expect "never-printed"): timeout of 200ms reached without match'
+
+
+def test_long_labels_are_truncated(board: Bootloader) -> None:
+    async def main() -> None:
+        mod = await make(board.path)
+        await mod.run(LocalSession(), ["-t", "100ms", "send", "x" * 30, "expect", "abcdefghijklmnopqrstuvwxyz"])
+
+    with pytest.raises(ModuleError) as err:
+        run(main())
+    assert err.value.message == 'step 2 (expect "abcdefghijklmnopqrst..."): timeout of 100ms reached without match'
+
+
+def test_send_escapes_and_eol(board: Bootloader) -> None:
+    async def main() -> LocalSession:
+        mod = await make(board.path)
+        session = LocalSession()
+        await mod.run(session, ["-t", "5s", "send-raw", r"ech\x6f A\\B\tC\r", "expect", r"A\\B\tC\r\n=> "])
+        await mod.run(session, ["-t", "5s", "-eol", "crlf", "--", "send", "echo crlf", "expect", "crlf\r\n=> "])
+        await mod.run(session, ["-t", "5s", "-eol=lf", "send", "echo lf", "expect", "lf\r\n=> "])
+        await mod.run(session, ["-t", "5s", "-eol", "none", "send", "abc", "send-raw", r"\x03", "expect", r"\^C"])
+        return session
+
+    run(main())
+    assert bytes(board.received) == b"echo A\\B\tC\r" + b"echo crlf\r\n" + b"echo lf\n" + b"abc\x03"
+
+
+def test_escape_sequences_are_stripped_before_matching(board: Bootloader) -> None:
+    async def main() -> LocalSession:
+        mod = await make(board.path)
+        session = LocalSession()
+        await mod.run(session, ["-t", "5s", "send", "color", "expect", "green plain text"])
+        return session
+
+    session = run(main())
+    assert "green plain text" in session.text
+    assert "\x1b" not in session.text
+
+
+def test_keep_escapes_passes_them_through(board: Bootloader) -> None:
+    session = LocalSession()
+
+    async def main() -> None:
+        mod = await make(board.path)
+        await mod.run(session, ["-keep-escapes", "-t", "500ms", "send", "color", "expect", "green plain"])
+
+    with pytest.raises(ModuleError, match="timeout of 500ms reached without match"):
+        run(main())
+    assert "\x1b[1;32mgreen\x1b[0m" in session.text
+    assert "\x1b]0;board title\x07" in session.text
+
+
+def test_escape_filter_reassembles_split_sequences() -> None:
+    f = EscapeFilter(STRIP_ALL)
+    pieces = [b"ab\x1b", b"[3", b"1mcd\x1b]0;ti", b"tle\x1b", b"\\ef\x1b(", b"Bgh\x1bP", b"x\x9cij"]
+    assert b"".join(f.feed(p) for p in pieces) == b"abcdefghij"
+    assert f.feed(COLOR) == b"green plain text\r\n"
+    # A CSI interrupted by a new ESC is dropped up to the interrupting byte.
+    assert f.feed(b"x\x1b[12\x1b[31my") == b"xy"
+    # An unterminated string sequence is not carried forever.
+    assert f.feed(b"\x1b]" + b"z" * 20000) == b""
+    assert f.remainder == b""
+
+
+def test_console_escape_policy_keeps_display_sequences() -> None:
+    f = EscapeFilter(KEEP_DISPLAY)
+    out = f.feed(b"\x1b[1;32mgreen\x1b[0m\x1b[2J\x1b]0;title\x07\x1b[21t\x1bP1$r0m\x1b\\.")
+    assert out == b"\x1b[1;32mgreen\x1b[0m\x1b[2J."
+
+
+def test_match_window_is_bounded() -> None:
+    class FakePort:
+        def __init__(self, gap: int) -> None:
+            data = b"START" + b"a" * gap + b"END"
+            self.chunks = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+
+        async def read(self) -> bytes:
+            if not self.chunks:
+                await asyncio.Event().wait()  # a quiet port
+            return self.chunks.pop(0)
+
+    async def expect(gap: int) -> bool:
+        port = FakePort(gap)
+        engine = serial_mod.Engine(port, serial_mod.PrintWriter(LocalSession()), False)  # type: ignore[arg-type]
+        try:
+            async with asyncio.timeout(0.3):
+                await engine.read_until(re.compile("STARTa*END"))
+        except TimeoutError:
+            return False
+        return True
+
+    assert run(expect(60_000))
+    assert not run(expect(70_000))  # START fell out of the 64 KiB window before END arrived
+
+
+# ---------------------------------------------------------------- monitor
+
+
+def test_monitor_until_timeout_is_a_success(board: Bootloader) -> None:
+    async def main() -> LocalSession:
+        mod = await make(board.path)
+        session = LocalSession()
+        task = await start(mod, session, ["-t", "500ms"])
+        board.say(b"\x1b[33mhello\x1b[0m from the board")
+        await until(lambda: "hello from the board" in session.text, "board output")
+        await task
+        return session
+
+    session = run(main())
+    assert session.text.endswith("hello from the board\n--- Connection closed ---\n")
+
+
+def test_monitor_cancel_closes_the_port_at_once(board: Bootloader) -> None:
+    async def main() -> None:
+        mod = await make(board.path)
+        session = LocalSession()
+        task = await start(mod, session, [])
+        board.say(b"tick\r\n")
+        await until(lambda: "tick" in session.text, "board output")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not serial_mod._open_ports
+        # The port is free again: a new session opens it straight away.
+        await mod.run(LocalSession(), ["-t", "10ms"])
+
+    run(main())
+
+
+# ---------------------------------------------------------------- console
+
+
+def test_console_bridges_stdin_and_output(board: Bootloader) -> None:
+    async def main() -> LocalSession:
+        mod = await make(board.path)
+        session = LocalSession()
+        task = await start(mod, session, ["console"])
+        session.feed_stdin(b"version\n")
+        await until(lambda: b"aarch64" in session.out, "the board's answer")
+        session.feed_stdin(b"color\n")
+        await until(lambda: b"plain" in session.out, "the colour output")
+        session.close_stdin()
+        await task
+        return session
+
+    session = run(main())
+    assert board.received == b"version\ncolor\n"
+    out = bytes(session.out)
+    assert out.startswith(f"--- Connected to {board.path} at 115200 baud ---\n".encode())
+    assert out.endswith(b"\n--- Connection closed ---\n")
+    assert b"\x1b[1;32mgreen" in out  # display sequences survive in console mode
+    assert b"\x1b]0;" not in out  # the title change does not
+    assert Serial.interactive is True
+
+
+def test_console_alias_and_no_steps() -> None:
+    assert parse_args(["-i"]).console
+    assert parse_args(["-t", "1s", "console"]).console
+    with pytest.raises(ModuleError, match="console mode takes no steps, got 1"):
+        parse_args(["console", "send", "x"])
+
+
+# ---------------------------------------------------------------- port sharing and errors
+
+
+def test_second_session_gets_busy_error(board: Bootloader, tmp_path: os.PathLike[str]) -> None:
+    link = os.path.join(tmp_path, "ttyBOARD")
+    os.symlink(board.path, link)
+
+    async def main() -> None:
+        first = await make(board.path)
+        second = await make(link)  # another command of the device, same port under another name
+        session = LocalSession()
+        task = await start(first, session, [])
+        with pytest.raises(ModuleError) as err:
+            await second.run(LocalSession(), ["-t", "10ms"])
+        assert err.value.code == Code.FAILED_PRECONDITION
+        assert err.value.message == f"serial port {link} is busy (in use by another session)"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await second.run(LocalSession(), ["-t", "10ms"])
+
+    run(main())
+
+
+def test_missing_device_is_named() -> None:
+    async def main() -> None:
+        mod = await make("/dev/ttyZDUT-missing")
+        await mod.run(LocalSession(), [])
+
+    with pytest.raises(ModuleError) as err:
+        run(main())
+    assert err.value.message.startswith(
+        "failed to open serial port /dev/ttyZDUT-missing: no such device (is the serial adapter plugged in?"
+    )
+    assert not serial_mod._open_ports
+
+
+@pytest.mark.parametrize(
+    ("with_", "message"),
+    [
+        ({"port": ""}, "COM port is not set"),
+        ({"port": "/dev/x", "delay": "fast"}, 'invalid delay "fast": time: invalid duration "fast"'),
+    ],
+)
+def test_init_errors(with_: dict[str, object], message: str) -> None:
+    mod = Serial(decode_options(Serial, with_))
+    with pytest.raises(ModuleError) as err:
+        run(mod.init())
+    assert err.value.message == message
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-x"], "failed to parse arguments: flag provided but not defined: -x"),
+        (["-t"], "failed to parse arguments: flag needs an argument: -t"),
+        (["-t", "soon"], 'failed to parse arguments: invalid value "soon" for flag -t: parse error'),
+        (
+            ["-keep-escapes=maybe"],
+            'failed to parse arguments: invalid boolean value "maybe" for -keep-escapes: parse error',
+        ),
+        (["---t"], "failed to parse arguments: bad flag syntax: ---t"),
+        (["-eol", "cr2"], 'invalid -eol "cr2": want cr, lf, crlf, or none'),
+        (["jump"], 'unknown step verb "jump" (want expect, send, or send-raw)'),
+        (["expect"], '"expect" requires a pattern argument'),
+        (["send", "x", "send-raw"], '"send-raw" requires a data argument'),
+        (["send", r"\q"], r'invalid data "\\q": unknown escape "\\q"'),
+        (["send", r"\x4"], r'invalid data "\\x4": \x requires two hex digits'),
+        (["send", "a\\"], r'invalid data "a\\": trailing backslash'),
+    ],
+)
+def test_argument_errors(args: list[str], message: str) -> None:
+    with pytest.raises(ModuleError) as err:
+        parse_args(args)
+    assert err.value.message == message
+
+
+def test_argument_parsing() -> None:
+    script = parse_args(["--t=1m30s", "-keep-escapes", "--", "expect", "-x", "send", r"\x41"])
+    assert script.timeout == 90
+    assert script.keep_escapes
+    assert [(s.kind, s.src) for s in script.steps] == [("expect", "-x"), ("send", r"\x41")]
+    assert script.steps[1].payload == b"A\r"
+    with pytest.raises(ModuleError, match=r'^invalid regular expression "\(": '):
+        parse_args(["expect", "("])
+    assert parse_args([]).steps == []
+
+
+def test_help_documents_modes() -> None:
+    text = Serial(decode_options(Serial, {"port": "/dev/ttyUSB0"})).help()
+    assert 'Configured COM port is "/dev/ttyUSB0" with baud rate 115200' in text
+    for word in ("console", "-keep-escapes", "send-raw", "64 KiB", "busy"):
+        assert word in text
