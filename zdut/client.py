@@ -28,6 +28,7 @@ from zdut.links import Pump, tune
 from zdut.protocol import (
     CHUNK_SIZE,
     INITIAL_WINDOW,
+    MAX_REPLY_BYTES,
     SESSION,
     STDIN,
     STDIN_WINDOW,
@@ -360,7 +361,7 @@ class Client:
         sock = self._ctx.socket(zmq.DEALER)
         tune(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # fail fast instead of queueing towards nobody
-        self._pump = Pump(sock, with_peer=False)
+        self._pump = Pump(sock, with_peer=False, limit=MAX_REPLY_BYTES)
         self._raw = self._pump.raw
         monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED

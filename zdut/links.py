@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from zdut.protocol import WITH_PAYLOAD, Code, Message, ProtocolError, ZdutError, decode
+from zdut.protocol import MAX_HEADER_BYTES, WITH_PAYLOAD, Code, Message, ProtocolError, ZdutError, decode
 
 log = logging.getLogger("zdut.link")
 
@@ -48,10 +48,11 @@ class Pump:
     ZMQ_EVENTS reports input, and every send checks ZMQ_EVENTS too, because a
     send can consume the notification of a message that arrived meanwhile."""
 
-    def __init__(self, sock: zmq.Socket[Any], with_peer: bool) -> None:
+    def __init__(self, sock: zmq.Socket[Any], with_peer: bool, limit: int = MAX_HEADER_BYTES) -> None:
         self.sock = sock
         self.raw = sock
         self.with_peer = with_peer
+        self.limit = limit
         self.handler: Handler | None = None
         self._scheduled = False
 
@@ -74,7 +75,7 @@ class Pump:
             return
         while raw.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
-                item = recv_message(raw, with_peer)
+                item = recv_message(raw, with_peer, self.limit)
             except zmq.Again:
                 return
             if item is not None:
@@ -116,7 +117,9 @@ class Link(Pump):
         return lambda header, payload=None: self.send(peer, header, payload)
 
 
-def recv_message(raw: zmq.Socket[Any], with_peer: bool) -> tuple[bytes, Message, Any] | None:
+def recv_message(
+    raw: zmq.Socket[Any], with_peer: bool, limit: int = MAX_HEADER_BYTES
+) -> tuple[bytes, Message, Any] | None:
     """Read one message frame by frame; None (logged) if it is malformed.  Raises zmq.Again when empty."""
     peer = raw.recv(zmq.NOBLOCK) if with_peer else b""
     if with_peer and not raw.getsockopt(zmq.RCVMORE):
@@ -132,7 +135,7 @@ def recv_message(raw: zmq.Socket[Any], with_peer: bool) -> tuple[bytes, Message,
             frame = raw.recv(zmq.NOBLOCK, copy=False)
             extra = True
     try:
-        msg = decode(header)
+        msg = decode(header, limit)
     except ProtocolError as exc:
         log.warning("dropped an undecodable message: %s", exc)
         return None

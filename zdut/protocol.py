@@ -25,8 +25,10 @@ import msgspec
 
 #: zdut release; its semver major decides compatibility (dutctl's policy).
 VERSION = "0.1.0"
-#: Longest header the receivers accept; larger frames are dropped as garbage.
+#: Longest header a server accepts from a peer; larger frames are dropped as garbage.
 MAX_HEADER_BYTES = 64 * 1024
+#: Longest header a client accepts from its server: listings of 10,000 devices are ~300 KiB.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
 #: Largest payload chunk a sender emits (file chunks, console output).
 CHUNK_SIZE = 256 * 1024
 #: Bytes of credit each side grants the other when a Run session opens.  Stdin
@@ -411,10 +413,10 @@ _decoder = msgspec.msgpack.Decoder(Message)
 encode = _encoder.encode
 
 
-def decode(frame: bytes | memoryview) -> Message:
+def decode(frame: bytes | memoryview, limit: int = MAX_HEADER_BYTES) -> Message:
     """Decode a header frame, raising ProtocolError for anything that is not one."""
-    if len(frame) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    if len(frame) > limit:
+        raise ProtocolError(f"header of {len(frame)} bytes exceeds {limit}")
     try:
         return _decoder.decode(frame)
     except msgspec.DecodeError as exc:
