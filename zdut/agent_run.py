@@ -113,6 +113,7 @@ class AgentRun:
         self._aborted: dict[int, FileAbort] = {}
         self._term: tuple[int, int] | None = None
         self._on_close = on_close
+        self._reason: ZdutError | None = None
 
     # ------------------------------------------------------------- lifecycle
     def start(self, interactive: bool, body: Callable[[AgentRun], Any]) -> None:
@@ -124,7 +125,8 @@ class AgentRun:
         try:
             await body(self)
         except asyncio.CancelledError:
-            code, message = Code.CANCELED, "module execution aborted: canceled"
+            reason = self._reason or ZdutError(Code.CANCELED, "canceled")
+            code, message = reason.code, f"module execution aborted: {reason.message}"
         except ModuleError as exc:
             code, message = exc.code, f"module failed: {exc.message}"
         except ZdutError as exc:
@@ -142,10 +144,12 @@ class AgentRun:
             self.stream.fail(ZdutError(Code.CANCELED, "session ended"))
 
     def cancel(self, reason: ZdutError) -> None:
-        """End the session now (client cancelled or vanished)."""
-        self.stream.fail(reason)
+        """End the session now (client cancelled or vanished); Done carries the reason."""
+        self._reason = self._reason or reason
         if self.task is not None:
             self.task.cancel()
+        else:
+            self.stream.fail(reason)
 
     # ------------------------------------------------------------- incoming
     def deliver(self, msg: Message, payload: Any) -> None:

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from zdut.client import Client, Run, RunHandler
@@ -37,6 +37,11 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_SERVER = "localhost:1024"
 LONG_LOCK_S = 8 * 3600
 PROGRESS_MIN_BYTES = 16 * 1024 * 1024
+#: How long the agent gets to confirm a cancel (Ctrl-C, Ctrl-]) before we stop waiting.
+CANCEL_GRACE_S = 3.0
+
+#: A planned command line, to run on a connected client.
+Action = Callable[[Client], Awaitable[int]]
 
 SYNOPSIS = """SYNOPSIS
     zdut [options] [list]
@@ -204,9 +209,13 @@ class CliRunHandler(RunHandler):
         self.out, self.printer, self.meta, self.log = out, printer, meta, warnings
         self._progress_at = 0.0
         self._progress_shown = False
+        #: Set after a detach: output still in flight must not land on the restored terminal.
+        self.muted = False
 
     def output(self, stream: int, data: bytes, consumed: Callable[[], None]) -> None:
-        if self.out.fmt == "text" and not self.out.verbose:
+        if self.muted:
+            consumed()
+        elif self.out.fmt == "text" and not self.out.verbose:
             self.printer.submit(lambda: self.out.raw(data, stream == STDERR), consumed)
         else:
             content = Content(MODULE_OUTPUT, data, stream == STDERR, self.meta)
@@ -253,32 +262,50 @@ class Cli:
         self.log.flush()
         self.out.emit(Content(GENERAL, text, True))
 
+    def version(self) -> int:
+        self.out.emit(Content(VERSION_T, f"zdut client\nVersion: {VERSION}\nPython {sys.version.split()[0]}\n"))
+        return EXIT_OK
+
     async def execute(self, words: list[str]) -> int:
+        """The one-shot command: plan the words, connect, perform, close."""
         if words and words[0] == "version":
-            self.out.emit(Content(VERSION_T, f"zdut client\nVersion: {VERSION}\nPython {sys.version.split()[0]}\n"))
-            return EXIT_OK
+            return self.version()
         try:
-            plan = self._plan(words)
+            action = self.plan(words)
         except UsageError as exc:
             self.error(str(exc))
             self.out.err.write("\n" + SYNOPSIS + "\n" + OPTIONS)
             return EXIT_ERROR
         client = Client(self.opts.server, self.opts.user)
         try:
-            await client.connect()
-            for w in client.warnings:
-                self.log.warn(w)
-            self.log.debug(f"{client.server_role} version: {client.server_version}")
-            code = await plan(client)
+            try:
+                await client.connect()
+            except ZdutError as exc:
+                self.error(exc.message)
+                return EXIT_ERROR
+            self.greet(client)
+            return await self.perform(action, client)
+        finally:
+            await client.close()
+
+    def greet(self, client: Client) -> None:
+        """Log what the handshake told us (version drift warnings)."""
+        for w in client.warnings:
+            self.log.warn(w)
+        self.log.debug(f"{client.server_role} version: {client.server_version}")
+
+    async def perform(self, action: Action, client: Client) -> int:
+        """Run a planned action on a connected client (the CLI's one, or the shell's lasting one);
+        a failure is reported, not raised."""
+        try:
+            code = await action(client)
         except ZdutError as exc:
             self.error(exc.message)
             code = EXIT_ERROR
-        finally:
-            await client.close()
         self.log.flush()
         return code
 
-    def _plan(self, words: list[str]) -> Callable[[Client], object]:
+    def plan(self, words: list[str]) -> Action:
         """Map the positional words to an action (raises UsageError for a malformed line)."""
         if not words or words[0] == "list":
             if len(words) > 1:
@@ -357,53 +384,75 @@ class Cli:
         return EXIT_OK
 
     # ------------------------------------------------------------- Run
-    async def _run(self, client: Client, device: str, command: str, args: list[str]) -> int:
+    @contextlib.contextmanager
+    def interrupts(self, handler: Callable[[], None]) -> Iterator[None]:
+        """Route Ctrl-C and SIGTERM to ``handler`` while a Run is open.  The one-shot CLI owns the
+        process, so it takes the signals; the shell overrides this with its own dispatch."""
         loop = asyncio.get_running_loop()
-        printer = Printer(loop)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, handler)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def stdin_fd(self) -> int | None:
+        """The input to forward to a Run, or None for none."""
+        try:
+            return sys.stdin.fileno()
+        except (AttributeError, ValueError, OSError):
+            return None
+
+    async def _run(self, client: Client, device: str, command: str, args: list[str]) -> int:
+        printer = Printer(asyncio.get_running_loop())
         meta = self.meta("Run Response", device=device, command=command, args=" ".join(args))
         handler = CliRunHandler(self.out, printer, meta, self.log)
         run = client.run(device, command, args, handler)
         interrupted = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: (interrupted.set(), run.cancel()))
-        try:
-            interactive = await run.started
-            detached = False
-            if not run.finished.done():
-                detached = await self._attach(run, interactive, interrupted)
-            if detached:
+        with self.interrupts(lambda: (interrupted.set(), run.cancel())):
+            try:
+                interactive = await run.started
+                detached = False
+                if not run.finished.done():
+                    detached = await self._attach(run, interactive)
+                if detached:
+                    handler.muted = True
+                    printer.drain()
+                    self.out.err.write("\r\n[detached: remote command cancelled]\r\n")
+                    await self._settle(run)
+                    return EXIT_OK
+                await self._finish(run, interrupted)
+            except ZdutError:
                 printer.drain()
-                self.out.err.write("\r\n[detached: remote command cancelled]\r\n")
-                return EXIT_OK
-            await self._finish(run, interrupted)
-        except ZdutError:
-            printer.drain()
-            if interrupted.is_set():
-                self.error("interrupted")
-                return EXIT_INTERRUPTED
-            raise
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-            printer.stop()
+                if interrupted.is_set():
+                    self.error("interrupted")
+                    return EXIT_INTERRUPTED
+                raise
+            finally:
+                printer.stop()
         if interrupted.is_set():
             self.error("interrupted")
             return EXIT_INTERRUPTED
         return EXIT_OK
 
-    async def _attach(self, run: Run, interactive: bool, interrupted: asyncio.Event) -> bool:
-        try:
-            fd = sys.stdin.fileno()
-        except (AttributeError, ValueError, OSError):
+    async def _attach(self, run: Run, interactive: bool) -> bool:
+        fd = self.stdin_fd()
+        if fd is None:
             await run.close_stdin()
             return False
         return await attach(run, fd, interactive)
 
+    @staticmethod
+    async def _settle(run: Run) -> None:
+        """Give the agent a moment to confirm a cancel, so that the session ends cleanly."""
+        with contextlib.suppress(TimeoutError, ZdutError):
+            await asyncio.wait_for(asyncio.shield(run.finished), CANCEL_GRACE_S)
+
     async def _finish(self, run: Run, interrupted: asyncio.Event) -> None:
-        """Wait for Done; after Ctrl-C give the agent 3 s to confirm the cancel."""
+        """Wait for Done; after Ctrl-C give the agent a moment to confirm the cancel."""
         if interrupted.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(run.finished), 3.0)
+            await self._settle(run)
             if not run.finished.done():
                 return
         await run.wait()

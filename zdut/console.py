@@ -27,11 +27,16 @@ READ_SIZE = 64 * 1024
 def raw_mode(fd: int) -> Iterator[None]:
     """Put a terminal in raw mode and always restore it."""
     saved = termios.tcgetattr(fd)
+    attrs = termios.tcgetattr(fd)
+    # tty.setraw's input, control and local flags, in one tcsetattr: output processing stays on
+    # throughout (so a module's "\n" still starts a new line), even for output written meanwhile
+    # by the printer thread.
+    attrs[tty.IFLAG] &= ~(termios.BRKINT | termios.ICRNL | termios.INPCK | termios.ISTRIP | termios.IXON)
+    attrs[tty.CFLAG] = (attrs[tty.CFLAG] & ~(termios.CSIZE | termios.PARENB)) | termios.CS8
+    attrs[tty.LFLAG] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN | termios.ISIG)
+    attrs[tty.OFLAG] |= termios.OPOST | termios.ONLCR
+    attrs[tty.CC][termios.VMIN], attrs[tty.CC][termios.VTIME] = 1, 0
     try:
-        tty.setraw(fd, termios.TCSANOW)
-        # Keep output processing so that a module's "\n" still starts a new line on screen.
-        attrs = termios.tcgetattr(fd)
-        attrs[1] |= termios.OPOST | termios.ONLCR
         termios.tcsetattr(fd, termios.TCSANOW, attrs)
         yield
     finally:

@@ -1,0 +1,371 @@
+"""``zdut shell``: an interactive prompt on one lasting connection to a broker or agent.
+
+Every line goes through the one-shot CLI's grammar and actions (``cli.Cli``), run
+on the shell's connected client instead of a fresh one.  The prompt appears at
+once and the connection is made in the background; a ``Tracker`` keeps a cache
+of the lab for completion and the toolbar.  No error ends the shell: it prints
+the message and prompts again.  Ctrl-C cancels the running command; Ctrl-D or
+``exit`` leaves.  With stdin not a terminal, lines are read as a script (no
+prompt, commands get no stdin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.application import run_in_terminal
+from prompt_toolkit.application.current import set_app
+from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.output import ColorDepth
+from prompt_toolkit.styles import Style
+
+from zdut.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Action, Cli, Options, UsageError
+from zdut.client import Client, default_user
+from zdut.output import FORMATS
+from zdut.protocol import ZdutError
+from zdut.shell_complete import ShellCompleter
+from zdut.shell_state import CONNECTED, CONNECTING, Tracker, resolve
+
+HELP = """\
+The one-shot CLI's grammar, without flags:
+  list                      devices and their locks
+  agents                    agents behind a broker
+  DEV                       commands of a device
+  DEV CMD [args...]         run a command (Ctrl-C cancels it; Ctrl-] leaves an interactive console)
+  DEV CMD help              usage of a command
+  DEV lock [DURATION]       reserve a device (default 30m, e.g. 1h30m); DEV unlock [force]
+And the shell's own:
+  use DEV                   work on DEV: then `CMD args`, `lock`, `unlock`... run on it; `use` or `..` leaves
+  format [text|json|yaml|oneline]
+  help, version, exit (or Ctrl-D)
+Tab completes devices, commands, keywords and file arguments; Up/Down and Ctrl-R search the history.
+"""
+
+STYLE = Style.from_dict(
+    {
+        "zdut": "bold",
+        "device": "ansicyan bold",
+        "state": "ansiyellow",
+        "bottom-toolbar.down": "bg:ansired",
+    }
+)
+GRAY, RESET = "\x1b[90m", "\x1b[0m"
+
+
+def history_file() -> str:
+    """$XDG_STATE_HOME/zdut/shell_history, else ~/.local/state/zdut/shell_history."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "zdut", "shell_history")
+
+
+def open_history() -> History:
+    path = history_file()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "a").close()
+    except OSError as exc:
+        sys.stderr.write(f"zdut shell: history not kept ({path}: {exc.strerror})\n")
+        return InMemoryHistory()
+    return FileHistory(path)
+
+
+class ShellCli(Cli):
+    """The CLI's actions, with Ctrl-C routed through the shell (which owns the signals) and,
+    in script mode, no stdin for commands (the rest of the script is not theirs)."""
+
+    def __init__(self, opts: Options, shell: Shell) -> None:
+        super().__init__(opts)
+        self.shell = shell
+
+    @contextlib.contextmanager
+    def interrupts(self, handler: Callable[[], None]) -> Iterator[None]:
+        previous, self.shell.on_interrupt = self.shell.on_interrupt, handler
+        try:
+            yield
+        finally:
+            self.shell.on_interrupt = previous
+
+    def stdin_fd(self) -> int | None:
+        return super().stdin_fd() if self.shell.interactive else None
+
+
+class Shell:
+    def __init__(self, opts: Options, interactive: bool) -> None:
+        self.opts, self.interactive = opts, interactive
+        self.cli = ShellCli(opts, self)
+        self.tracker = Tracker(opts.server, opts.user or default_user(), self._notify, self._invalidate)
+        self.device: str | None = None
+        #: What Ctrl-C does right now: cancel the command being executed, or nothing.
+        self.on_interrupt: Callable[[], None] | None = None
+        self.session: PromptSession[str] | None = None
+        self.notice = ""
+        self.held: list[str] = []  # notices that arrived while a command owned the terminal
+        self.status = EXIT_OK
+
+    # ------------------------------------------------------------- main loops
+    async def main(self) -> int:
+        self.tracker.start(refresh=self.interactive)
+        try:
+            if self.interactive:
+                await self._prompt_loop()
+            else:
+                await self._script_loop()
+        finally:
+            await self.tracker.close()
+        return self.status
+
+    async def _prompt_loop(self) -> None:
+        self.session = PromptSession(
+            history=open_history(),
+            completer=ShellCompleter(lambda: self.tracker.view, lambda: self.device),
+            complete_while_typing=False,
+            bottom_toolbar=self.toolbar,
+            style=STYLE,
+            color_depth=ColorDepth.MONOCHROME if self.opts.no_color else None,
+        )
+        while True:
+            self._print_held()
+            try:
+                line = await self.session.prompt_async(self.prompt)
+            except KeyboardInterrupt:
+                continue
+            except EOFError:
+                return
+            if not await self.handle(line):
+                return
+
+    async def _script_loop(self) -> None:
+        while line := await _readline():
+            if not await self.handle(line):
+                return
+
+    def interrupt(self) -> None:
+        if self.on_interrupt is not None:
+            self.on_interrupt()
+
+    # ------------------------------------------------------------- one line
+    async def handle(self, line: str) -> bool:
+        """Execute one line; False when the shell should end."""
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            self.cli.error(f"cannot parse the line: {exc}")
+            return True
+        if not words:
+            return True
+        head, rest = words[0], words[1:]
+        if head in ("exit", "quit"):
+            return False
+        if head == "help":
+            if rest:
+                self.cli.error("help takes no arguments; a command's usage is DEV CMD help")
+            else:
+                self._help()
+        elif head == "format":
+            self._format(rest)
+        elif head == "use":
+            await self._use(rest)
+        elif head == "..":
+            self.device = None
+        elif head == "version":
+            self.status = self.cli.version()
+        else:
+            self.status = await self.interruptible(self._execute(words))
+        return True
+
+    async def _execute(self, words: list[str]) -> int:
+        """A line of the CLI's grammar, on the shell's client."""
+        if self.device is not None:
+            await self.tracker.prepare(self.device)
+        try:
+            action = self.cli.plan(resolve(words, self.device, self.tracker.view))
+        except UsageError as exc:
+            self.cli.error(f"{exc} (type help for the grammar)")
+            return EXIT_ERROR
+        return await self.perform(action)
+
+    async def perform(self, action: Action) -> int:
+        try:
+            client = await self.tracker.ready()
+        except ZdutError as exc:
+            self.cli.error(exc.message)
+            return EXIT_ERROR
+        return await self.cli.perform(action, client)
+
+    async def interruptible(self, job: Coroutine[Any, Any, int]) -> int:
+        """Run a job so that Ctrl-C cancels it, not the shell (a Run re-routes Ctrl-C to its own cancel)."""
+        task = asyncio.ensure_future(job)
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
+            task.cancel()
+
+        self.on_interrupt = interrupt
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+            self.cli.error("interrupted")
+            return EXIT_INTERRUPTED
+        finally:
+            self.on_interrupt = None
+            self.tracker.poke()  # locks may have changed
+
+    def _help(self) -> None:
+        text = HELP
+        if self.device is not None:
+            commands = self.tracker.view.commands.get(self.device)
+            text += f"Using {self.device}; its commands: {', '.join(commands) if commands else '(not known yet)'}\n"
+        self.cli.out.out.write(text)
+        self.cli.out.out.flush()
+
+    def _format(self, args: list[str]) -> None:
+        if len(args) > 1 or (args and args[0] not in FORMATS):
+            self.cli.error("format takes one of: text, json, yaml, oneline")
+            return
+        if args:
+            self.cli.out.fmt = "oneline" if args[0] == "csv" else args[0]
+            if not self.interactive:
+                return  # a script's output stays pure json/yaml
+        self.cli.out.out.write(f"output format: {self.cli.out.fmt}\n")
+        self.cli.out.out.flush()
+
+    async def _use(self, args: list[str]) -> None:
+        if not args:
+            self.device = None
+            return
+        if len(args) > 1:
+            self.cli.error("use takes one device name")
+            return
+        name = args[0]
+        if name in self.tracker.view.devices:
+            self.device = name
+            return
+
+        async def check(client: Client) -> int:
+            await client.commands(name)  # NotFound for a device the server does not know
+            return EXIT_OK
+
+        if await self.interruptible(self.perform(check)) == EXIT_OK:
+            self.device = name
+
+    # ------------------------------------------------------------- display
+    def prompt(self) -> FormattedText:
+        parts = [("class:zdut", "zdut")]
+        if self.tracker.state != CONNECTED:
+            parts.append(("class:state", f" ({self.tracker.state})"))
+        if self.device is not None:
+            parts.append(("class:device", f" {self.device}"))
+        parts.append(("", "> "))
+        return FormattedText(parts)
+
+    def toolbar(self) -> FormattedText:
+        t = self.tracker
+        where = t.address
+        if t.client is not None:
+            where += f" ({t.client.server_role} {t.client.server_name})"
+        if t.state == CONNECTED:
+            state = [("", " connected")]
+        elif t.state == CONNECTING:
+            state = [("", " connecting...")]
+        else:
+            state = [("class:bottom-toolbar.down", " DISCONNECTED ")]
+        online, offline, locked = t.view.counts()
+        fresh = t.view.listed and t.state == CONNECTED  # a lost direct agent's devices are unknown, not online
+        counts = f" | {online} online, {offline} offline, {locked} locked" if fresh else ""
+        notice = f" | {self.notice}" if self.notice else ""
+        return FormattedText([("", f" {where}"), *state, ("", counts + notice)])
+
+    def _invalidate(self) -> None:
+        if self.session is not None and self.session.app.is_running:
+            self.session.app.invalidate()
+
+    def _notify(self, notices: list[str]) -> None:
+        """Show lab changes: in the toolbar, and as lines above the prompt without disturbing the input
+        (run_in_terminal hides the prompt, prints, and draws it again); held while a command runs."""
+        self.notice = f"{time.strftime('%H:%M:%S')} {'; '.join(notices)}"
+        if not self.interactive or self.session is None:
+            return
+        app = self.session.app
+        if app.is_running:
+            with set_app(app):  # our tasks were started outside the prompt's context
+                run_in_terminal(lambda: self._print_notices(notices))
+            app.invalidate()
+        else:
+            self.held.extend(notices)
+
+    def _print_held(self) -> None:
+        held, self.held = self.held, []
+        self._print_notices(held)
+
+    def _print_notices(self, notices: list[str]) -> None:
+        color = self.cli.out.color and not self.opts.no_color
+        for text in notices:
+            line = f"· {text}"
+            sys.stdout.write(f"{GRAY}{line}{RESET}\n" if color else line + "\n")
+        sys.stdout.flush()
+
+
+async def _readline() -> str:
+    """One line of stdin, read on a daemon thread: a blocked read must not keep the process alive."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[str] = loop.create_future()
+
+    def work() -> None:
+        try:
+            line = sys.stdin.readline()
+        except (OSError, ValueError):
+            line = ""
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(line))
+
+    threading.Thread(target=work, name="zdut-stdin", daemon=True).start()
+    return await fut
+
+
+def main(opts: Options, words: list[str]) -> int:
+    if words:
+        sys.stderr.write(f"zdut shell takes no arguments, got: {' '.join(words)}\n")
+        return EXIT_USAGE
+    shell = Shell(opts, sys.stdin.isatty() and sys.stdout.isatty())
+    loop: asyncio.AbstractEventLoop | None = None
+    main_task: asyncio.Task[int] | None = None
+
+    # Python-level handlers that survive prompt-toolkit and console.attach adding and removing
+    # their own loop handlers: Ctrl-C goes to the running command, SIGTERM ends the shell cleanly.
+    def on_sigint(*_: Any) -> None:
+        if loop is not None:
+            loop.call_soon_threadsafe(shell.interrupt)
+
+    def on_sigterm(*_: Any) -> None:
+        if loop is not None and main_task is not None:
+            loop.call_soon_threadsafe(main_task.cancel)
+
+    async def run() -> int:
+        nonlocal loop, main_task
+        loop, main_task = asyncio.get_running_loop(), asyncio.current_task()
+        try:
+            return await shell.main()
+        except asyncio.CancelledError:
+            return 128 + signal.SIGTERM
+
+    saved = signal.signal(signal.SIGINT, on_sigint), signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return asyncio.run(run())
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])

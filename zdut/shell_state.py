@@ -1,0 +1,267 @@
+"""What the shell knows about the lab, kept fresh in the background.
+
+``Tracker`` owns the shell's one lasting connection and a cached ``LabView``
+(devices, their commands and help texts).  Completion and the toolbar only read
+the cache, so typing never waits on the network; the refresh task polls the
+device list, turns differences into one-line notices and fetches the commands
+of devices it has not seen yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from zdut.client import Client
+from zdut.protocol import Code, DeviceInfo, LockState, ZdutError
+
+#: Device list poll period; connection changes and the shell's own commands wake it early.
+REFRESH_S = 2.0
+#: Commands and help texts are re-read this often (an agent may have restarted with a new config).
+COMMANDS_TTL_S = 300.0
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
+#: Completion data is fetched with this many calls in flight, so a big lab does not flood the server.
+FETCH_CONCURRENCY = 8
+#: A command whose help describes its arguments with one of these words gets local path completion.
+FILE_WORDS = re.compile(r"\b(files?|paths?|images?|firmware|src|dst)\b", re.IGNORECASE)
+#: The arguments part of a help text: an "Arguments: ..." line and the indented lines under it.
+ARGS_SECTION = re.compile(r"arguments?:[^\n]*(?:\n[ \t]+[^\n]*)*", re.IGNORECASE)
+#: Words the shell itself takes in first position; everything else is the one-shot CLI's grammar.
+KEYWORDS = ("list", "agents", "use", "..", "help", "format", "version", "exit", "quit")
+#: Words that mean the same thing with or without a device in use.
+GLOBAL_WORDS = frozenset(KEYWORDS)
+
+CONNECTING, CONNECTED, DISCONNECTED = "connecting", "connected", "disconnected"
+
+
+def resolve(words: list[str], device: str | None, view: LabView) -> list[str]:
+    """The full CLI words for a line typed while ``device`` is in use.
+
+    Shell keywords stay global, and so does a line that starts with another known device
+    (unless the device in use has a command of that name)."""
+    if device is None or not words or words[0] in GLOBAL_WORDS:
+        return words
+    if words[0] in view.devices and words[0] not in view.commands.get(device, ()):
+        return words
+    return [device, *words]
+
+
+def takes_files(help_text: str) -> bool:
+    """Whether a command's arguments are (local) files, judged from its help text."""
+    return any(FILE_WORDS.search(m.group()) for m in ARGS_SECTION.finditer(help_text))
+
+
+def _join(names: list[str]) -> str:
+    return ", ".join(sorted(names))
+
+
+def _lock_text(lock: LockState) -> str:
+    return f'in use by "{lock.owner}"' if not lock.expires_at else f'locked by "{lock.owner}"'
+
+
+def changes(old: dict[str, DeviceInfo], new: dict[str, DeviceInfo], me: str, now: float) -> list[str]:
+    """One-line notices for what changed between two device lists.
+
+    Our own locks and busy holds (which come and go with every run) are left out: the user
+    saw the result of their own command already.  Only the expiry of our own lock is news."""
+    appeared = [n for n in new if n not in old]
+    gone = [n for n in old if n not in new]
+    offline = [n for n, d in new.items() if n in old and old[n].online and not d.online]
+    online = [n for n, d in new.items() if n in old and not old[n].online and d.online]
+    notices = []
+    if offline:
+        notices.append(f"{_join(offline)} went offline")
+    if online:
+        notices.append(f"{_join(online)} back online")
+    if appeared:
+        notices.append(f"new: {_join(appeared)}")
+    if gone:
+        notices.append(f"gone: {_join(gone)}")
+    for name in sorted(set(old) & set(new)):
+        was, lock = old[name].lock, new[name].lock
+        if was == lock:
+            continue
+        if lock is not None and lock.owner != me and lock.expires_at:
+            notices.append(f"{name} {_lock_text(lock)}")
+        elif lock is None and was is not None and was.expires_at:
+            if was.owner != me:
+                notices.append(f"{name} unlocked")
+            elif was.expires_at <= now + REFRESH_S:
+                notices.append(f"your lock on {name} expired")
+    return notices
+
+
+@dataclass
+class LabView:
+    """A cached snapshot of the lab; only the Tracker writes it."""
+
+    devices: dict[str, DeviceInfo] = field(default_factory=dict)
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    helps: dict[tuple[str, str], str] = field(default_factory=dict)
+    fetched: dict[str, float] = field(default_factory=dict)
+    #: A first device list (and the commands of its devices) has arrived: later lists bring notices.
+    listed: bool = False
+
+    def counts(self) -> tuple[int, int, int]:
+        """Online, offline and locked (reserved or busy) devices."""
+        online = sum(d.online for d in self.devices.values())
+        locked = sum(d.lock is not None for d in self.devices.values())
+        return online, len(self.devices) - online, locked
+
+    def takes_files(self, device: str, command: str) -> bool:
+        return takes_files(self.helps.get((device, command), ""))
+
+    def update(self, devices: Iterable[DeviceInfo], me: str, now: float) -> list[str]:
+        """Take a new device list; returns the notices (none before the view is ``listed``)."""
+        new = {d.name: d for d in devices}
+        notices = changes(self.devices, new, me, now) if self.listed else []
+        for name, d in new.items():
+            was = self.devices.get(name)
+            if was is not None and not was.online and d.online:
+                self.fetched.pop(name, None)  # its agent restarted: maybe with another config
+        for name in set(self.devices) - set(new):
+            self.commands.pop(name, None)
+            self.fetched.pop(name, None)
+        self.devices = new
+        return notices
+
+    def stale(self, now: float) -> list[str]:
+        """Devices whose commands should be (re)read."""
+        return [n for n in self.devices if now - self.fetched.get(n, -COMMANDS_TTL_S) >= COMMANDS_TTL_S]
+
+
+class Tracker:
+    """The shell's connection and its cached view of the lab.
+
+    Connects in the background (the prompt does not wait), retries until a server answers,
+    then follows the client's link state: ZeroMQ reconnects by itself, we only report it."""
+
+    def __init__(
+        self, address: str, user: str, notify: Callable[[list[str]], None], changed: Callable[[], None]
+    ) -> None:
+        self.address, self.user = address, user
+        self.notify, self.changed = notify, changed
+        self.view = LabView()
+        self.state = CONNECTING
+        self.client: Client | None = None
+        self.error = ""
+        self._attempted = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, refresh: bool = True) -> None:
+        self._tasks.append(asyncio.create_task(self._connect()))
+        if refresh:
+            self._tasks.append(asyncio.create_task(self._refresh_loop()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.client is not None:
+            await self.client.close()
+
+    def poke(self) -> None:
+        """Refresh soon (after a command that may have changed locks)."""
+        self._wake.set()
+
+    async def ready(self) -> Client:
+        """The connected client; waits for the first connection attempt, raises if there is none."""
+        await self._attempted.wait()
+        if self.client is None:
+            raise ZdutError(Code.UNAVAILABLE, self.error)
+        return self.client
+
+    async def prepare(self, device: str) -> None:
+        """Make sure the view can resolve lines typed while ``device`` is in use, even before the
+        first refresh (or in script mode, which has no refresh task)."""
+        try:
+            client = await self.ready()
+            if not self.view.listed:
+                self.view.update(await client.list(), self.user, time.time())
+                self.view.listed = True
+            if device not in self.view.commands:
+                self.view.commands[device] = await client.commands(device)
+        except ZdutError:
+            pass  # the command itself will report the problem
+
+    # ------------------------------------------------------------- connection
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.changed()
+
+    async def _connect(self) -> None:
+        delay = RETRY_MIN_S
+        while True:
+            client = Client(self.address, self.user)
+            client.on_connection = lambda up, c=client: self._link(c, up)
+            try:
+                await client.connect()
+            except ZdutError as exc:
+                await client.close()
+                self.error = exc.message
+                self._attempted.set()
+                self._set_state(DISCONNECTED)
+                if exc.code not in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED):
+                    return  # a bad address or an incompatible server: retrying cannot help
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            self.client = client
+            self._attempted.set()
+            self._set_state(CONNECTED)
+            self._wake.set()
+            return
+
+    def _link(self, client: Client, up: bool) -> None:
+        if client is not self.client:
+            return  # the handshake of a connection still being set up
+        if up and self.state != CONNECTED:
+            self.view.fetched.clear()  # the server may have restarted with another config
+            self._set_state(CONNECTED)
+            self.notify([f"reconnected to {self.address}"])
+            self._wake.set()
+        elif not up and self.state == CONNECTED:
+            self.error = f"lost connection to zdut server at {self.address}"
+            self._set_state(DISCONNECTED)
+            self.notify([self.error])
+
+    # ------------------------------------------------------------- refresh
+    async def _refresh_loop(self) -> None:
+        while True:
+            client = self.client
+            if client is not None and client.connected:
+                with contextlib.suppress(ZdutError):
+                    await self._refresh(client)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), REFRESH_S)
+
+    async def _refresh(self, client: Client) -> None:
+        now = time.time()
+        notices = self.view.update(await client.list(), self.user, now)
+        if notices:
+            self.notify(notices)
+        stale = self.view.stale(time.monotonic())
+        if stale:
+            limit = asyncio.Semaphore(FETCH_CONCURRENCY)
+            await asyncio.gather(*(self._fetch(client, name, limit) for name in stale))
+        self.view.listed = True  # the toolbar shows counts from now on: completion data is warm
+        self.changed()
+
+    async def _fetch(self, client: Client, device: str, limit: asyncio.Semaphore) -> None:
+        """Commands of a device and their help texts; a failure leaves it stale for the next round."""
+        try:
+            async with limit:
+                self.view.commands[device] = commands = await client.commands(device)
+            for command in commands:
+                async with limit:
+                    self.view.helps[(device, command)] = await client.details(device, command, "help")
+        except ZdutError:
+            return
+        self.view.fetched[device] = time.monotonic()
