@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from zdut.links import Pump, tune
+from zdut.links import MORE, NOBLOCK, ZERO_COPY_MIN, Pump, tune
 from zdut.protocol import (
     CHUNK_SIZE,
     INITIAL_WINDOW,
@@ -454,10 +454,10 @@ class Client:
             raise ZdutError(Code.UNAVAILABLE, "client is closed")
         try:
             if payload is None:
-                raw.send(header, zmq.NOBLOCK)
+                raw.send(header, NOBLOCK)
             else:
-                raw.send(header, zmq.SNDMORE | zmq.NOBLOCK)
-                raw.send(payload, zmq.NOBLOCK, copy=len(payload) < 65536)
+                raw.send(header, MORE)
+                raw.send(payload, NOBLOCK, copy=len(payload) < ZERO_COPY_MIN)
         except zmq.Again:
             raise self._unreachable("not connected") from None
         finally:

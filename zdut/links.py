@@ -25,6 +25,11 @@ ZERO_COPY_MIN = 65536
 #: Generous HWMs: credit bounds what is in flight; these are only the backstop.
 HWM = 100_000
 
+# Plain ints: combining pyzmq's enum flags (SNDMORE | NOBLOCK) costs microseconds per call on the hot path.
+NOBLOCK = int(zmq.NOBLOCK)
+MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+EVENTS, RCVMORE, POLLIN = int(zmq.EVENTS), int(zmq.RCVMORE), int(zmq.POLLIN)
+
 #: handler(peer, message, payload)
 Handler = Callable[[bytes, Message, Any], None]
 
@@ -73,7 +78,7 @@ class Pump:
         handler, raw, with_peer = self.handler, self.raw, self.with_peer
         if handler is None or raw.closed:
             return
-        while raw.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while raw.getsockopt(EVENTS) & POLLIN:
             try:
                 item = recv_message(raw, with_peer, self.limit)
             except zmq.Again:
@@ -82,7 +87,7 @@ class Pump:
                 handler(*item)
 
     def after_send(self) -> None:
-        if not self._scheduled and self.raw.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self._scheduled and self.raw.getsockopt(EVENTS) & POLLIN:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.drain)
 
@@ -97,12 +102,12 @@ class Link(Pump):
     def send(self, peer: bytes, header: bytes, payload: Any = None) -> None:
         raw = self.raw
         try:
-            raw.send(peer, zmq.SNDMORE | zmq.NOBLOCK)
+            raw.send(peer, MORE)
             if payload is None:
-                raw.send(header, zmq.NOBLOCK)
+                raw.send(header, NOBLOCK)
             else:
-                raw.send(header, zmq.SNDMORE | zmq.NOBLOCK)
-                raw.send(payload, zmq.NOBLOCK, copy=len(payload) < ZERO_COPY_MIN)
+                raw.send(header, MORE)
+                raw.send(payload, NOBLOCK, copy=len(payload) < ZERO_COPY_MIN)
         except zmq.Again:
             raise ZdutError(Code.UNAVAILABLE, f"{self.name}: peer is not keeping up (send queue full)") from None
         except zmq.ZMQError as exc:
@@ -121,18 +126,18 @@ def recv_message(
     raw: zmq.Socket[Any], with_peer: bool, limit: int = MAX_HEADER_BYTES
 ) -> tuple[bytes, Message, Any] | None:
     """Read one message frame by frame; None (logged) if it is malformed.  Raises zmq.Again when empty."""
-    peer = raw.recv(zmq.NOBLOCK) if with_peer else b""
-    if with_peer and not raw.getsockopt(zmq.RCVMORE):
+    peer = raw.recv(NOBLOCK) if with_peer else b""
+    if with_peer and not raw.getsockopt(RCVMORE):
         log.warning("dropped a message without a header frame")
         return None
-    header = raw.recv(zmq.NOBLOCK)
+    header = raw.recv(NOBLOCK)
     payload = None
     extra = False
-    if raw.getsockopt(zmq.RCVMORE):
-        frame = raw.recv(zmq.NOBLOCK, copy=False)
+    if raw.getsockopt(RCVMORE):
+        frame = raw.recv(NOBLOCK, copy=False)
         payload = frame.buffer
         while frame.more:  # more frames than any message has: drain them
-            frame = raw.recv(zmq.NOBLOCK, copy=False)
+            frame = raw.recv(NOBLOCK, copy=False)
             extra = True
     try:
         msg = decode(header, limit)

@@ -96,6 +96,12 @@ class Output:
             stream.write(self._text(content))
         stream.flush()
 
+    def fileno(self, to_stderr: bool = False) -> int | None:
+        try:
+            return (self.err if to_stderr else self.out).fileno()
+        except (AttributeError, OSError, ValueError):
+            return None
+
     def raw(self, data: bytes, to_stderr: bool = False) -> None:
         """Module output in text mode: written as is."""
         stream = self.err if to_stderr else self.out
