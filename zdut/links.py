@@ -84,7 +84,10 @@ class Pump:
             except zmq.Again:
                 return
             if item is not None:
-                handler(*item)
+                try:
+                    handler(*item)
+                except Exception:  # one bad message must not stop the socket
+                    log.exception("error handling %s", type(item[1]).__name__)
 
     def after_send(self) -> None:
         if not self._scheduled and self.raw.getsockopt(EVENTS) & POLLIN:

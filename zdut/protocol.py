@@ -419,7 +419,7 @@ def decode(frame: bytes | memoryview, limit: int = MAX_HEADER_BYTES) -> Message:
         raise ProtocolError(f"header of {len(frame)} bytes exceeds {limit}")
     try:
         return _decoder.decode(frame)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError) as exc:  # invalid UTF-8 in a str field is a UnicodeDecodeError
         raise ProtocolError(str(exc)) from None
 
 

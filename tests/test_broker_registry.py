@@ -1,0 +1,268 @@
+"""The broker registry as pure logic, on a fake clock: takeover, refusal, expiry, lock copies, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zdut.broker_registry import LIVENESS, Registry
+from zdut.protocol import (
+    VERSION,
+    Code,
+    CommandInfo,
+    DeviceEntry,
+    DeviceInfo,
+    LockState,
+    Register,
+    ZdutError,
+)
+from zdut.store import Store
+
+HB = 1.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0
+
+    def wall(self) -> float:
+        return self.t
+
+    def mono(self) -> float:
+        return self.t - 999_000.0
+
+    def advance(self, s: float) -> None:
+        self.t += s
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def reg(clock: Clock) -> Registry:
+    return Registry(HB, clock.wall, clock.mono)
+
+
+def register(
+    name: str, *devices: str, instance: str = "i1", version: str = VERSION, locks: dict[str, LockState] | None = None
+) -> Register:
+    entries = [
+        DeviceEntry(d, [CommandInfo("status", f"status of {d}"), CommandInfo("on", "power on")]) for d in devices
+    ]
+    return Register(version, name, instance, f"{name}:1024", entries, locks or {})
+
+
+def refusal(reg: Registry, rid: bytes, msg: Register) -> ZdutError:
+    with pytest.raises(ZdutError) as err:
+        reg.register(rid, msg)
+    return err.value
+
+
+def test_register_and_list(reg: Registry) -> None:
+    reg.register(b"r1", register("a", "dev2", "dev1"))
+    reg.register(b"r2", register("b", "dev0"))
+    assert reg.device_list() == [
+        DeviceInfo("dev0", None, "b", True),
+        DeviceInfo("dev1", None, "a", True),
+        DeviceInfo("dev2", None, "a", True),
+    ]
+    assert reg.commands("dev1") == ["on", "status"]
+    assert reg.details("dev1", "status", "help") == "status of dev1"
+    assert [(a.name, a.devices, a.online, a.address) for a in reg.agent_list()] == [
+        ("a", ["dev1", "dev2"], True, "a:1024"),
+        ("b", ["dev0"], True, "b:1024"),
+    ]
+
+
+def test_errors_match_the_agent(reg: Registry) -> None:
+    reg.register(b"r1", register("a", "dev1"))
+    cases = [
+        (lambda: reg.commands("nope"), Code.NOT_FOUND, 'device "nope": no such device'),
+        (lambda: reg.details("nope", "x", "help"), Code.NOT_FOUND, 'device "nope": no such device'),
+        (lambda: reg.details("dev1", "x", "help"), Code.NOT_FOUND, 'device "dev1", command "x": no such command'),
+        (
+            lambda: reg.details("dev1", "status", "usage"),
+            Code.INVALID_ARGUMENT,
+            'unknown keyword "usage", possible values are: "help"',
+        ),
+    ]
+    for call, code, message in cases:
+        with pytest.raises(ZdutError) as err:
+            call()
+        assert (err.value.code, err.value.message) == (code, message)
+
+
+def test_duplicate_device_of_online_agent_is_refused(reg: Registry) -> None:
+    reg.register(b"r1", register("a", "dev1", "dev2"))
+    err = refusal(reg, b"r2", register("b", "dev3", "dev2"))
+    assert err.code == Code.ALREADY_EXISTS
+    assert err.message == 'device "dev2" is already registered by agent "a" (online)'
+    assert "dev3" not in reg.devices  # all or nothing
+    assert reg.devices["dev2"].agent.name == "a"
+
+
+def test_same_agent_takes_over_from_a_new_connection(reg: Registry) -> None:
+    reg.register(b"r1", register("a", "dev1", instance="i1"))
+    result = reg.register(b"r2", register("a", "dev1", "dev9", instance="i2"))
+    assert result.replaced_rid == b"r1"
+    assert result.restarted
+    assert reg.by_rid == {b"r2": result.agent}
+    assert reg.devices["dev9"].agent is result.agent
+
+
+def test_reconnect_of_same_process_is_not_a_restart(reg: Registry) -> None:
+    reg.register(b"r1", register("a", "dev1", instance="i1"))
+    result = reg.register(b"r2", register("a", "dev1", instance="i1"))
+    assert result.replaced_rid == b"r1" and not result.restarted
+    again = reg.register(b"r2", register("a", "dev1", instance="i1"))  # same socket again: nothing to replace
+    assert again.replaced_rid is None and not again.restarted
+
+
+def test_device_of_offline_agent_moves(reg: Registry) -> None:
+    a = reg.register(b"r1", register("a", "dev1", "dev2")).agent
+    reg.offline(a)
+    result = reg.register(b"r2", register("b", "dev2"))
+    assert result.moved == [("dev2", "a")]
+    assert a.devices == ["dev1"]
+    reg.offline(result.agent)
+    reg.register(b"r3", register("c", "dev1"))
+    assert "a" not in reg.agents  # serves nothing any more: forgotten
+    records, deleted = reg.take_dirty()
+    assert deleted == ["a"]
+    assert {r.name for r in records} == {"b", "c"}
+
+
+def test_removed_devices_disappear(reg: Registry) -> None:
+    reg.register(b"r1", register("a", "dev1", "dev2"))
+    result = reg.register(b"r1", register("a", "dev1"))
+    assert result.removed == ["dev2"]
+    assert [d.name for d in reg.device_list()] == ["dev1"]
+
+
+def test_invalid_registrations(reg: Registry) -> None:
+    cases = [
+        (
+            register("a", "dev1", version="1.0.0"),
+            Code.FAILED_PRECONDITION,
+            f"incompatible zdut versions: broker {VERSION}, agent 1.0.0 (major version mismatch)",
+        ),
+        (register("", "dev1"), Code.INVALID_ARGUMENT, "agent name is not set"),
+        (register("a"), Code.INVALID_ARGUMENT, "empty device list"),
+        (register("a", "dev1", ""), Code.INVALID_ARGUMENT, "device 1 has empty name"),
+        (register("a", "dev1", "dev1"), Code.INVALID_ARGUMENT, 'device "dev1" is listed twice'),
+    ]
+    for msg, code, message in cases:
+        err = refusal(reg, b"r1", msg)
+        assert (err.code, err.message) == (code, message)
+    assert not reg.agents and not reg.by_rid
+
+
+def test_minor_version_drift_is_accepted(reg: Registry) -> None:
+    major = VERSION.split(".")[0]
+    reg.register(b"r1", register("a", "dev1", version=f"{major}.99.0"))
+    assert reg.agents["a"].online
+
+
+def test_silent_agent_expires_after_liveness_intervals(reg: Registry, clock: Clock) -> None:
+    a = reg.register(b"r1", register("a", "dev1")).agent
+    clock.advance(LIVENESS * HB - 0.01)
+    assert reg.expired() == []
+    a.last_rx = clock.mono()  # any message counts (the socket loop stamps it)
+    clock.advance(LIVENESS * HB - 0.01)
+    assert reg.expired() == []
+    clock.advance(0.02)
+    assert reg.expired() == [a]
+    seen = clock.wall() - (LIVENESS * HB + 0.01)
+    assert reg.offline(a) == b"r1"
+    assert reg.offline(a) is None
+    assert a.last_seen == pytest.approx(seen)
+    assert reg.device_list() == [DeviceInfo("dev1", None, "a", False)]
+    with pytest.raises(ZdutError) as err:
+        reg.commands("dev1")
+    assert (err.value.code, err.value.message) == (Code.UNAVAILABLE, 'agent "a" serving device "dev1" is offline')
+    assert reg.expired() == []
+
+
+def test_expired_agent_does_not_block_others(reg: Registry, clock: Clock) -> None:
+    a = reg.register(b"r1", register("a", "dev1")).agent
+    clock.advance(LIVENESS * HB + 1)
+    for agent in reg.expired():
+        reg.offline(agent)
+    assert not a.online
+    result = reg.register(b"r2", register("b", "dev1"))  # the name moves to whoever is online
+    assert result.moved == [("dev1", "a")]
+
+
+def test_lock_copies_and_expiry(reg: Registry, clock: Clock) -> None:
+    now = int(clock.wall())
+    busy = LockState("bob", now, 0)
+    reserved = LockState("alice", now, now + 60)
+    a = reg.register(b"r1", register("a", "dev1", "dev2", "dev3", locks={"dev1": reserved, "dev2": busy})).agent
+    listing = {d.name: d.lock for d in reg.device_list()}
+    assert listing == {"dev1": reserved, "dev2": busy, "dev3": None}
+    assert reg.lock_changed(a, "dev3", LockState("carol", now, now + 30))
+    b = reg.register(b"r2", register("b", "dev9")).agent
+    assert not reg.lock_changed(b, "dev1", None)  # only the owner speaks for a device
+    clock.advance(30)
+    listing = {d.name: d.lock for d in reg.device_list()}
+    assert listing["dev3"] is None and listing["dev1"] == reserved
+    clock.advance(30)
+    listing = {d.name: d.lock for d in reg.device_list()}
+    assert listing == {"dev1": None, "dev2": busy, "dev3": None, "dev9": None}  # busy holds never expire
+    assert reg.lock_changed(a, "dev2", None)
+    assert reg.device_list()[1] == DeviceInfo("dev2", None, "a", True)
+
+
+def test_listing_is_cached_until_something_changes(reg: Registry) -> None:
+    a = reg.register(b"r1", register("a", "dev1")).agent
+    first = reg.device_list()
+    assert reg.device_list() is first
+    reg.offline(a)
+    assert reg.device_list() is not first
+
+
+def test_last_seen_tracks_messages(reg: Registry, clock: Clock) -> None:
+    a = reg.register(b"r1", register("a", "dev1")).agent
+    clock.advance(2)
+    assert reg.last_seen(a) == pytest.approx(clock.wall() - 2)
+    a.last_rx = clock.mono()
+    assert reg.last_seen(a) == pytest.approx(clock.wall())
+
+
+def test_one_connection_renaming_itself(reg: Registry) -> None:
+    reg.register(b"r1", register("a", "dev1"))
+    result = reg.register(b"r1", register("b", "dev1"))  # not a conflict with itself
+    assert result.displaced is not None and result.displaced.name == "a"
+    assert reg.devices["dev1"].agent.name == "b"
+
+
+def test_persistence_round_trip_lists_devices_offline(reg: Registry, clock: Clock, tmp_path: Path) -> None:
+    reg.register(b"r1", register("a", "dev1", "dev2"))
+    reg.register(b"r2", register("b", "dev3"))
+    store = Store(tmp_path / "state.sqlite3")
+    store.save(*reg.take_dirty())
+    store.close()
+
+    clock.advance(100)
+    fresh = Registry(HB, clock.wall, clock.mono)
+    store = Store(tmp_path / "state.sqlite3")
+    fresh.load(store.load())
+    store.close()
+    assert fresh.device_list() == [
+        DeviceInfo("dev1", None, "a", False),
+        DeviceInfo("dev2", None, "a", False),
+        DeviceInfo("dev3", None, "b", False),
+    ]
+    with pytest.raises(ZdutError, match="is offline"):
+        fresh.details("dev1", "status", "help")
+    infos = fresh.agent_list()
+    assert [(i.name, i.online, i.last_seen, i.version) for i in infos] == [
+        ("a", False, clock.wall() - 100, VERSION),
+        ("b", False, clock.wall() - 100, VERSION),
+    ]
+    back = fresh.register(b"r9", register("a", "dev1", "dev2", instance="i2"))
+    assert back.restarted and back.replaced_rid is None
+    assert fresh.commands("dev1") == ["on", "status"]

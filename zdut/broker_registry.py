@@ -1,0 +1,282 @@
+"""The broker's registry: which agent serves which device, who is online, lock copies.
+
+Pure logic with injected clocks (``wall`` for unix times shown to users and lock
+expiry, ``mono`` for liveness), so that expiry, takeover and refusal are tested
+without sockets or sleeps.  The socket loop (zdut.broker) owns routing ids and
+sessions; it stamps ``Agent.last_rx``/``last_tx`` itself on the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from zdut.protocol import (
+    INCOMPATIBLE,
+    VERSION,
+    AgentInfo,
+    Code,
+    DeviceInfo,
+    LockState,
+    Register,
+    ZdutError,
+    compare_versions,
+)
+from zdut.store import AgentRecord, DeviceRecord
+
+log = logging.getLogger("zdut.broker")
+
+#: Heartbeat intervals an agent may stay silent before it is marked offline.
+LIVENESS = 3
+
+
+@dataclass(slots=True, eq=False)
+class Agent:
+    name: str
+    version: str = ""
+    instance: str = ""
+    address: str = ""
+    devices: list[str] = field(default_factory=list)  # sorted
+    rid: bytes | None = None  # routing id of its live connection; None = offline
+    last_seen: float = 0.0  # unix time of the last message, kept while offline
+    last_rx: float = 0.0  # monotonic time of the last message from it
+    last_tx: float = 0.0  # monotonic time of the last message to it
+
+    @property
+    def online(self) -> bool:
+        return self.rid is not None
+
+
+@dataclass(slots=True, eq=False)
+class Device:
+    name: str
+    agent: Agent
+    commands: dict[str, str]  # command -> help
+    lock: LockState | None = None
+
+
+@dataclass(slots=True)
+class Registration:
+    """What an accepted Register changed, for the socket loop to act on."""
+
+    agent: Agent
+    replaced_rid: bytes | None = None  # the agent's previous connection, now stale
+    restarted: bool = False  # a new agent process: sessions of the old one are gone
+    moved: list[tuple[str, str]] = field(default_factory=list)  # (device, offline agent it was taken from)
+    removed: list[str] = field(default_factory=list)  # devices the agent no longer serves
+    displaced: Agent | None = None  # another name this same connection had registered, now offline
+
+
+class Registry:
+    def __init__(
+        self,
+        heartbeat_s: float = 1.0,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.heartbeat_s = heartbeat_s
+        self.wall = wall
+        self.mono = mono
+        self.agents: dict[str, Agent] = {}
+        self.devices: dict[str, Device] = {}
+        self.by_rid: dict[bytes, Agent] = {}
+        #: Agents whose persisted record is stale, and agents to delete from the store.
+        self.dirty: set[str] = set()
+        self.deleted: set[str] = set()
+        self._listing: list[DeviceInfo] | None = None
+        self._listing_valid_until = 0.0  # the earliest reservation expiry in the cached listing
+
+    # ------------------------------------------------------------- persistence
+    def load(self, records: Iterable[AgentRecord]) -> None:
+        """Agents from the state file: known, and offline until they register again."""
+        for rec in records:
+            agent = Agent(rec.name, rec.version, rec.instance, rec.address, last_seen=rec.last_seen)
+            for dev in rec.devices:
+                if dev.name in self.devices:
+                    continue  # a unique key in the store; defensive only
+                self.devices[dev.name] = Device(dev.name, agent, dict(dev.commands))
+                agent.devices.append(dev.name)
+            agent.devices.sort()
+            if agent.devices:
+                self.agents[agent.name] = agent
+        self._changed()
+
+    def record(self, agent: Agent) -> AgentRecord:
+        devices = [DeviceRecord(d, sorted(self.devices[d].commands.items())) for d in agent.devices]
+        return AgentRecord(agent.name, agent.version, agent.instance, agent.address, self.last_seen(agent), devices)
+
+    def take_dirty(self) -> tuple[list[AgentRecord], list[str]]:
+        """Records to write and names to delete since the last call."""
+        records = [self.record(self.agents[n]) for n in sorted(self.dirty) if n in self.agents]
+        deleted = sorted(self.deleted)
+        self.dirty.clear()
+        self.deleted.clear()
+        return records, deleted
+
+    # ------------------------------------------------------------- registration
+    def register(self, rid: bytes, msg: Register) -> Registration:
+        """Accept ``msg`` from connection ``rid`` or raise ZdutError (the Refused reply)."""
+        self._validate(rid, msg)
+        old = self.agents.get(msg.agent)
+        result = Registration(old or Agent(msg.agent))
+        agent = result.agent
+        if old is not None and old.rid is not None and old.rid != rid:
+            result.replaced_rid = old.rid
+            del self.by_rid[old.rid]
+        result.restarted = old is not None and old.instance != msg.instance
+        stale = self.by_rid.get(rid)
+        if stale is not None and stale is not agent:  # one connection, a new name: the old name goes offline
+            self.offline(stale)
+            result.displaced = stale
+        new_names = sorted(d.name for d in msg.devices)
+        result.removed = sorted(set(agent.devices) - set(new_names))
+        for name in result.removed:
+            del self.devices[name]
+        for entry in msg.devices:
+            dev = self.devices.get(entry.name)
+            if dev is not None and dev.agent is not agent:
+                result.moved.append((entry.name, dev.agent.name))
+                self._drop_device(dev)
+            self.devices[entry.name] = Device(
+                entry.name, agent, {c.name: c.help for c in entry.commands}, msg.locks.get(entry.name)
+            )
+        agent.version, agent.instance, agent.address = msg.version, msg.instance, msg.address
+        agent.devices = new_names
+        agent.rid = rid
+        agent.last_rx = self.mono()
+        agent.last_seen = self.wall()
+        self.agents[agent.name] = agent
+        self.by_rid[rid] = agent
+        self.deleted.discard(agent.name)
+        self.dirty.add(agent.name)
+        self._changed()
+        return result
+
+    def _validate(self, rid: bytes, msg: Register) -> None:
+        level, reason = compare_versions(VERSION, msg.version)
+        if level == INCOMPATIBLE:
+            raise ZdutError(
+                Code.FAILED_PRECONDITION,
+                f"incompatible zdut versions: broker {VERSION}, agent {msg.version} ({reason})",
+            )
+        if not msg.agent:
+            raise ZdutError(Code.INVALID_ARGUMENT, "agent name is not set")
+        if not msg.devices:
+            raise ZdutError(Code.INVALID_ARGUMENT, "empty device list")
+        seen: set[str] = set()
+        for i, entry in enumerate(msg.devices):
+            if not entry.name:
+                raise ZdutError(Code.INVALID_ARGUMENT, f"device {i} has empty name")
+            if entry.name in seen:
+                raise ZdutError(Code.INVALID_ARGUMENT, f'device "{entry.name}" is listed twice')
+            seen.add(entry.name)
+            holder = self.devices.get(entry.name)
+            other = holder.agent if holder is not None else None
+            if other is not None and other.name != msg.agent and other.rid is not None and other.rid != rid:
+                raise ZdutError(
+                    Code.ALREADY_EXISTS,
+                    f'device "{entry.name}" is already registered by agent "{other.name}" (online)',
+                )
+
+    def _drop_device(self, dev: Device) -> None:
+        """Take a device away from an offline agent; forget that agent once it serves nothing."""
+        prev = dev.agent
+        prev.devices.remove(dev.name)
+        if prev.devices:
+            self.dirty.add(prev.name)
+        else:
+            del self.agents[prev.name]
+            self.dirty.discard(prev.name)
+            self.deleted.add(prev.name)
+
+    # ------------------------------------------------------------- liveness
+    def offline(self, agent: Agent) -> bytes | None:
+        """Mark ``agent`` offline; returns the routing id it had."""
+        rid = agent.rid
+        if rid is None:
+            return None
+        agent.last_seen = self.last_seen(agent)
+        agent.rid = None
+        self.by_rid.pop(rid, None)
+        self.dirty.add(agent.name)
+        self._changed()
+        return rid
+
+    def expired(self) -> list[Agent]:
+        """Online agents silent for LIVENESS heartbeat intervals."""
+        limit = self.mono() - LIVENESS * self.heartbeat_s
+        return [a for a in self.by_rid.values() if a.last_rx < limit]
+
+    def last_seen(self, agent: Agent) -> float:
+        """Unix time of the agent's last message (derived from the monotonic stamp while it is online)."""
+        if agent.rid is None:
+            return agent.last_seen
+        return self.wall() - max(0.0, self.mono() - agent.last_rx)
+
+    # ------------------------------------------------------------- locks
+    def lock_changed(self, agent: Agent, device: str, lock: LockState | None) -> bool:
+        dev = self.devices.get(device)
+        if dev is None or dev.agent is not agent:
+            return False  # only the owning agent speaks for a device
+        dev.lock = lock
+        self._changed()
+        return True
+
+    # ------------------------------------------------------------- queries
+    def device_list(self) -> list[DeviceInfo]:
+        """Every known device, sorted, offline ones included; expired reservations left out."""
+        now = self.wall()
+        if self._listing is None or now >= self._listing_valid_until:
+            self._listing, self._listing_valid_until = self._build_listing(now)
+        return self._listing
+
+    def _build_listing(self, now: float) -> tuple[list[DeviceInfo], float]:
+        out = []
+        valid_until = float("inf")
+        for name in sorted(self.devices):
+            dev = self.devices[name]
+            lock = dev.lock
+            if lock is not None and lock.expires_at:
+                if lock.expires_at <= now:
+                    lock = dev.lock = None  # lazily expired, as the agent does
+                else:
+                    valid_until = min(valid_until, lock.expires_at)
+            out.append(DeviceInfo(name, lock, dev.agent.name, dev.agent.rid is not None))
+        return out, valid_until
+
+    def agent_list(self) -> list[AgentInfo]:
+        return [
+            AgentInfo(a.name, list(a.devices), a.online, self.last_seen(a), a.version, a.address)
+            for _, a in sorted(self.agents.items())
+        ]
+
+    def device(self, name: str) -> Device:
+        dev = self.devices.get(name)
+        if dev is None:
+            raise ZdutError(Code.NOT_FOUND, f'device "{name}": no such device')
+        return dev
+
+    def route(self, name: str) -> Agent:
+        """The online agent serving device ``name``."""
+        agent = self.device(name).agent
+        if agent.rid is None:
+            raise ZdutError(Code.UNAVAILABLE, f'agent "{agent.name}" serving device "{name}" is offline')
+        return agent
+
+    def commands(self, name: str) -> list[str]:
+        self.route(name)
+        return sorted(self.devices[name].commands)
+
+    def details(self, name: str, command: str, keyword: str) -> str:
+        if keyword != "help":
+            raise ZdutError(Code.INVALID_ARGUMENT, f'unknown keyword "{keyword}", possible values are: "help"')
+        self.route(name)
+        text = self.devices[name].commands.get(command)
+        if text is None:
+            raise ZdutError(Code.NOT_FOUND, f'device "{name}", command "{command}": no such command')
+        return text
+
+    def _changed(self) -> None:
+        self._listing = None
