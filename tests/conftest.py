@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -106,6 +107,37 @@ class Lab:
                      15, f"agent on {addr}")
             assert proc.alive(), proc.text()
         return proc, addr
+
+    def broker(self, port: int | None = None, *extra: str, heartbeat: float = 0.5) -> tuple[Proc, str]:
+        """Start a zdut-broker on a free port with its own state file; wait until it answers."""
+        port = port or free_port()
+        addr = f"127.0.0.1:{port}"
+        proc = self.spawn([exe("zdut-broker"), "-s", addr, "--state", str(self.tmp / "broker.sqlite3"),
+                           "--heartbeat", str(heartbeat), "--log", "debug", *extra], "broker")
+        wait_for(lambda: self.zdut("-s", addr, "list", timeout=5).returncode == 0 or not proc.alive(), 15,
+                 f"broker on {addr}")
+        assert proc.alive(), proc.text()
+        return proc, addr
+
+    def brokered_agent(self, config: str | Path, broker: str, port: int | None = None, *extra: str) -> Proc:
+        """Start an agent registered with ``broker``; wait until its devices are listed online there."""
+        proc, _ = self.agent(config, port, "--server", broker, *extra)
+        wait_for(lambda: self.online(broker, self.devices_of(config)) or not proc.alive(), 15,
+                 f"{config} online at {broker}")
+        return proc
+
+    def devices_of(self, config: str | Path) -> list[str]:
+        from zdut.config import load_config
+
+        return sorted(load_config(str(config)).devices)
+
+    def online(self, broker: str, devices: list[str]) -> bool:
+        """Whether every device is listed online by the broker."""
+        r = self.zdut("-s", broker, "-f", "json", "list", timeout=10)
+        if r.returncode != 0:
+            return False
+        listed = {d["Name"]: d.get("Online") for d in json.loads(r.stdout)["data"]}
+        return all(listed.get(d) is True for d in devices)
 
     def zdut(self, *args: str, input: bytes | None = None, timeout: float = 30, cwd: Path | None = None,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
