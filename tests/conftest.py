@@ -163,6 +163,26 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         lab.close()
 
 
+_MEASURE = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(p.pid, 0)
+sys.stderr.write(f"\\nPEAK_RSS_KB={usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measured(args: list[str], **kw: Any) -> tuple[subprocess.CompletedProcess[bytes], float]:
+    """Run a command and return its result and peak RSS in MB.
+
+    A tiny wrapper process forks it: wait4's ru_maxrss inherits the *forking* process's high-water mark,
+    so measuring from pytest (hundreds of MB after some tests) would be meaningless."""
+    r = subprocess.run([sys.executable, "-c", _MEASURE, *args], capture_output=True, **kw)
+    text = r.stderr.decode(errors="replace")
+    peak_kb = int(text.rsplit("PEAK_RSS_KB=", 1)[1].split()[0])
+    return r, peak_kb / 1024
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident set of a live process (VmHWM), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import CONF, Lab, exe, free_port, peak_rss_mb, wait_for
+from conftest import CONF, Lab, exe, free_port, peak_rss_mb, run_measured, wait_for
 from zdut import protocol as p
 
 SUFFIX = b"\n\nprocessed by dummy.FT module\n"
@@ -42,16 +42,11 @@ def test_200mb_round_trip_bounded_memory(lab: Lab) -> None:
             digest.update(chunk)
             fh.write(chunk)
     digest.update(SUFFIX)
-    client = subprocess.Popen([exe("zdut"), "-s", addr, "device3", "file-transfer", "big.bin", "big.out"],
-                              cwd=lab.tmp, env=lab.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL)
-    _, status, usage = os.wait4(client.pid, 0)
-    client.returncode = os.waitstatus_to_exitcode(status)
-    out = client.stdout.read().decode() if client.stdout else ""
-    assert client.returncode == 0, out
+    r, client_mb = run_measured([exe("zdut"), "-s", addr, "device3", "file-transfer", "big.bin", "big.out"],
+                                cwd=lab.tmp, env=lab.env, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
     with open(lab.tmp / "big.out", "rb") as fh:
         assert hashlib.file_digest(fh, "sha256").digest() == digest.digest()
-    client_mb = usage.ru_maxrss / 1024
     agent_mb = peak_rss_mb(agent.pid)
     assert client_mb < 100, f"client peak RSS {client_mb:.0f} MB"
     assert agent_mb < 100, f"agent peak RSS {agent_mb:.0f} MB"

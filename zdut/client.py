@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from zdut.links import MORE, NOBLOCK, ZERO_COPY_MIN, Pump, tune
+from zdut.links import MORE, NOBLOCK, Pump, tune
 from zdut.protocol import (
     CHUNK_SIZE,
     INITIAL_WINDOW,
@@ -457,7 +457,7 @@ class Client:
                 raw.send(header, NOBLOCK)
             else:
                 raw.send(header, MORE)
-                raw.send(payload, NOBLOCK, copy=len(payload) < ZERO_COPY_MIN)
+                raw.send(payload, NOBLOCK)
         except zmq.Again:
             raise self._unreachable("not connected") from None
         finally:

@@ -20,8 +20,9 @@ from zdut.protocol import MAX_HEADER_BYTES, WITH_PAYLOAD, Code, Message, Protoco
 
 log = logging.getLogger("zdut.link")
 
-#: Payloads this large are sent without copying (zeromq-notes 3.4).
-ZERO_COPY_MIN = 65536
+# Peers send payloads with copy=True: a zero-copy send of a Python bytes object is only released through
+# pyzmq's GC thread, and for 256 KiB chunks the copy measured the same file throughput (~370 MB/s round
+# trip). The broker forwards received frames zero-copy, which needs no such thread.
 #: Generous HWMs: credit bounds what is in flight; these are only the backstop.
 HWM = 100_000
 
@@ -110,7 +111,7 @@ class Link(Pump):
                 raw.send(header, NOBLOCK)
             else:
                 raw.send(header, MORE)
-                raw.send(payload, NOBLOCK, copy=len(payload) < ZERO_COPY_MIN)
+                raw.send(payload, NOBLOCK)
         except zmq.Again:
             raise ZdutError(Code.UNAVAILABLE, f"{self.name}: peer is not keeping up (send queue full)") from None
         except zmq.ZMQError as exc:
