@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from modhelpers import make_module, until
 
 from zdut.devices import gpio
 from zdut.devices.base import Module, ModuleError, decode_options
@@ -17,18 +17,7 @@ from zdut.devices.testing import LocalSession
 
 
 async def make(cls: type[Module], **with_: object) -> Module:
-    mod = cls(decode_options(cls, {"backend": "sim", **with_}))
-    await mod.init()
-    return mod
-
-
-async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
+    return await make_module(cls, **{"backend": "sim", **with_})
 
 
 def levels(pin: int, chip: Path) -> list[int]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 
 import pytest
+from modhelpers import make_module, until
 
 from zdut.devices import serial as serial_mod
 from zdut.devices.base import ModuleError, decode_options
@@ -33,20 +34,8 @@ def short_drain(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(serial_mod, "SEND_DRAIN_S", 0.3)
 
 
-async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait for a condition with a deadline (polling; never a bare sleep as synchronisation)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
 async def make(port: str, **with_: object) -> Serial:
-    mod = Serial(decode_options(Serial, {"port": port, "delay": "0s", **with_}))
-    await mod.init()
-    return mod
+    return await make_module(Serial, **{"port": port, "delay": "0s", **with_})
 
 
 def run(coro: Awaitable[object]) -> object:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from modhelpers import make_module, until
 
 from zdut.devices import shell as shell_mod
 from zdut.devices.base import ModuleError, decode_options
@@ -16,19 +16,8 @@ from zdut.devices.shell import TOO_MANY_ARGS, Shell
 from zdut.devices.testing import LocalSession
 
 
-async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-
-
 async def make(**with_: object) -> Shell:
-    mod = Shell(decode_options(Shell, with_))
-    await mod.init()
-    return mod
+    return await make_module(Shell, **with_)
 
 
 def run_cmd(command: str, **with_: object) -> LocalSession:

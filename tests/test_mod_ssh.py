@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from modhelpers import make_module, until
 
-from zdut.devices.base import ModuleError, decode_options
+from zdut.devices.base import ModuleError
 from zdut.devices.ssh import SSH, parse_hostkey
 from zdut.devices.testing import LocalSession
 
@@ -30,19 +31,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sshd.SSHServer]
     srv.stop()
 
 
-async def until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 async def make(**with_: object) -> SSH:
-    mod = SSH(decode_options(SSH, with_))
-    await mod.init()
-    return mod
+    return await make_module(SSH, **with_)
 
 
 def run_cmd(with_: dict[str, object], command: str) -> LocalSession:
@@ -74,7 +64,7 @@ def test_output_streams_as_it_arrives(server: sshd.SSHServer, tmp_path: Path) ->
         mod = await make(**server.options())
         session = LocalSession()
         task = asyncio.create_task(mod.run(session, [command]))
-        await until(lambda: b"first\n" in session.out or task.done(), "the first line")
+        await until(lambda: b"first\n" in session.out or task.done(), "the first line", 10)
         assert not task.done(), "the command finished before its first line was seen"
         assert b"second" not in session.out
         flag.touch()
@@ -122,14 +112,14 @@ def test_cancel_kills_the_remote_command(server: sshd.SSHServer, tmp_path: Path)
         task = asyncio.create_task(
             mod.run(session, [f"echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; exec sleep 300"])
         )
-        await until(lambda: pidfile.exists() or task.done(), "the remote pid file")
+        await until(lambda: pidfile.exists() or task.done(), "the remote pid file", 10)
         assert not task.done()
         pid = int(pidfile.read_text())
         assert alive(pid)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await until(lambda: not alive(pid), "the remote command to die")
+        await until(lambda: not alive(pid), "the remote command to die", 10)
         return pid
 
     asyncio.run(main())

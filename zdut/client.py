@@ -24,7 +24,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from zdut.links import MORE, NOBLOCK, Pump, tune
+from zdut.links import Pump, tune
 from zdut.protocol import (
     CHUNK_SIZE,
     INITIAL_WINDOW,
@@ -72,13 +72,12 @@ from zdut.protocol import (
     endpoint,
     version_drift,
 )
-from zdut.stream import Stream
+from zdut.stream import Stream, keep_alive
 
 CONNECT_TIMEOUT_S = 10.0
 CALL_TIMEOUT_S = 30.0
 #: Connection refused for this long means nobody listens there.
 REFUSED_GRACE_S = 1.0
-TICK_S = 0.5
 
 
 def default_user() -> str:
@@ -370,7 +369,7 @@ class Client:
         refused = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.create_task(self._watch(monitor, refused)))
         self._tasks.append(asyncio.create_task(self._pump.run(lambda _, msg, payload: self._dispatch(msg, payload))))
-        self._tasks.append(asyncio.create_task(self._tick()))
+        self._tasks.append(asyncio.create_task(keep_alive(self._watched)))
         waiter = asyncio.ensure_future(self._connected.wait())
         done, _ = await asyncio.wait({waiter, refused}, timeout=self.connect_timeout,
                                      return_when=asyncio.FIRST_COMPLETED)
@@ -449,19 +448,12 @@ class Client:
 
     # ------------------------------------------------------------- frames
     def _send(self, header: bytes, payload: Any = None) -> None:
-        raw = self._raw
-        if raw is None:
+        if self._raw is None:
             raise ZdutError(Code.UNAVAILABLE, "client is closed")
         try:
-            if payload is None:
-                raw.send(header, NOBLOCK)
-            else:
-                raw.send(header, MORE)
-                raw.send(payload, NOBLOCK)
+            self._pump.send_frames(header, payload)
         except zmq.Again:
             raise self._unreachable("not connected") from None
-        finally:
-            self._pump.after_send()
 
     def _dispatch(self, msg: Message, payload: Any) -> None:
         if isinstance(msg, SESSION):
@@ -473,18 +465,11 @@ class Client:
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_S)
-            now = time.monotonic()
-            for run in list(self._runs.values()):
-                try:
-                    error = run.stream.tick(now)
-                except ZdutError as exc:
-                    error = exc
-                if error is not None:
-                    run.end(ZdutError(Code.UNAVAILABLE,
-                                      f"lost contact with the session at {self.address} ({error.message})"))
+    def _watched(self) -> list[tuple[Stream, Callable[[ZdutError], None]]]:
+        """Sessions for keep_alive: a silent server ends the run with Unavailable."""
+        return [(run.stream, lambda error, run=run: run.end(ZdutError(
+            Code.UNAVAILABLE, f"lost contact with the session at {self.address} ({error.message})")))
+            for run in self._runs.values()]
 
     # ------------------------------------------------------------- unary calls
     async def _call(self, make: Callable[[int], Message]) -> Message:

@@ -90,6 +90,20 @@ class Pump:
                 except Exception:  # one bad message must not stop the socket
                     log.exception("error handling %s", type(item[1]).__name__)
 
+    def send_frames(self, header: bytes, payload: Any = None, peer: bytes | None = None) -> None:
+        """Send ``[peer][header][payload]`` without blocking; zmq errors propagate to the caller."""
+        raw = self.raw
+        try:
+            if peer is not None:
+                raw.send(peer, MORE)
+            if payload is None:
+                raw.send(header, NOBLOCK)
+            else:
+                raw.send(header, MORE)
+                raw.send(payload, NOBLOCK)
+        finally:
+            self.after_send()
+
     def after_send(self) -> None:
         if not self._scheduled and self.raw.getsockopt(EVENTS) & POLLIN:
             self._scheduled = True
@@ -104,22 +118,14 @@ class Link(Pump):
         self.name = name
 
     def send(self, peer: bytes, header: bytes, payload: Any = None) -> None:
-        raw = self.raw
         try:
-            raw.send(peer, MORE)
-            if payload is None:
-                raw.send(header, NOBLOCK)
-            else:
-                raw.send(header, MORE)
-                raw.send(payload, NOBLOCK)
+            self.send_frames(header, payload, peer)
         except zmq.Again:
             raise ZdutError(Code.UNAVAILABLE, f"{self.name}: peer is not keeping up (send queue full)") from None
         except zmq.ZMQError as exc:
             if exc.errno == errno.EHOSTUNREACH:
                 raise ZdutError(Code.UNAVAILABLE, f"{self.name}: peer is gone") from None
             raise
-        finally:
-            self.after_send()
 
     def sender(self, peer: bytes) -> Callable[[bytes, Any], None]:
         """A send function bound to one peer (what a session's Stream uses)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from zdut.protocol import (
@@ -141,3 +141,24 @@ class Stream:
             if now - self.last_tx >= SESSION_PING_S:
                 self.send(Ping)
         return None
+
+
+#: Each (stream, on_lost) pair: on_lost(error) ends the session whose peer went silent.
+Watched = Iterable[tuple[Stream, Callable[[ZdutError], None]]]
+
+#: How often session keepalive runs.
+TICK_S = 0.5
+
+
+async def keep_alive(sessions: Callable[[], Watched]) -> None:
+    """Forever: ping quiet sessions and end those whose peer has been silent too long."""
+    while True:
+        await asyncio.sleep(TICK_S)
+        now = time.monotonic()
+        for stream, on_lost in list(sessions()):
+            try:
+                error = stream.tick(now)
+            except ZdutError as exc:  # the ping could not be sent: the peer is gone
+                error = exc
+            if error is not None:
+                on_lost(error)

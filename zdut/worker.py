@@ -60,12 +60,12 @@ from zdut.protocol import (
     encode,
     endpoint,
 )
+from zdut.stream import keep_alive
 
 log = logging.getLogger("zdut.agent")
 
 INIT_TIMEOUT_S = 300.0
 DEINIT_TIMEOUT_S = 15.0
-TICK_S = 0.5
 
 
 def anonymous() -> str:
@@ -237,19 +237,13 @@ class Agent:
         if run is not None:
             run.cancel(ZdutError(Code.UNAVAILABLE, "client unreachable"))
 
-    async def tick(self) -> None:
-        """Session keepalive: ping quiet sessions, cancel those whose client went silent."""
-        while True:
-            await asyncio.sleep(TICK_S)
-            now = time.monotonic()
-            for run in list(self.runs.values()):
-                try:
-                    error = run.stream.tick(now)
-                except ZdutError as exc:
-                    error = exc
-                if error is not None:
-                    log.warning("cancelling run device=%s user=%s: client lost (%s)", run.device, run.user, error)
-                    run.cancel(ZdutError(Code.UNAVAILABLE, f"client lost: {error.message}"))
+    def watched(self) -> list[tuple[Any, Any]]:
+        """Sessions for keep_alive: a silent client cancels its run and releases the busy hold."""
+        return [(run.stream, lambda error, run=run: self._client_lost(run, error)) for run in self.runs.values()]
+
+    def _client_lost(self, run: AgentRun, error: ZdutError) -> None:
+        log.warning("cancelling run device=%s user=%s: client lost (%s)", run.device, run.user, error)
+        run.cancel(ZdutError(Code.UNAVAILABLE, f"client lost: {error.message}"))
 
     async def cancel_all(self, reason: str, wait_s: float) -> None:
         runs = list(self.runs.values())
@@ -375,7 +369,7 @@ async def _serve(agent: Agent, args: argparse.Namespace) -> int:
             uplink = Uplink(agent, ctx, server)
             agent.uplinks.append(uplink)
             tasks.append(asyncio.create_task(uplink.run()))
-        tasks.append(asyncio.create_task(agent.tick()))
+        tasks.append(asyncio.create_task(keep_alive(agent.watched)))
         await stop.wait()
         log.info("shutting down: draining %d running commands (up to %gs)", len(agent.runs), args.drain)
         await _drain(agent, stop, args.drain)

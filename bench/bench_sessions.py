@@ -1,9 +1,10 @@
-"""Direct-to-agent benchmarks: console echo latency and file round-trip throughput.
+"""Session benchmarks, direct to an agent and through a broker: console echo latency,
+unary call latency and file round-trip throughput.
 
 Each figure is printed beside a raw pyzmq DEALER/ROUTER baseline measured in the
 same run on the same machine, because these machines are noisy.
 
-    .venv/bin/python bench/bench_direct.py [--lines 2000] [--mb 256]
+    .venv/bin/python bench/bench_sessions.py [--lines 2000] [--mb 256] [--broker-mb 1024]
 """
 
 from __future__ import annotations
@@ -97,16 +98,27 @@ def raw_transfer_baseline(mb: int) -> float:
     return mb / elapsed
 
 
-def start_agent(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    addr = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp)}
-    agent = subprocess.Popen([str(BIN / "zdut-agent"), "-a", addr, "-c", str(ROOT / "conf/demo.yaml"), "--log",
-                              "warn"], env=env)
-    deadline = time.monotonic() + 10
+def wait_listed(addr: str, what: str) -> None:
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        if subprocess.run([str(BIN / "zdut"), "-s", addr, "list"], capture_output=True).returncode == 0:
-            return agent, addr
-    raise SystemExit("agent did not start")
+        r = subprocess.run([str(BIN / "zdut"), "-s", addr, "list"], capture_output=True, text=True)
+        if r.returncode == 0 and "device3" in r.stdout and "OFFLINE" not in r.stdout:
+            return
+    raise SystemExit(f"{what} did not come up")
+
+
+def start_lab(tmp: Path) -> tuple[list[subprocess.Popen[bytes]], str, str]:
+    """A broker and the demo agent registered with it; returns (processes, agent address, broker address)."""
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp)}
+    broker = f"127.0.0.1:{free_port()}"
+    agent = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([str(BIN / "zdut-broker"), "-s", broker, "--state", str(tmp / "b.sqlite3"), "--log",
+                               "warn"], env=env)]
+    procs.append(subprocess.Popen([str(BIN / "zdut-agent"), "-a", agent, "-c", str(ROOT / "conf/demo.yaml"),
+                                   "--server", broker, "--log", "warn"], env=env))
+    wait_listed(agent, "the agent")
+    wait_listed(broker, "the broker")
+    return procs, agent, broker
 
 
 def zdut_echo(addr: str, n: int) -> list[float]:
@@ -179,25 +191,32 @@ def api_calls(addr: str, n: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=2000)
-    ap.add_argument("--mb", type=int, default=256)
+    ap.add_argument("--mb", type=int, default=256, help="file size for the direct round trip (MiB)")
+    ap.add_argument("--broker-mb", type=int, default=1024, help="file size for the brokered round trip (MiB)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        agent, addr = start_agent(tmp)
+        procs, agent, broker = start_lab(tmp)
         try:
             print(f"console echo, {args.lines} lines (device2 repeat via the zdut CLI, stdin/stdout pipes)")
-            print(f"  raw pyzmq DEALER/ROUTER round trip : {percentiles(raw_echo_baseline(args.lines))}")
-            print(f"  zdut direct to agent               : {percentiles(zdut_echo(addr, args.lines))}")
+            print(f"  raw pyzmq DEALER/ROUTER round trip  : {percentiles(raw_echo_baseline(args.lines))}")
+            print(f"  zdut direct to agent                : {percentiles(zdut_echo(agent, args.lines))}")
+            print(f"  zdut through the broker             : {percentiles(zdut_echo(broker, args.lines))}")
             print(f"unary call through the Python API (zdut.api.Lab.commands), {args.lines} calls")
-            print(f"  zdut direct to agent               : {percentiles(api_calls(addr, args.lines))}")
-            print(f"file round trip, {args.mb} MiB (device3 file-transfer: upload + download, SHA-256 checked)")
-            print(f"  raw pyzmq 256 KiB frames, echoed   : {raw_transfer_baseline(args.mb):7.0f} MB/s")
-            lib, cli = zdut_file(addr, args.mb, tmp)
-            print(f"  zdut direct, client library (best of 3) : {lib:7.0f} MB/s")
-            print(f"  zdut direct, one CLI call incl. start-up: {cli:7.0f} MB/s")
+            print(f"  zdut direct to agent                : {percentiles(api_calls(agent, args.lines))}")
+            print(f"  zdut through the broker             : {percentiles(api_calls(broker, args.lines))}")
+            print("file round trip (device3 file-transfer: upload + download, SHA-256 checked)")
+            print(f"  raw pyzmq 256 KiB frames, echoed    : {raw_transfer_baseline(args.mb):7.0f} MB/s")
+            lib, cli = zdut_file(agent, args.mb, tmp)
+            print(f"  zdut direct, {args.mb} MiB, library (best of 3) : {lib:7.0f} MB/s")
+            print(f"  zdut direct, {args.mb} MiB, one CLI call incl. start-up: {cli:7.0f} MB/s")
+            lib, cli = zdut_file(broker, args.broker_mb, tmp, runs=2)
+            print(f"  zdut via broker, {args.broker_mb} MiB, library (best of 2) : {lib:7.0f} MB/s")
+            print(f"  zdut via broker, {args.broker_mb} MiB, one CLI call incl. start-up: {cli:7.0f} MB/s")
         finally:
-            agent.terminate()
-            agent.wait(10)
+            for p in reversed(procs):
+                p.terminate()
+                p.wait(10)
 
 
 if __name__ == "__main__":
