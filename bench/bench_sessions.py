@@ -73,6 +73,55 @@ def raw_echo_baseline(n: int) -> list[float]:
     return out
 
 
+RELAY = """
+import sys, zmq
+ctx = zmq.Context(); front = ctx.socket(zmq.ROUTER); front.bind(sys.argv[1])
+back = ctx.socket(zmq.DEALER); back.connect(sys.argv[2])
+poller = zmq.Poller(); poller.register(front, zmq.POLLIN); poller.register(back, zmq.POLLIN)
+while True:
+    for sock, _ in poller.poll():
+        if sock is front:
+            rid = front.recv(); msg = front.recv()
+            if msg == b"quit": sys.exit(0)
+            back.send(rid, zmq.SNDMORE); back.send(msg)
+        else:
+            rid = back.recv(); msg = back.recv()
+            front.send(rid, zmq.SNDMORE); front.send(msg)
+"""
+
+ROUTED_ECHO = """
+import sys, zmq
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.bind(sys.argv[1])
+while True:
+    link = s.recv(); rid = s.recv(); msg = s.recv()
+    s.send(link, zmq.SNDMORE); s.send(rid, zmq.SNDMORE); s.send(msg)
+"""
+
+
+def raw_relay_baseline(n: int) -> list[float]:
+    """Round trip through a minimal per-frame pyzmq relay process to an echo process (the broker's floor)."""
+    echo_ep, relay_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    echo = subprocess.Popen([sys.executable, "-c", ROUTED_ECHO, echo_ep])
+    relay = subprocess.Popen([sys.executable, "-c", RELAY, relay_ep, echo_ep])
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(relay_ep)
+    s.send(b"warm")
+    s.recv()
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        s.send(b"word%d\n" % i)
+        s.recv()
+        out.append(time.perf_counter() - t)
+    s.send(b"quit")
+    relay.wait(5)
+    echo.kill()
+    echo.wait(5)
+    ctx.destroy(linger=0)
+    return out
+
+
 def raw_transfer_baseline(mb: int) -> float:
     """MB/s of pushing ``mb`` MiB in 256 KiB frames to another process and back (a round trip)."""
     ep = f"tcp://127.0.0.1:{free_port()}"
@@ -201,6 +250,7 @@ def main() -> None:
             print(f"console echo, {args.lines} lines (device2 repeat via the zdut CLI, stdin/stdout pipes)")
             print(f"  raw pyzmq DEALER/ROUTER round trip  : {percentiles(raw_echo_baseline(args.lines))}")
             print(f"  zdut direct to agent                : {percentiles(zdut_echo(agent, args.lines))}")
+            print(f"  raw pyzmq through a minimal relay   : {percentiles(raw_relay_baseline(args.lines))}")
             print(f"  zdut through the broker             : {percentiles(zdut_echo(broker, args.lines))}")
             print(f"unary call through the Python API (zdut.api.Lab.commands), {args.lines} calls")
             print(f"  zdut direct to agent                : {percentiles(api_calls(agent, args.lines))}")

@@ -112,7 +112,7 @@ class Lab:
         """Start a zdut-broker on a free port with its own state file; wait until it answers."""
         port = port or free_port()
         addr = f"127.0.0.1:{port}"
-        proc = self.spawn([exe("zdut-broker"), "-s", addr, "--state", str(self.tmp / "broker.sqlite3"),
+        proc = self.spawn([exe("zdut-broker"), "-s", addr, "--state", str(self.tmp / f"broker-{port}.sqlite3"),
                            "--heartbeat", str(heartbeat), "--log", "debug", *extra], "broker")
         wait_for(lambda: self.zdut("-s", addr, "list", timeout=5).returncode == 0 or not proc.alive(), 15,
                  f"broker on {addr}")

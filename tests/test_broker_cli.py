@@ -232,3 +232,17 @@ def test_fifty_sessions_across_ten_agents(lab: Lab, tmp_path: Path) -> None:
         out, err = p.stdout.read(), p.stderr.read()
         assert p.wait(60) == 0, err
         assert out.decode().splitlines()[2:] == [f"s{n}w{k}" for k in range(20)]
+
+
+def test_one_agent_registers_with_several_brokers(lab: Lab) -> None:
+    _, first = lab.broker()
+    _, second = lab.broker()
+    lab.agent(CONF / "config-2.yaml", None, "--server", first, "--server", second, "--name", "twin")
+    wait_for(lambda: lab.online(first, ["device2"]) and lab.online(second, ["device2"]), 10, "both registrations")
+    for broker in (first, second):
+        r = lab.zdut("-s", broker, "device2", "status")
+        assert r.returncode == 0 and "Hello from dummy status module" in r.stdout
+    assert lab.zdut("-s", first, "-u", "alice", "device2", "lock", "5m").returncode == 0
+    wait_for(lambda: _listing(lab, second)["device2"]["Owner"] == "alice", 5, "the lock to show at the other broker")
+    r = lab.zdut("-s", second, "-u", "bob", "device2", "status")
+    assert r.returncode == 1 and 'locked by "alice"' in r.stderr
