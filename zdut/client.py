@@ -145,6 +145,11 @@ class Run:
         self._local_error: ZdutError | None = None
 
     # ------------------------------------------------------------- user actions
+    def try_write_stdin(self, data: bytes) -> bool:
+        """Send a small stdin chunk now if credit allows (no await); False if the caller must queue it."""
+        return len(data) <= CHUNK_SIZE // 4 and self.stream.try_send_credited(
+            Data, data, window=WINDOW_STDIN, stream=STDIN)
+
     async def write_stdin(self, data: bytes) -> None:
         for i in range(0, len(data), CHUNK_SIZE // 4):
             await self.stream.send_credited(Data, data[i : i + CHUNK_SIZE // 4], window=WINDOW_STDIN, stream=STDIN)

@@ -15,7 +15,7 @@ import signal
 import stat
 import termios
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from zdut.client import Run
 
@@ -48,12 +48,16 @@ class FdReader:
 
     AHEAD = 4
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, fast: Callable[[bytes], bool] | None = None) -> None:
+        """``fast(data)`` may take a chunk synchronously (returning True) while the consumer is idle:
+        that skips a loop iteration per keystroke or line, a good part of a console echo's latency."""
         self.fd = fd
+        self._fast = fast
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._paused = False
         self._eof = False
+        self._idle = False  # the consumer waits in read() with nothing queued
         self._loop.add_reader(fd, self._ready)
 
     def _ready(self) -> None:
@@ -63,6 +67,8 @@ class FdReader:
             return
         except OSError:
             data = b""
+        if self._idle and self._fast is not None and data and self._fast(data):
+            return
         self._queue.put_nowait(data)
         if not data:
             self._eof = True
@@ -75,7 +81,11 @@ class FdReader:
             self._loop.remove_reader(self.fd)
 
     async def read(self) -> bytes:
-        data = await self._queue.get()
+        self._idle = self._queue.empty()
+        try:
+            data = await self._queue.get()
+        finally:
+            self._idle = False
         if self._paused and not self._eof and self._queue.qsize() < self.AHEAD // 2:
             self._paused = False
             self._loop.add_reader(self.fd, self._ready)
@@ -97,7 +107,10 @@ async def forward_stdin(run: Run, fd: int, raw: bool) -> bool:
     """Copy ``fd`` into the session until EOF (sent as a half-close) or, in raw mode, Ctrl-].
 
     Returns True if the user detached with Ctrl-]."""
-    reader = FdReader(fd) if _pollable(fd) else None
+    def fast(data: bytes) -> bool:
+        return not (raw and DETACH in data) and run.try_write_stdin(data)
+
+    reader = FdReader(fd, fast) if _pollable(fd) else None
     try:
         while True:
             if reader is not None:

@@ -45,6 +45,10 @@ class _Window:
             await fut
         self.available -= n
 
+    @property
+    def waiting(self) -> bool:
+        return bool(self._waiters)
+
     def give(self, n: int) -> None:
         self.available += n
         waiters, self._waiters = self._waiters, []
@@ -91,6 +95,17 @@ class Stream:
             raise self.closed
         await self._windows[window].take(MESSAGE_COST + (len(payload) if payload is not None else 0))
         self.send(cls, payload, **fields)
+
+    def try_send_credited(self, cls: type[Message], payload: Any = None, window: int = WINDOW_MAIN,
+                          **fields: Any) -> bool:
+        """Send a flow-controlled message at once if its credit is there and nobody waits before it."""
+        w = self._windows[window]
+        need = MESSAGE_COST + (len(payload) if payload is not None else 0)
+        if self.closed is not None or w.waiting or w.available < need:
+            return False
+        w.available -= need
+        self.send(cls, payload, **fields)
+        return True
 
     def fail(self, error: ZdutError) -> None:
         """The session is over: wake and fail every sender waiting for credit."""
