@@ -207,7 +207,7 @@ RAW_RELAY = r"""
 import zmq
 ctx = zmq.Context(); r = ctx.socket(zmq.ROUTER); r.setsockopt(zmq.ROUTER_MANDATORY, 1)
 r.bind("tcp://127.0.0.1:*"); print(r.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
-agents, route = {}, {}  # agent index -> rid; client rid -> agent rid
+agents, route, waiting = {}, {}, {}  # agent index -> rid; client rid -> agent rid; early clients
 recv, more = r.recv, r.getsockopt
 def send(frame, flags=0, copy=True):
     try:
@@ -218,8 +218,11 @@ while True:
     rid = recv(); first = recv()
     if first.startswith(b"HELLO"):
         kind, idx = first[5:6], int(first[6:])
-        if kind == b"A": agents[idx] = rid
-        else: route[rid] = agents[idx]
+        if kind == b"A":
+            agents[idx] = rid
+            for c in waiting.pop(idx, []): route[c] = rid
+        elif idx in agents: route[rid] = agents[idx]
+        else: waiting.setdefault(idx, []).append(rid)  # the client's hello overtook its agent's
         continue
     if first == b"quit": break
     if rid in route:  # client [header][payload?] -> [agent][client][header][payload?]
