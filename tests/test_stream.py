@@ -1,0 +1,69 @@
+"""Session stream rules: sequence gaps are reported, credit bounds what is in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import zmq
+
+from conftest import CONF, Lab
+from zdut import protocol as p
+from zdut.stream import Stream
+
+
+def test_sequence_gap_is_an_error() -> None:
+    stream = Stream(7, lambda header, payload=None: None)
+    stream.received(1)
+    stream.received(2)
+    with pytest.raises(p.ZdutError) as info:
+        stream.received(4)
+    assert info.value.code == p.Code.ABORTED
+    assert info.value.message == "session 7: sequence gap: expected message 3, got 4"
+
+
+def test_credit_blocks_the_sender_until_granted() -> None:
+    sent: list[Any] = []
+
+    async def main() -> None:
+        stream = Stream(1, lambda header, payload=None: sent.append(payload), {p.WINDOW_MAIN: 3 * p.MESSAGE_COST})
+        for _ in range(3):
+            await stream.send_credited(p.Data, b"", stream=p.STDOUT)
+        blocked = asyncio.create_task(stream.send_credited(p.Data, b"x", stream=p.STDOUT))
+        await asyncio.sleep(0)
+        assert not blocked.done() and len(sent) == 3
+        stream.granted(p.MESSAGE_COST + 1, p.WINDOW_MAIN)
+        await asyncio.wait_for(blocked, 1)
+        assert sent[-1] == b"x"
+
+    asyncio.run(main())
+
+
+def test_agent_aborts_a_session_with_a_gap(lab: Lab) -> None:
+    """A client message that skips a sequence number ends the session with Done{Aborted}, never silently."""
+    _, addr = lab.agent(CONF / "demo.yaml")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(p.endpoint(addr))
+    try:
+        sock.send(p.encode(p.RunOpen(1, p.VERSION, "tester", "device2", "repeat", [])))
+        got: list[Any] = []
+
+        def next_message() -> Any:
+            assert sock.poll(5000), f"no reply; got {got}"
+            frames = sock.recv_multipart()
+            msg = p.decode(frames[0])
+            got.append(msg)
+            return msg
+
+        assert isinstance(next_message(), p.RunStarted)
+        sock.send_multipart([p.encode(p.Data(1, 1, p.STDIN)), b"one\n"])
+        sock.send_multipart([p.encode(p.Data(1, 3, p.STDIN)), b"two\n"])  # seq 2 is missing
+        while not isinstance(msg := next_message(), p.Done):
+            pass
+        assert msg.code == p.Code.ABORTED
+        assert "sequence gap: expected message 2, got 3" in msg.message
+    finally:
+        ctx.destroy(linger=0)
