@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator
 
 from zdut.devices.base import Module, ModuleError, Session
-from zdut.protocol import CHUNK_SIZE
 
 FT_SUFFIX = b"\n\nprocessed by dummy.FT module\n"
 
@@ -83,12 +80,3 @@ class DummyFT(Module):
             size = os.path.getsize(path)
             await session.send_file(dst, path, size)
         await session.print(f'File operated successfully, delivered "{dst}" as passed in arg[1] as output\n')
-
-
-async def file_chunks(path: str | os.PathLike[str], digest: hashlib._Hash | None = None) -> AsyncIterator[bytes]:
-    """Read a local file in CHUNK_SIZE pieces (helper for modules that send files)."""
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK_SIZE):
-            if digest is not None:
-                digest.update(chunk)
-            yield chunk
