@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import zmq
 
 from conftest import CONF, Lab
 from zdut import protocol as p
+from zdut.agent_run import AgentRun
 from zdut.stream import Stream
 
 
@@ -67,3 +69,34 @@ def test_agent_aborts_a_session_with_a_gap(lab: Lab) -> None:
         assert "sequence gap: expected message 2, got 3" in msg.message
     finally:
         ctx.destroy(linger=0)
+
+
+def test_every_credited_message_returns_its_credit() -> None:
+    """An upload's FileOpen and FileEnd cost credit like its chunks; the agent must return all of it,
+    or a long session with many transfers eventually starves."""
+    sent: list[p.Message] = []
+
+    async def main() -> None:
+        run = AgentRun(1, lambda header, payload=None: sent.append(p.decode(header)), "dev", "cmd", "u",
+                       on_close=lambda r: None)
+        incoming = run.request_file("in.bin")
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            async for chunk in incoming:
+                chunks.append(chunk)
+
+        reader = asyncio.create_task(read())
+        await asyncio.sleep(0)  # the module sends its FileRequest
+        payload = b"x" * 1000
+        xfer = incoming.xfer
+        run.deliver(p.FileOpen(1, 1, xfer, "in.bin", len(payload)), None)
+        run.deliver(p.FileChunk(1, 2, xfer, 0), payload)
+        run.deliver(p.FileEnd(1, 3, xfer, hashlib.sha256(payload).digest()), None)
+        await asyncio.wait_for(reader, 1)
+        run.stream.flush_credit()
+        returned = sum(m.nbytes for m in sent if isinstance(m, p.Credit) and m.window == p.WINDOW_MAIN)
+        assert chunks == [payload]
+        assert returned == 3 * p.MESSAGE_COST + len(payload)
+
+    asyncio.run(main())

@@ -174,6 +174,8 @@ class AgentRun:
                 log.warning("unexpected %s in session %s", type(msg).__name__, self.stream.sid)
 
     def _deliver_file(self, msg: FileOpen | FileEnd | FileAbort | FileChunk, payload: Any) -> None:
+        if not isinstance(msg, FileChunk):
+            self.stream.consumed(0)  # control messages cost credit too; chunks return theirs when read
         if isinstance(msg, FileAbort) and (self.transfer is None or self.transfer.xfer != msg.xfer):
             self._aborted[msg.xfer] = msg  # refusal of a file we are sending
             return

@@ -269,6 +269,7 @@ class Run:
             return
         dl = self._download
         if isinstance(msg, FileAbort):
+            self.stream.consumed(0)
             if dl is not None and dl.xfer == msg.xfer:
                 dl.discard()
                 self._download = None
