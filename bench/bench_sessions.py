@@ -56,6 +56,13 @@ def raw_echo_baseline(n: int) -> list[float]:
     """Round trip of a small message over a raw DEALER/ROUTER pair between two processes."""
     ep = f"tcp://127.0.0.1:{free_port()}"
     server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, ep])
+    out = _round_trips(ep, n)
+    server.wait(5)
+    return out
+
+
+def _round_trips(ep: str, n: int) -> list[float]:
+    """Time n small request/echo round trips from a DEALER connected to ep, then send "quit"."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.connect(ep)
@@ -68,8 +75,7 @@ def raw_echo_baseline(n: int) -> list[float]:
         s.recv()
         out.append(time.perf_counter() - t)
     s.send(b"quit")
-    server.wait(5)
-    ctx.destroy(linger=0)
+    ctx.destroy(linger=1000)
     return out
 
 
@@ -103,22 +109,10 @@ def raw_relay_baseline(n: int) -> list[float]:
     echo_ep, relay_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     echo = subprocess.Popen([sys.executable, "-c", ROUTED_ECHO, echo_ep])
     relay = subprocess.Popen([sys.executable, "-c", RELAY, relay_ep, echo_ep])
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.connect(relay_ep)
-    s.send(b"warm")
-    s.recv()
-    out = []
-    for i in range(n):
-        t = time.perf_counter()
-        s.send(b"word%d\n" % i)
-        s.recv()
-        out.append(time.perf_counter() - t)
-    s.send(b"quit")
+    out = _round_trips(relay_ep, n)
     relay.wait(5)
     echo.kill()
     echo.wait(5)
-    ctx.destroy(linger=0)
     return out
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from modhelpers import until as wait_for
 from standins.flash_tools import IGNORES_TERM, RECORDER, RUNS_UNTIL_TERM, WAITS_FOR_GO, install
 
 from zdut.devices import get
@@ -43,14 +44,6 @@ def flash(**with_keys) -> Flash:
 
 def emulate(**with_keys) -> FlashEmulate:
     return FlashEmulate(decode_options(FlashEmulate, with_keys))
-
-
-async def wait_for(condition, what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture(autouse=True)
@@ -265,6 +258,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+async def _cancel_write(mod: Flash, session: LocalSession) -> float:
+    """Start a write, cancel it once the tool runs; return how long the cancel took."""
+    await mod.init()
+    task = asyncio.create_task(mod.run(session, ["write", "fw.bin"]))
+    await wait_for(lambda: "started" in session.text, "the tool to start")
+    start = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    elapsed = time.monotonic() - start
+    await mod.deinit()
+    return elapsed
+
+
 def test_cancel_sends_sigterm_to_the_process_group(fake_bin: Path, client: Path) -> None:
     install(fake_bin, "flashrom", RUNS_UNTIL_TERM)
     record = Path(os.environ["FAKE_DIR"])
@@ -272,19 +279,7 @@ def test_cancel_sends_sigterm_to_the_process_group(fake_bin: Path, client: Path)
     mod = flash(tool="flashrom", programmer="dummy")
     session = LocalSession(files_dir=client)
 
-    async def scenario() -> float:
-        await mod.init()
-        task = asyncio.create_task(mod.run(session, ["write", "fw.bin"]))
-        await wait_for(lambda: "started" in session.text, "the tool to start")
-        start = time.monotonic()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        elapsed = time.monotonic() - start
-        await mod.deinit()
-        return elapsed
-
-    elapsed = run(scenario())
+    elapsed = run(_cancel_write(mod, session))
     assert (record / "terminated").read_text().strip() == "terminated"  # its TERM trap ran
     assert not _alive(int((record / "pid").read_text()))
     assert elapsed < Flash.TERM_GRACE_S  # it ended on SIGTERM, not by the SIGKILL fallback
@@ -298,19 +293,7 @@ def test_cancel_kills_a_tool_that_ignores_sigterm(fake_bin: Path, client: Path, 
     mod = flash(tool="flashrom", programmer="dummy")
     session = LocalSession(files_dir=client)
 
-    async def scenario() -> float:
-        await mod.init()
-        task = asyncio.create_task(mod.run(session, ["write", "fw.bin"]))
-        await wait_for(lambda: "started" in session.text, "the tool to start")
-        start = time.monotonic()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        elapsed = time.monotonic() - start
-        await mod.deinit()
-        return elapsed
-
-    elapsed = run(scenario())
+    elapsed = run(_cancel_write(mod, session))
     assert not _alive(int((record / "pid").read_text()))
     assert elapsed >= 0.3  # it was given the grace period first
     assert not (record / "terminated").exists()
