@@ -194,6 +194,8 @@ class AgentRun:
         await self._out(STDERR, data)
 
     async def _out(self, stream: int, data: bytes) -> None:
+        if len(data) <= CHUNK_SIZE and self.stream.try_send_credited(Data, data, stream=stream):
+            return  # the common case: credit is there, no coroutine round needed
         for i in range(0, max(len(data), 1), CHUNK_SIZE):
             await self.stream.send_credited(Data, data[i : i + CHUNK_SIZE], stream=stream)
 
