@@ -151,9 +151,10 @@ def wait_listed(addr: str, what: str) -> None:
     raise SystemExit(f"{what} did not come up")
 
 
-def start_lab(tmp: Path) -> tuple[list[subprocess.Popen[bytes]], str, str]:
-    """A broker and the demo agent registered with it; returns (processes, agent address, broker address)."""
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp)}
+def start_lab(tmp: Path, files: Path) -> tuple[list[subprocess.Popen[bytes]], str, str]:
+    """A broker and the demo agent registered with it; returns (processes, agent address, broker address).
+    The agent keeps its temporary files (dummy-ft's copy) in ``files``."""
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp), "TMPDIR": str(files)}
     broker = f"127.0.0.1:{free_port()}"
     agent = f"127.0.0.1:{free_port()}"
     procs = [subprocess.Popen([str(BIN / "zdut-broker"), "-s", broker, "--state", str(tmp / "b.sqlite3"), "--log",
@@ -239,10 +240,14 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=2000)
     ap.add_argument("--mb", type=int, default=256, help="file size for the direct round trip (MiB)")
     ap.add_argument("--broker-mb", type=int, default=1024, help="file size for the brokered round trip (MiB)")
+    ap.add_argument("--disk", action="store_true",
+                    help="keep the transferred files on disk instead of tmpfs (/dev/shm): measures the disk too")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        procs, agent, broker = start_lab(tmp)
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory(
+            dir=None if args.disk or not shm.is_dir() else shm) as f:
+        tmp, files = Path(d), Path(f)
+        procs, agent, broker = start_lab(tmp, files)
         try:
             print(f"console echo, {args.lines} lines (device2 repeat via the zdut CLI, stdin/stdout pipes)")
             print(f"  raw pyzmq DEALER/ROUTER round trip  : {percentiles(raw_echo_baseline(args.lines))}")
@@ -252,12 +257,12 @@ def main() -> None:
             print(f"unary call through the Python API (zdut.api.Lab.commands), {args.lines} calls")
             print(f"  zdut direct to agent                : {percentiles(api_calls(agent, args.lines))}")
             print(f"  zdut through the broker             : {percentiles(api_calls(broker, args.lines))}")
-            print("file round trip (device3 file-transfer: upload + download, SHA-256 checked)")
+            print(f"file round trip (device3 file-transfer: upload + download, SHA-256 checked) in {files.parent}")
             print(f"  raw pyzmq 256 KiB frames, echoed    : {raw_transfer_baseline(args.mb):7.0f} MB/s")
-            lib, cli = zdut_file(agent, args.mb, tmp)
+            lib, cli = zdut_file(agent, args.mb, files)
             print(f"  zdut direct, {args.mb} MiB, library (best of 3) : {lib:7.0f} MB/s")
             print(f"  zdut direct, {args.mb} MiB, one CLI call incl. start-up: {cli:7.0f} MB/s")
-            lib, cli = zdut_file(broker, args.broker_mb, tmp, runs=2)
+            lib, cli = zdut_file(broker, args.broker_mb, files, runs=2)
             print(f"  zdut via broker, {args.broker_mb} MiB, library (best of 2) : {lib:7.0f} MB/s")
             print(f"  zdut via broker, {args.broker_mb} MiB, one CLI call incl. start-up: {cli:7.0f} MB/s")
         finally:

@@ -37,6 +37,7 @@ import zmq
 from zdut import logs
 from zdut.broker_registry import Agent, Registration, Registry
 from zdut.protocol import (
+    CHUNK_SIZE,
     INITIAL_WINDOW,
     MAX_HEADER_BYTES,
     SESSION_TIMEOUT_S,
@@ -87,12 +88,12 @@ from zdut.store import Store, StoreError, default_state_path
 
 log = logging.getLogger("zdut.broker")
 
-#: libzmq disconnects a peer that sends a larger frame, before buffering it.  No credited frame can
-#: exceed a credit window (4 MiB) and no header may exceed 64 KiB, so nothing legitimate is larger;
-#: a Register listing many devices with long help texts gets the same 4 MiB allowance.
-MAX_FRAME = INITIAL_WINDOW + MAX_HEADER_BYTES
+#: libzmq disconnects a peer that sends a larger frame, before buffering it.  Payload chunks are at
+#: most CHUNK_SIZE (1 MiB) and headers at most 64 KiB, so nothing legitimate is larger than this;
+#: a Register listing many devices with long help texts gets a 4 MiB allowance.
+MAX_FRAME = max(4 * 1024 * 1024, CHUNK_SIZE) + MAX_HEADER_BYTES
 #: Per-peer pipe limits, in messages.  Credit bounds what is in flight per session (at most
-#: INITIAL_WINDOW / MESSAGE_COST = 16 Ki messages, or 17 chunks of 256 KiB); the HWM is the backstop
+#: INITIAL_WINDOW / MESSAGE_COST = 16 Ki messages, or 16 chunks of 1 MiB); the HWM is the backstop
 #: that makes a peer that stops reading visible (EAGAIN) instead of growing libzmq's queue forever.
 HWM = 10_000
 #: A peer whose parked queue makes no progress this long fails its sessions.

@@ -75,6 +75,8 @@ from zdut.protocol import (
 from zdut.stream import Stream, keep_alive
 
 CONNECT_TIMEOUT_S = 10.0
+#: Console input goes out in pieces well under the stdin window (a piece must always fit in it).
+STDIN_CHUNK = STDIN_WINDOW // 4
 CALL_TIMEOUT_S = 30.0
 #: Connection refused for this long means nobody listens there.
 REFUSED_GRACE_S = 1.0
@@ -147,12 +149,12 @@ class Run:
     # ------------------------------------------------------------- user actions
     def try_write_stdin(self, data: bytes) -> bool:
         """Send a small stdin chunk now if credit allows (no await); False if the caller must queue it."""
-        return len(data) <= CHUNK_SIZE // 4 and self.stream.try_send_credited(
+        return len(data) <= STDIN_CHUNK and self.stream.try_send_credited(
             Data, data, window=WINDOW_STDIN, stream=STDIN)
 
     async def write_stdin(self, data: bytes) -> None:
-        for i in range(0, len(data), CHUNK_SIZE // 4):
-            await self.stream.send_credited(Data, data[i : i + CHUNK_SIZE // 4], window=WINDOW_STDIN, stream=STDIN)
+        for i in range(0, len(data), STDIN_CHUNK):
+            await self.stream.send_credited(Data, data[i : i + STDIN_CHUNK], window=WINDOW_STDIN, stream=STDIN)
 
     async def close_stdin(self) -> None:
         await self.stream.send_credited(StdinEof, window=WINDOW_STDIN)

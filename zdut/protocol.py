@@ -30,16 +30,16 @@ MAX_HEADER_BYTES = 64 * 1024
 #: Longest header a client accepts from its server: listings of 10,000 devices are ~300 KiB.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 #: Largest payload chunk a sender emits (file chunks, console output).
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 1024 * 1024
 #: Bytes of credit each side grants the other when a Run session opens.  Stdin
 #: has a window of its own so that unread console input can never starve a file
 #: transfer the module asks for later (dutctl's deadlock, reference 2.9).
-INITIAL_WINDOW = 4 * 1024 * 1024
+INITIAL_WINDOW = 16 * 1024 * 1024
 STDIN_WINDOW = 256 * 1024
 WINDOW_MAIN, WINDOW_STDIN = 0, 1
 #: Credit cost charged per stream message on top of its payload, so that a
 #: flood of empty messages is bounded too.
-MESSAGE_COST = 256
+MESSAGE_COST = 1024
 #: Session keepalive: each side sends a Ping when it has been quiet this long,
 #: and gives the session up after SESSION_TIMEOUT without hearing anything.
 SESSION_PING_S = 1.0
