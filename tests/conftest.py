@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -152,6 +153,14 @@ class Lab:
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    """A ZeroMQ context for tests that talk to real processes with raw sockets."""
+    c = zmq.Context()
+    yield c
+    c.destroy(0)
 
 
 @pytest.fixture

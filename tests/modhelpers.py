@@ -26,3 +26,12 @@ async def make_module(cls: type[M], **with_: object) -> M:
     mod = cls(decode_options(cls, with_))
     await mod.init()
     return mod
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a killed child not yet reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

@@ -18,13 +18,6 @@ from zdut import protocol as P
 
 
 @pytest.fixture
-def ctx() -> Iterator[zmq.Context[Any]]:
-    c = zmq.Context()
-    yield c
-    c.destroy(0)
-
-
-@pytest.fixture
 def broker(lab: Lab, tmp_path: Path) -> Broker:
     return Broker(lab, tmp_path / "broker.sqlite3")
 

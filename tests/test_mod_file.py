@@ -171,11 +171,15 @@ def test_upload_missing_client_file(client: Path, agent: Path) -> None:
     assert list(agent.iterdir()) == []
 
 
-class BrokenTransfer(LocalSession):
-    """A client whose upload fails after the first chunk (e.g. a SHA-256 mismatch)."""
+class InterruptedUpload(LocalSession):
+    """A client whose upload runs ``after_first_chunk`` once the first chunk is delivered."""
+
+    async def after_first_chunk(self, name: str) -> None:
+        raise NotImplementedError
 
     def request_file(self, name: str):
         outer = super().request_file(name)
+        session = self
 
         class Incoming:
             path, size = outer.path, outer.size
@@ -183,9 +187,16 @@ class BrokenTransfer(LocalSession):
             async def __aiter__(self) -> AsyncIterator[bytes]:
                 async for chunk in outer:
                     yield chunk
-                    raise ZdutError(Code.ABORTED, f"file {name!r}: SHA-256 mismatch")
+                    await session.after_first_chunk(name)
 
         return Incoming()
+
+
+class BrokenTransfer(InterruptedUpload):
+    """The upload fails after the first chunk (e.g. a SHA-256 mismatch)."""
+
+    async def after_first_chunk(self, name: str) -> None:
+        raise ZdutError(Code.ABORTED, f"file {name!r}: SHA-256 mismatch")
 
 
 def test_failed_upload_leaves_no_file_and_keeps_the_old_one(client: Path, agent: Path) -> None:
@@ -204,19 +215,9 @@ def test_failed_upload_leaves_no_file_and_keeps_the_old_one(client: Path, agent:
 def test_cancelled_upload_removes_the_partial_file(client: Path, agent: Path) -> None:
     (client / "fw.bin").write_bytes(os.urandom(2 * CHUNK_SIZE))
 
-    class Stalls(LocalSession):
-        def request_file(self, name: str):
-            outer = super().request_file(name)
-
-            class Incoming:
-                path, size = outer.path, outer.size
-
-                async def __aiter__(self) -> AsyncIterator[bytes]:
-                    async for chunk in outer:
-                        yield chunk
-                        await asyncio.Event().wait()  # the client goes quiet
-
-            return Incoming()
+    class Stalls(InterruptedUpload):
+        async def after_first_chunk(self, name: str) -> None:
+            await asyncio.Event().wait()  # the client goes quiet
 
     mod = module(operation="upload")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from modhelpers import alive
 from modhelpers import until as wait_for
 from standins.flash_tools import IGNORES_TERM, RECORDER, RUNS_UNTIL_TERM, WAITS_FOR_GO, install
 
@@ -250,14 +251,6 @@ def test_tool_output_streams_while_the_tool_runs(fake_bin: Path, client: Path, t
     assert text.index("first line") < text.index("second line") < text.index("Flash operation completed")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 async def _cancel_write(mod: Flash, session: LocalSession) -> float:
     """Start a write, cancel it once the tool runs; return how long the cancel took."""
     await mod.init()
@@ -281,7 +274,7 @@ def test_cancel_sends_sigterm_to_the_process_group(fake_bin: Path, client: Path)
 
     elapsed = run(_cancel_write(mod, session))
     assert (record / "terminated").read_text().strip() == "terminated"  # its TERM trap ran
-    assert not _alive(int((record / "pid").read_text()))
+    assert not alive(int((record / "pid").read_text()))
     assert elapsed < Flash.TERM_GRACE_S  # it ended on SIGTERM, not by the SIGKILL fallback
 
 
@@ -294,7 +287,7 @@ def test_cancel_kills_a_tool_that_ignores_sigterm(fake_bin: Path, client: Path, 
     session = LocalSession(files_dir=client)
 
     elapsed = run(_cancel_write(mod, session))
-    assert not _alive(int((record / "pid").read_text()))
+    assert not alive(int((record / "pid").read_text()))
     assert elapsed >= 0.3  # it was given the grace period first
     assert not (record / "terminated").exists()
 

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from modhelpers import make_module, until
+from modhelpers import alive, make_module, until
 
 from zdut.devices import shell as shell_mod
 from zdut.devices.base import ModuleError, decode_options
@@ -27,14 +27,6 @@ def run_cmd(command: str, **with_: object) -> LocalSession:
         return session
 
     return asyncio.run(main())
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_output_streams_before_the_command_ends(tmp_path: Path) -> None:

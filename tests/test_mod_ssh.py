@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from modhelpers import make_module, until
+from modhelpers import alive, make_module, until
 
 from zdut.devices.base import ModuleError
 from zdut.devices.ssh import SSH, parse_hostkey
@@ -46,14 +46,6 @@ def run_cmd(with_: dict[str, object], command: str) -> LocalSession:
         return session
 
     return asyncio.run(main())
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_output_streams_as_it_arrives(server: sshd.SSHServer, tmp_path: Path) -> None:
