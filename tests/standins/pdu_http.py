@@ -11,11 +11,13 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
+from standins.http_thread import ThreadedHTTP
 
-class PDUServer:
+
+class PDUServer(ThreadedHTTP):
     """Serve one PDU on 127.0.0.1 (random port) in a thread; use as a context manager."""
 
     def __init__(self, vendor: str = "intellinet", outlets: int = 8, user: str = "", password: str = "") -> None:
@@ -24,22 +26,7 @@ class PDUServer:
         self.user, self.password = user, password
         self.requests: list[str] = []  # path?query of every authorised request, in order
         self.lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> PDUServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        super().__init__(self._handler())
 
     # ------------------------------------------------------------ vendor logic
     def intellinet(self, path: str, query: dict[str, list[str]]) -> tuple[int, str, str]:

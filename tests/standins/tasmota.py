@@ -17,39 +17,22 @@ import base64
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from standins.http_thread import ThreadedHTTP
 
 _POWER = re.compile(r"power(\d*)$", re.I)
 
 
-class TasmotaServer:
+class TasmotaServer(ThreadedHTTP):
     def __init__(self, relays: int = 1, user: str = "", password: str = "", auth: str = "query") -> None:
         self.states = [False] * relays
         self.user, self.password, self.auth = user, password, auth
         self.commands: list[str] = []  # every accepted cmnd value, decoded
         self.paths: list[str] = []  # every request line's path, as sent
         self.lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
-
-    @property
-    def address(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"{host}:{port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}"
-
-    def __enter__(self) -> TasmotaServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        super().__init__(self._handler())
 
     def execute(self, cmnd: str) -> dict[str, str]:
         name, _, param = cmnd.strip().partition(" ")
