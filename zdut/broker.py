@@ -36,6 +36,7 @@ import zmq
 
 from zdut import logs
 from zdut.broker_registry import Agent, Registration, Registry
+from zdut.memtune import tune_malloc
 from zdut.protocol import (
     CHUNK_SIZE,
     INITIAL_WINDOW,
@@ -952,6 +953,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     logs.setup(args.log, args.log_json)
+    tune_malloc()
     path = args.state or default_state_path()
     try:
         store = Store(path)

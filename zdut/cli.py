@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from zdut.client import Client, Run, RunHandler
 from zdut.console import attach
 from zdut.durations import format_duration, parse_duration
+from zdut.memtune import tune_malloc
 from zdut.output import (
     AGENT_LIST,
     COMMAND_DETAIL,
@@ -490,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         from zdut.shell import main as shell_main  # prompt-toolkit only when needed
 
         return shell_main(opts, words[1:])
+    tune_malloc()
     cli = Cli(opts)
     try:
         return asyncio.run(cli.execute(words))

@@ -26,6 +26,7 @@ from zdut.agent_run import AgentRun
 from zdut.config import AgentConfig, Command, ConfigError, load_config
 from zdut.links import Link, tune
 from zdut.locker import Locker
+from zdut.memtune import tune_malloc
 from zdut.protocol import (
     SESSION,
     UNARY_REQUESTS,
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.address and not args.server:
         args.address = "localhost:1024"
+    tune_malloc()
     name = agent_name(args)
     state = args.state or default_state_dir() / f"agent-{name.replace('/', '_').replace(':', '_')}.json"
     try:
