@@ -25,6 +25,7 @@ from pathlib import Path
 import zmq
 
 from zdut.client import Client
+from zdut.memtune import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -80,20 +81,26 @@ def _round_trips(ep: str, n: int) -> list[float]:
     return out
 
 
+# argv: front endpoint, back endpoint, and for big frames an HWM: queues then stay as bounded as zdut's credit
+# windows keep them, and payloads are forwarded without a copy (as the broker does).
 RELAY = """
 import sys, zmq
-ctx = zmq.Context(); front = ctx.socket(zmq.ROUTER); front.bind(sys.argv[1])
-back = ctx.socket(zmq.DEALER); back.connect(sys.argv[2])
+ctx = zmq.Context(); front = ctx.socket(zmq.ROUTER); back = ctx.socket(zmq.DEALER)
+big = len(sys.argv) > 3
+if big:
+    for s in (front, back): s.sndhwm = s.rcvhwm = int(sys.argv[3])
+    front.router_mandatory = 1  # block at the HWM instead of dropping
+front.bind(sys.argv[1]); back.connect(sys.argv[2])
 poller = zmq.Poller(); poller.register(front, zmq.POLLIN); poller.register(back, zmq.POLLIN)
 while True:
     for sock, _ in poller.poll():
         if sock is front:
-            rid = front.recv(); msg = front.recv()
-            if msg == b"quit": sys.exit(0)
-            back.send(rid, zmq.SNDMORE); back.send(msg)
+            rid = front.recv(); msg = front.recv(copy=not big)
+            if not big and msg == b"quit": sys.exit(0)
+            back.send(rid, zmq.SNDMORE); back.send(msg, copy=not big)
         else:
-            rid = back.recv(); msg = back.recv()
-            front.send(rid, zmq.SNDMORE); front.send(msg)
+            rid = back.recv(); msg = back.recv(copy=not big)
+            front.send(rid, zmq.SNDMORE); front.send(msg, copy=not big)
 """
 
 ROUTED_ECHO = """
@@ -140,6 +147,81 @@ def raw_transfer_baseline(mb: int) -> float:
     server.wait(5)
     ctx.destroy(linger=0)
     return mb / elapsed
+
+
+# The far end of the raw file baseline: receives 1 MiB chunks into a temp file (hashing them), then sends the
+# file back (hashing it), like dummy-ft behind an agent.  Single-frame messages behind the relay's routing frame;
+# b"" ends a file and is followed by its SHA-256.  Small HWMs bound memory as zdut's credit does.
+RAW_FT = """
+import hashlib, os, sys, tempfile, zmq
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.sndhwm = s.rcvhwm = 16; s.router_mandatory = 1
+s.bind(sys.argv[1])
+s.send_multipart(s.recv_multipart())  # the driver's hello: connections are up before its clock starts
+while True:
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=sys.argv[2]) as tmp:
+        while True:
+            link = s.recv(); rid = s.recv(); chunk = s.recv(copy=False)
+            if not len(chunk):
+                break
+            digest.update(chunk.buffer); tmp.write(chunk.buffer)
+        link, rid, theirs = s.recv(), s.recv(), s.recv()
+        assert theirs == digest.digest()
+        tmp.flush(); tmp.seek(0); digest = hashlib.sha256()
+        while chunk := tmp.read(1 << 20):
+            digest.update(chunk)
+            s.send(link, zmq.SNDMORE); s.send(rid, zmq.SNDMORE); s.send(chunk)
+        for last in (b"", digest.digest()):
+            s.send(link, zmq.SNDMORE); s.send(rid, zmq.SNDMORE); s.send(last)
+"""
+
+
+def raw_file_baseline(mb: int, files: Path) -> float:
+    """MB/s of the same round trip as device3 file-transfer through a broker (1 MiB chunks read from a file and
+    hashed, written to a temp file on the far side and sent back, written out and hashed), done by minimal
+    pyzmq programs through the minimal relay: what this machine allows for the job."""
+    src, dst = files / "raw-in.bin", files / "raw-out.bin"
+    _write_random(src, mb)
+    far_ep, relay_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", RAW_FT, far_ep, str(files)]),
+             subprocess.Popen([sys.executable, "-c", RELAY, relay_ep, far_ep, "16"])]
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.sndhwm = s.rcvhwm = 16
+    s.connect(relay_ep)
+    try:
+        s.send(b"hello")
+        s.recv()
+        t = time.perf_counter()
+        digest = hashlib.sha256()
+        with open(src, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+                s.send(chunk)
+        s.send(b"")
+        s.send(digest.digest())
+        digest = hashlib.sha256()
+        with open(dst, "wb") as out:
+            while len(chunk := s.recv(copy=False)):
+                digest.update(chunk.buffer)
+                out.write(chunk.buffer)
+        assert s.recv() == digest.digest()
+        elapsed = time.perf_counter() - t
+    finally:
+        ctx.destroy(linger=0)
+        for p in procs:
+            p.kill()
+            p.wait()
+        src.unlink()
+        dst.unlink(missing_ok=True)
+    return mb * (1 << 20) / 1e6 / elapsed
+
+
+def _write_random(path: Path, mb: int) -> None:
+    with open(path, "wb") as fh:
+        block = os.urandom(1 << 20)
+        for _ in range(mb):
+            fh.write(block)
 
 
 def wait_listed(addr: str, what: str) -> None:
@@ -191,34 +273,39 @@ def zdut_echo(addr: str, n: int) -> list[float]:
     return samples
 
 
-def zdut_file(addr: str, mb: int, tmp: Path, runs: int = 3) -> tuple[float, float]:
-    """(best MB/s in-process through the client library, MB/s of one whole CLI call incl. start-up)."""
+def zdut_file(addr: str, mb: int, tmp: Path, runs: int = 3) -> tuple[list[float], float]:
+    """(MB/s of each round trip in-process through the client library, MB/s of one whole CLI call incl.
+    start-up)."""
     src = tmp / "in.bin"
-    with open(src, "wb") as fh:
-        block = os.urandom(1 << 20)
-        for _ in range(mb):
-            fh.write(block)
+    _write_random(src, mb)
     size_mb = src.stat().st_size / 1e6
 
-    async def library_round_trips() -> float:
-        best = 0.0
+    async def library_round_trips() -> list[float]:
+        out = []
         async with Client(addr) as client:
             for _ in range(runs):
                 t = time.perf_counter()
                 await client.run("device3", "file-transfer", [str(src), str(tmp / "out.bin")]).wait()
-                best = max(best, size_mb / (time.perf_counter() - t))
-        return best
+                out.append(size_mb / (time.perf_counter() - t))
+        return out
 
     lib = asyncio.run(library_round_trips())
+    want = hashlib.sha256()
     with open(src, "rb") as a, open(tmp / "out.bin", "rb") as b:
-        want = hashlib.sha256(a.read() + b"\n\nprocessed by dummy.FT module\n").digest()
-        assert want == hashlib.file_digest(b, "sha256").digest()
+        while chunk := a.read(1 << 20):
+            want.update(chunk)
+        want.update(b"\n\nprocessed by dummy.FT module\n")
+        assert want.digest() == hashlib.file_digest(b, "sha256").digest()
     t = time.perf_counter()
     r = subprocess.run([str(BIN / "zdut"), "-s", addr, "device3", "file-transfer", "in.bin", "out.bin"], cwd=tmp,
                        capture_output=True)
     cli = size_mb / (time.perf_counter() - t)
     assert r.returncode == 0, r.stderr
     return lib, cli
+
+
+def rates(values: list[float]) -> str:
+    return f"best {max(values):4.0f} MB/s  (runs: {' '.join(f'{v:.0f}' for v in values)})"
 
 
 def api_calls(addr: str, n: int) -> list[float]:
@@ -243,6 +330,7 @@ def main() -> None:
     ap.add_argument("--disk", action="store_true",
                     help="keep the transferred files on disk instead of tmpfs (/dev/shm): measures the disk too")
     args = ap.parse_args()
+    tune_malloc()  # what the zdut CLI does at start, for the in-process library figures
     shm = Path("/dev/shm")
     with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory(
             dir=None if args.disk or not shm.is_dir() else shm) as f:
@@ -260,11 +348,13 @@ def main() -> None:
             print(f"file round trip (device3 file-transfer: upload + download, SHA-256 checked) in {files.parent}")
             print(f"  raw pyzmq 256 KiB frames, echoed    : {raw_transfer_baseline(args.mb):7.0f} MB/s")
             lib, cli = zdut_file(agent, args.mb, files)
-            print(f"  zdut direct, {args.mb} MiB, library (best of 3) : {lib:7.0f} MB/s")
-            print(f"  zdut direct, {args.mb} MiB, one CLI call incl. start-up: {cli:7.0f} MB/s")
-            lib, cli = zdut_file(broker, args.broker_mb, files, runs=2)
-            print(f"  zdut via broker, {args.broker_mb} MiB, library (best of 2) : {lib:7.0f} MB/s")
-            print(f"  zdut via broker, {args.broker_mb} MiB, one CLI call incl. start-up: {cli:7.0f} MB/s")
+            print(f"  zdut direct, {args.mb} MiB, library : {rates(lib)}")
+            print(f"  zdut direct, {args.mb} MiB, one CLI call incl. start-up: {cli:4.0f} MB/s")
+            raw = [raw_file_baseline(args.broker_mb, files) for _ in range(3)]
+            print(f"  raw pyzmq, the same job through a minimal relay, {args.broker_mb} MiB : {rates(raw)}")
+            lib, cli = zdut_file(broker, args.broker_mb, files)
+            print(f"  zdut via broker, {args.broker_mb} MiB, library : {rates(lib)}")
+            print(f"  zdut via broker, {args.broker_mb} MiB, one CLI call incl. start-up: {cli:4.0f} MB/s")
         finally:
             for p in reversed(procs):
                 p.terminate()
