@@ -21,10 +21,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import zmq
 
-from zdut.client import Client
+from zdut.client import Client, RunHandler
 from zdut.memtune import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,6 +274,55 @@ def zdut_echo(addr: str, n: int) -> list[float]:
     return samples
 
 
+class _Lines(RunHandler):
+    """A Run's stdout as lines, awaited by the driver."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = b""
+        self.arrived: asyncio.Future[None] | None = None
+
+    def output(self, stream: int, data: bytes, consumed: Any) -> None:
+        consumed()
+        self.buf += data
+        if self.arrived is not None and not self.arrived.done():
+            self.arrived.set_result(None)
+
+    async def readline(self) -> bytes:
+        while b"\n" not in self.buf:
+            self.arrived = asyncio.get_running_loop().create_future()
+            await self.arrived
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
+
+
+def library_echo(addr: str, n: int) -> list[float]:
+    """The echo of zdut_echo through the client library in this process: no CLI process, no pipes."""
+
+    async def go() -> list[float]:
+        async with Client(addr) as client:
+            lines = _Lines()
+            run = client.run("device2", "repeat", handler=lines)
+            await lines.readline()  # the module's greeting
+            await lines.readline()
+            samples = []
+            for i in range(n + 50):
+                line = b"word%d\n" % i
+                t = time.perf_counter()
+                if not run.try_write_stdin(line):
+                    await run.write_stdin(line)
+                got = await lines.readline()
+                dt = time.perf_counter() - t
+                assert got == line, (got, line)
+                if i >= 50:
+                    samples.append(dt)
+            await run.write_stdin(b"two words\n")
+            await run.wait()
+            return samples
+
+    return asyncio.run(go())
+
+
 def zdut_file(addr: str, mb: int, tmp: Path, runs: int = 3) -> tuple[list[float], float]:
     """(MB/s of each round trip in-process through the client library, MB/s of one whole CLI call incl.
     start-up)."""
@@ -322,6 +372,18 @@ def api_calls(addr: str, n: int) -> list[float]:
     return out
 
 
+def machine_note() -> str:
+    """What shapes the latency figures on a VM: each wake-up of an idle vCPU is a VM exit unless the guest
+    polls a little before halting (docs/performance.md)."""
+    knob = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    try:
+        ns = int(knob.read_text())
+    except (OSError, ValueError):
+        return f"{os.cpu_count()} CPUs"
+    return f"{os.cpu_count()} CPUs, guest halt polling {ns} ns" + (" (off: every idle wake-up is a VM exit)"
+                                                                    if ns == 0 else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=2000)
@@ -337,11 +399,15 @@ def main() -> None:
         tmp, files = Path(d), Path(f)
         procs, agent, broker = start_lab(tmp, files)
         try:
+            print(f"machine: {machine_note()}")
             print(f"console echo, {args.lines} lines (device2 repeat via the zdut CLI, stdin/stdout pipes)")
             print(f"  raw pyzmq DEALER/ROUTER round trip  : {percentiles(raw_echo_baseline(args.lines))}")
             print(f"  zdut direct to agent                : {percentiles(zdut_echo(agent, args.lines))}")
             print(f"  raw pyzmq through a minimal relay   : {percentiles(raw_relay_baseline(args.lines))}")
             print(f"  zdut through the broker             : {percentiles(zdut_echo(broker, args.lines))}")
+            print("  the same through the client library (no CLI process, no pipes):")
+            print(f"  zdut library direct to agent        : {percentiles(library_echo(agent, args.lines))}")
+            print(f"  zdut library through the broker     : {percentiles(library_echo(broker, args.lines))}")
             print(f"unary call through the Python API (zdut.api.Lab.commands), {args.lines} calls")
             print(f"  zdut direct to agent                : {percentiles(api_calls(agent, args.lines))}")
             print(f"  zdut through the broker             : {percentiles(api_calls(broker, args.lines))}")
