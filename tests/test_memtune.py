@@ -35,7 +35,8 @@ def faults(mode: str) -> int:
 def test_tuned_malloc_reuses_pages_for_big_frames() -> None:
     default, tuned = faults("default"), faults("tuned")
     # Measured: ~146,000 faults by default (each freed chunk goes back to the kernel), ~2,300 tuned.
-    assert default > 50_000, f"the default allocator took only {default} faults: the test no longer measures"
+    if default < 50_000:  # another libc whose defaults already reuse pages: nothing for the tuning to fix
+        pytest.skip(f"the default allocator took only {default} page faults")
     assert tuned < default / 10, f"tuned {tuned} vs default {default} page faults"
 
 
