@@ -487,11 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     if opts.help:
         sys.stderr.write(HELP)
         return EXIT_OK
+    tune_malloc()  # the shell transfers files too
     if words and words[0] == "shell":
         from zdut.shell import main as shell_main  # prompt-toolkit only when needed
 
         return shell_main(opts, words[1:])
-    tune_malloc()
     cli = Cli(opts)
     try:
         return asyncio.run(cli.execute(words))
