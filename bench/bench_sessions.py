@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 
 from zdut.client import Client, RunHandler
-from zdut.memtune import tune_malloc
+from zdut.common.memtune import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

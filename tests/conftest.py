@@ -128,7 +128,7 @@ class Lab:
         return proc
 
     def devices_of(self, config: str | Path) -> list[str]:
-        from zdut.config import load_config
+        from zdut.agentd.config import load_config
 
         return sorted(load_config(str(config)).devices)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from zdut.broker_registry import LIVENESS, Registry
+from zdut.brokerd.registry import LIVENESS, Registry
+from zdut.brokerd.store import Store
 from zdut.protocol import (
     VERSION,
     Code,
@@ -17,7 +18,6 @@ from zdut.protocol import (
     Register,
     ZdutError,
 )
-from zdut.store import Store
 
 HB = 1.0
 

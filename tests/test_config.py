@@ -1,4 +1,4 @@
-"""zdut.config: dutctl's agent config schema, its validation cases and examples, and argument resolution."""
+"""zdut.agentd.config: dutctl's agent config schema, its validation cases and examples, and argument resolution."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import msgspec
 import pytest
 import yaml
 
-from zdut import config
 from zdut import devices as registry
-from zdut.config import ConfigError, load_config, parse_config, parse_devices
+from zdut.agentd import config
+from zdut.agentd.config import ConfigError, load_config, parse_config, parse_devices
 from zdut.devices.agent import TimeWait, TimeWaitOptions
 from zdut.devices.base import Module, NoOptions, Session
 from zdut.devices.dummy import DummyFT, DummyRepeat, DummyStatus

@@ -1,4 +1,4 @@
-"""zdut.memtune: streaming 1 MiB frames must not page-fault every byte it moves."""
+"""zdut.common.memtune: streaming 1 MiB frames must not page-fault every byte it moves."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 STREAM = """
 import resource, sys, zmq
 if sys.argv[1] == "tuned":
-    from zdut.memtune import tune_malloc
+    from zdut.common.memtune import tune_malloc
     assert tune_malloc()
 ctx = zmq.Context(); a = ctx.socket(zmq.PAIR); b = ctx.socket(zmq.PAIR)
 a.bind("inproc://m"); b.connect("inproc://m")
@@ -41,7 +41,7 @@ def test_tuned_malloc_reuses_pages_for_big_frames() -> None:
 
 
 def test_tuning_is_idempotent() -> None:
-    from zdut.memtune import tune_malloc
+    from zdut.common.memtune import tune_malloc
 
     first = tune_malloc()
     assert tune_malloc() == first

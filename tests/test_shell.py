@@ -14,8 +14,8 @@ from prompt_toolkit.document import Document
 from conftest import CONF, Lab
 from zdut.protocol import DeviceInfo, LockState
 from zdut.shell import history_file
-from zdut.shell_complete import ShellCompleter
-from zdut.shell_state import LabView, changes, resolve, takes_files
+from zdut.terminal.completion import ShellCompleter
+from zdut.terminal.shell_view import LabView, changes, resolve, takes_files
 
 FT_HELP = "Command with 2 module(s)\n\nArguments:\n  source-file: Source file path\n  dest-file: Destination path\n"
 ME = "tester"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from zdut.store import AgentRecord, DeviceRecord, Store, StoreError, default_state_path
+from zdut.brokerd.store import AgentRecord, DeviceRecord, Store, StoreError, default_state_path
 
 
 def agent(name: str, *devices: str, last_seen: float = 100.0) -> AgentRecord:

@@ -11,8 +11,8 @@ import zmq
 
 from conftest import CONF, Lab
 from zdut import protocol as p
-from zdut.agent_run import AgentRun
-from zdut.stream import Stream
+from zdut.agentd.run import AgentRun
+from zdut.transport.stream import Stream
 
 
 def test_sequence_gap_is_an_error() -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from zdut.client import Client, RunHandler
-from zdut.durations import parse_duration
+from zdut.common.durations import parse_duration
 from zdut.protocol import PRINT, STDERR, STDOUT, AgentInfo, Code, DeviceInfo, LockState, ZdutError
 
 __all__ = ["Lab", "RunResult", "ZdutError"]

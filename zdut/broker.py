@@ -34,9 +34,10 @@ from typing import Any
 import msgspec
 import zmq
 
-from zdut import logs
-from zdut.broker_registry import Agent, Registration, Registry
-from zdut.memtune import tune_malloc
+from zdut.brokerd.registry import Agent, Registration, Registry
+from zdut.brokerd.store import Store, StoreError, default_state_path
+from zdut.common import logs
+from zdut.common.memtune import tune_malloc
 from zdut.protocol import (
     CHUNK_SIZE,
     INITIAL_WINDOW,
@@ -85,7 +86,6 @@ from zdut.protocol import (
     encode,
     endpoint,
 )
-from zdut.store import Store, StoreError, default_state_path
 
 log = logging.getLogger("zdut.broker")
 

@@ -24,7 +24,6 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from zdut.links import Pump, tune
 from zdut.protocol import (
     CHUNK_SIZE,
     INITIAL_WINDOW,
@@ -72,7 +71,8 @@ from zdut.protocol import (
     endpoint,
     version_drift,
 )
-from zdut.stream import Stream, keep_alive
+from zdut.transport.links import Pump, tune
+from zdut.transport.stream import Stream, keep_alive
 
 CONNECT_TIMEOUT_S = 10.0
 #: Console input goes out in pieces well under the stdin window (a piece must always fit in it).

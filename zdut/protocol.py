@@ -13,7 +13,7 @@ Envelopes (see docs/protocol.md):
   the agent's handlers do not know whether a broker sits in between.
 * broker <-> agent control traffic uses an empty client-id frame ``b""``.
 
-This module imports nothing else from zdut.
+It imports nothing from zdut but the package version.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from typing import Union
 
 import msgspec
 
+from zdut import __version__
+
 #: zdut release; its semver major decides compatibility (dutctl's policy).
-VERSION = "0.1.0"
+VERSION = __version__  # the package version, read from its metadata
 #: Longest header a server accepts from a peer; larger frames are dropped as garbage.
 MAX_HEADER_BYTES = 64 * 1024
 #: Longest header a client accepts from its server: listings of 10,000 devices are ~300 KiB.
@@ -137,43 +139,43 @@ class AgentInfo(msgspec.Struct, array_like=True, frozen=True):
 # policy without connection state: ZeroMQ reconnects silently.
 
 
-class Hello(_Msg, tag="hello"):
+class Hello(_Msg, tag="hello", frozen=True):
     rid: int
     version: str
     user: str
 
 
-class Welcome(_Msg, tag="welcome"):
+class Welcome(_Msg, tag="welcome", frozen=True):
     rid: int
     version: str
     role: str  # "agent" or "broker"
     name: str
 
 
-class ListDevices(_Msg, tag="list"):
+class ListDevices(_Msg, tag="list", frozen=True):
     rid: int
     version: str
     user: str
 
 
-class DeviceList(_Msg, tag="devices"):
+class DeviceList(_Msg, tag="devices", frozen=True):
     rid: int
     devices: list[DeviceInfo]
 
 
-class ListCommands(_Msg, tag="cmds"):
+class ListCommands(_Msg, tag="cmds", frozen=True):
     rid: int
     version: str
     user: str
     device: str
 
 
-class CommandList(_Msg, tag="cmdlist"):
+class CommandList(_Msg, tag="cmdlist", frozen=True):
     rid: int
     commands: list[str]
 
 
-class GetDetails(_Msg, tag="details"):
+class GetDetails(_Msg, tag="details", frozen=True):
     rid: int
     version: str
     user: str
@@ -182,12 +184,12 @@ class GetDetails(_Msg, tag="details"):
     keyword: str
 
 
-class Details(_Msg, tag="detail"):
+class Details(_Msg, tag="detail", frozen=True):
     rid: int
     text: str
 
 
-class Lock(_Msg, tag="lock"):
+class Lock(_Msg, tag="lock", frozen=True):
     rid: int
     version: str
     user: str
@@ -195,13 +197,13 @@ class Lock(_Msg, tag="lock"):
     duration_s: int  # 0 = the agent's default
 
 
-class LockResult(_Msg, tag="locked"):
+class LockResult(_Msg, tag="locked", frozen=True):
     rid: int
     device: str
     lock: LockState
 
 
-class Unlock(_Msg, tag="unlock"):
+class Unlock(_Msg, tag="unlock", frozen=True):
     rid: int
     version: str
     user: str
@@ -209,22 +211,22 @@ class Unlock(_Msg, tag="unlock"):
     force: bool
 
 
-class Unlocked(_Msg, tag="unlocked"):
+class Unlocked(_Msg, tag="unlocked", frozen=True):
     rid: int
 
 
-class ListAgents(_Msg, tag="agents"):
+class ListAgents(_Msg, tag="agents", frozen=True):
     rid: int
     version: str
     user: str
 
 
-class AgentList(_Msg, tag="agentlist"):
+class AgentList(_Msg, tag="agentlist", frozen=True):
     rid: int
     agents: list[AgentInfo]
 
 
-class Error(_Msg, tag="error"):
+class Error(_Msg, tag="error", frozen=True):
     rid: int
     code: str
     message: str
@@ -237,7 +239,7 @@ class Error(_Msg, tag="error"):
 # so do FileRequest/FileOpen/FileEnd/FileAbort/StdinEof (MESSAGE_COST).
 
 
-class RunOpen(_Msg, tag="run"):
+class RunOpen(_Msg, tag="run", frozen=True):
     sid: int
     version: str
     user: str
@@ -246,7 +248,7 @@ class RunOpen(_Msg, tag="run"):
     args: list[str]
 
 
-class RunStarted(_Msg, tag="started"):
+class RunStarted(_Msg, tag="started", frozen=True):
     """Agent -> client, first session message: the command passed the lock check
     and runs; ``interactive`` tells the client to offer raw mode on a terminal."""
 
@@ -255,7 +257,7 @@ class RunStarted(_Msg, tag="started"):
     interactive: bool
 
 
-class Data(_Msg, tag="data"):
+class Data(_Msg, tag="data", frozen=True):
     """Console or print bytes; the bytes are the next frame."""
 
     sid: int
@@ -263,12 +265,12 @@ class Data(_Msg, tag="data"):
     stream: int
 
 
-class StdinEof(_Msg, tag="eof"):
+class StdinEof(_Msg, tag="eof", frozen=True):
     sid: int
     seq: int
 
 
-class FileRequest(_Msg, tag="freq"):
+class FileRequest(_Msg, tag="freq", frozen=True):
     """Agent asks the client for a file the user named."""
 
     sid: int
@@ -277,7 +279,7 @@ class FileRequest(_Msg, tag="freq"):
     path: str
 
 
-class FileOpen(_Msg, tag="fopen"):
+class FileOpen(_Msg, tag="fopen", frozen=True):
     """Sender starts a transfer of ``size`` bytes (either direction)."""
 
     sid: int
@@ -287,7 +289,7 @@ class FileOpen(_Msg, tag="fopen"):
     size: int
 
 
-class FileChunk(_Msg, tag="fchunk"):
+class FileChunk(_Msg, tag="fchunk", frozen=True):
     """Bytes at ``offset`` of transfer ``xfer``; the bytes are the next frame."""
 
     sid: int
@@ -296,14 +298,14 @@ class FileChunk(_Msg, tag="fchunk"):
     offset: int
 
 
-class FileEnd(_Msg, tag="fend"):
+class FileEnd(_Msg, tag="fend", frozen=True):
     sid: int
     seq: int
     xfer: int
     sha256: bytes
 
 
-class FileAbort(_Msg, tag="fabort"):
+class FileAbort(_Msg, tag="fabort", frozen=True):
     sid: int
     seq: int
     xfer: int
@@ -311,24 +313,24 @@ class FileAbort(_Msg, tag="fabort"):
     message: str
 
 
-class Credit(_Msg, tag="credit"):
+class Credit(_Msg, tag="credit", frozen=True):
     sid: int
     seq: int
     nbytes: int
     window: int = WINDOW_MAIN  # WINDOW_STDIN for stdin credit
 
 
-class Ping(_Msg, tag="ping"):
+class Ping(_Msg, tag="ping", frozen=True):
     sid: int
     seq: int
 
 
-class Cancel(_Msg, tag="cancel"):
+class Cancel(_Msg, tag="cancel", frozen=True):
     sid: int
     seq: int
 
 
-class Resize(_Msg, tag="resize"):
+class Resize(_Msg, tag="resize", frozen=True):
     """The client's terminal changed size."""
 
     sid: int
@@ -337,7 +339,7 @@ class Resize(_Msg, tag="resize"):
     cols: int
 
 
-class Done(_Msg, tag="done"):
+class Done(_Msg, tag="done", frozen=True):
     """The final message of a session: code "" is success."""
 
     sid: int
@@ -349,7 +351,7 @@ class Done(_Msg, tag="done"):
 # ---------------------------------------------------------------- broker <-> agent
 
 
-class Register(_Msg, tag="register"):
+class Register(_Msg, tag="register", frozen=True):
     version: str
     agent: str  # stable agent name: who may take this registration over
     instance: str  # random per agent process
@@ -358,31 +360,31 @@ class Register(_Msg, tag="register"):
     locks: dict[str, LockState]
 
 
-class Registered(_Msg, tag="registered"):
+class Registered(_Msg, tag="registered", frozen=True):
     broker: str
     version: str
     heartbeat_ms: int
 
 
-class Refused(_Msg, tag="refused"):
+class Refused(_Msg, tag="refused", frozen=True):
     code: str
     message: str
 
 
-class Heartbeat(_Msg, tag="hb"):
+class Heartbeat(_Msg, tag="hb", frozen=True):
     pass
 
 
-class Reregister(_Msg, tag="rereg"):
+class Reregister(_Msg, tag="rereg", frozen=True):
     """The broker does not know this peer (it restarted or expired it)."""
 
 
-class LockChanged(_Msg, tag="lockchg"):
+class LockChanged(_Msg, tag="lockchg", frozen=True):
     device: str
     lock: LockState | None
 
 
-class SessionGone(_Msg, tag="gone"):
+class SessionGone(_Msg, tag="gone", frozen=True):
     """Broker -> agent: the client of session (peer, sid) is unreachable."""
 
     peer: bytes

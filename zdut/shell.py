@@ -1,6 +1,6 @@
 """``zdut shell``: an interactive prompt on one lasting connection to a broker or agent.
 
-Every line goes through the one-shot CLI's grammar and actions (``cli.Cli``), run
+Every line goes through the one-shot CLI's grammar and actions (``terminal.commands.Cli``), run
 on the shell's connected client instead of a fresh one.  The prompt appears at
 once and the connection is made in the background; a ``Tracker`` keeps a cache
 of the lab for completion and the toolbar.  No error ends the shell: it prints
@@ -30,12 +30,12 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.styles import Style
 
-from zdut.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Action, Cli, Options, UsageError
 from zdut.client import Client, default_user
-from zdut.output import FORMATS
 from zdut.protocol import ZdutError
-from zdut.shell_complete import ShellCompleter
-from zdut.shell_state import CONNECTED, CONNECTING, Tracker, resolve
+from zdut.terminal.commands import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Action, Cli, Options, UsageError
+from zdut.terminal.completion import ShellCompleter
+from zdut.terminal.output import FORMATS
+from zdut.terminal.shell_view import CONNECTED, CONNECTING, Tracker, resolve
 
 HELP = """\
 The one-shot CLI's grammar, without flags:

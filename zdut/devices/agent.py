@@ -6,8 +6,8 @@ import asyncio
 
 import msgspec
 
+from zdut.common.durations import format_duration, parse_duration
 from zdut.devices.base import Module, ModuleError, Session
-from zdut.durations import format_duration, parse_duration
 
 
 class AgentStatus(Module):

@@ -26,8 +26,8 @@ from typing import NamedTuple, Protocol
 
 import msgspec
 
+from zdut.common.durations import format_duration, parse_duration
 from zdut.devices.base import Module, ModuleError, Session
-from zdut.durations import format_duration, parse_duration
 
 DEFAULT_CHIP = "/dev/gpiochip0"
 DEFAULT_PRESS_S = 0.5

@@ -24,8 +24,8 @@ import shutil
 
 import msgspec
 
+from zdut.common.durations import parse_duration
 from zdut.devices.base import Module, ModuleError, Session
-from zdut.durations import parse_duration
 
 log = logging.getLogger("zdut.devices.ipmi")
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import msgspec
 import serial as pyserial
 
+from zdut.common.durations import format_duration, parse_duration
 from zdut.devices.base import Module, ModuleError, Session
-from zdut.durations import format_duration, parse_duration
 from zdut.protocol import Code
 
 DEFAULT_BAUD = 115200

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from zdut.links import Link, tune
 from zdut.protocol import (
     VERSION,
     Heartbeat,
@@ -31,11 +30,12 @@ from zdut.protocol import (
     encode,
     endpoint,
 )
+from zdut.transport.links import Link, tune
 
 if TYPE_CHECKING:
-    from zdut.worker import Agent
+    from zdut.agentd.agent import Agent
 
-log = logging.getLogger("zdut.uplink")
+log = logging.getLogger("zdut.agentd.uplink")
 
 LIVENESS = 3
 #: Until the broker tells us its interval.

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from zdut.brokerd.store import AgentRecord, DeviceRecord
 from zdut.protocol import (
     INCOMPATIBLE,
     VERSION,
@@ -24,7 +25,6 @@ from zdut.protocol import (
     ZdutError,
     compare_versions,
 )
-from zdut.store import AgentRecord, DeviceRecord
 
 log = logging.getLogger("zdut.broker")
 

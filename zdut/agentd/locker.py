@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from zdut.durations import format_minutes
+from zdut.common.durations import format_minutes
 from zdut.protocol import Code, LockState, ZdutError
 
-log = logging.getLogger("zdut.locker")
+log = logging.getLogger("zdut.agentd.locker")
 
 DEFAULT_LOCK_S = 30 * 60
 

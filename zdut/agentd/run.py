@@ -41,7 +41,7 @@ from zdut.protocol import (
     StdinEof,
     ZdutError,
 )
-from zdut.stream import SendFrames, Stream
+from zdut.transport.stream import SendFrames, Stream
 
 log = logging.getLogger("zdut.session")
 

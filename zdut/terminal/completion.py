@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 
-from zdut.shell_state import KEYWORDS, LabView, resolve
+from zdut.terminal.shell_view import KEYWORDS, LabView, resolve
 
 FORMAT_NAMES = ("text", "json", "yaml", "oneline")
 LOCK_DURATIONS = ("30m", "1h", "2h", "8h")

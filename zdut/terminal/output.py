@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from zdut.durations import format_minutes
+from zdut.common.durations import format_minutes
 from zdut.protocol import AgentInfo, DeviceInfo, LockState
 
 FORMATS = ("text", "json", "yaml", "oneline", "csv")

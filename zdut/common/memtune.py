@@ -14,7 +14,7 @@ import ctypes
 import logging
 import sys
 
-log = logging.getLogger("zdut.memtune")
+log = logging.getLogger("zdut.common.memtune")
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1

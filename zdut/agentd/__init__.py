@@ -1,0 +1,1 @@
+"""Internals of ``zdut-agent`` (entry point ``zdut.worker``): config, locks, runs, broker uplinks."""

@@ -1,0 +1,1 @@
+"""Terminal front ends' parts (``zdut`` and ``zdut shell``): output formats, console bridging, REPL pieces."""

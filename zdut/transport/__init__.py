@@ -1,0 +1,1 @@
+"""The wire machinery agent and client share: sockets on the asyncio loop, Run streams, file transfers."""
