@@ -31,6 +31,7 @@ from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.styles import Style
 
 from zdut.client import Client, default_user
+from zdut.common.paths import state_dir
 from zdut.protocol import ZdutError
 from zdut.terminal.commands import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Action, Cli, Options, UsageError
 from zdut.terminal.completion import ShellCompleter
@@ -65,8 +66,7 @@ GRAY, RESET = "\x1b[90m", "\x1b[0m"
 
 def history_file() -> str:
     """$XDG_STATE_HOME/zdut/shell_history, else ~/.local/state/zdut/shell_history."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "zdut", "shell_history")
+    return str(state_dir() / "shell_history")
 
 
 def open_history() -> History:

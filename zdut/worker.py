@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import socket
 import sys
@@ -24,6 +23,7 @@ from zdut.agentd.agent import Agent
 from zdut.agentd.config import ConfigError, load_config
 from zdut.common import logs
 from zdut.common.memtune import tune_malloc
+from zdut.common.paths import state_dir
 from zdut.protocol import (
     VERSION,
     ZdutError,
@@ -33,11 +33,6 @@ from zdut.transport.links import Link, tune
 from zdut.transport.stream import keep_alive
 
 log = logging.getLogger("zdut.agent")
-
-
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "zdut"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         args.address = "localhost:1024"
     tune_malloc()
     name = agent_name(args)
-    state = args.state or default_state_dir() / f"agent-{name.replace('/', '_').replace(':', '_')}.json"
+    state = args.state or state_dir() / f"agent-{name.replace('/', '_').replace(':', '_')}.json"
     try:
         agent = Agent(config, name, args.address or "", None if args.dry_run else state)
     except ZdutError as exc:

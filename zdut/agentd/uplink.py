@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from zdut.common.backoff import Backoff
 from zdut.protocol import (
     VERSION,
     Heartbeat,
@@ -83,16 +84,16 @@ class Uplink:
 
     # ------------------------------------------------------------- connection loop
     async def run(self) -> None:
-        backoff = BACKOFF_MIN_S
+        backoff = Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S)
         while True:
             started = time.monotonic()
             reason = await self._connection()
             self.close()
             if time.monotonic() - started > 10 * self.heartbeat_s:
-                backoff = BACKOFF_MIN_S  # it worked for a while: retry promptly
-            log.warning("broker %s: %s; reconnecting in %.2gs", self.address, reason, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+                backoff.reset()  # it worked for a while: retry promptly
+            delay = backoff.next_delay()
+            log.warning("broker %s: %s; reconnecting in %.2gs", self.address, reason, delay)
+            await asyncio.sleep(delay)
 
     async def _connection(self) -> str:
         """One socket's life: returns why it ended."""

@@ -12,13 +12,14 @@ naming the path and the problem.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+
+from zdut.common.paths import state_dir
 
 APP = "zdut-broker"
 SCHEMA_VERSION = 1
@@ -58,8 +59,7 @@ class AgentRecord:
 
 def default_state_path() -> Path:
     """``$XDG_STATE_HOME/zdut/broker.sqlite3``, else ``~/.local/state/zdut/broker.sqlite3``."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "zdut" / "broker.sqlite3"
+    return state_dir() / "broker.sqlite3"
 
 
 def _problem(exc: sqlite3.Error) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import AsyncIterator
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -77,20 +77,30 @@ class Session(Protocol):
         """(rows, cols) of the client's terminal when it runs in raw mode, else None."""
 
 
-class Module(abc.ABC):
-    """Base of every device module."""
+OptionsT = TypeVar("OptionsT", bound=msgspec.Struct)
+
+
+class Module(abc.ABC, Generic[OptionsT]):
+    """Base of every device module, generic in its options type: ``class Relay(Module[RelayOptions])``.
+
+    Runs of one instance may overlap: two users (or one user twice) can run commands that share a module
+    instance at the same time, each in its own task with its own Session.  So a module keeps nothing about
+    a run on ``self``: temporary files, subprocesses, buffers and counters live in ``run``'s locals.
+    ``self`` holds only what ``init`` set up and every run may share (a port registry, a parsed option),
+    and anything shared and mutable is guarded (an ``asyncio.Lock``) or exclusive by design.
+    """
 
     #: The id used in ``uses: - module: ID``.
     id: ClassVar[str] = ""
-    #: The msgspec Struct that ``with:`` decodes into.
+    #: The msgspec Struct that ``with:`` decodes into (the class named as ``OptionsT``).
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
     #: True if the module reads stdin (the client then forwards it in raw mode on a terminal).
     interactive: ClassVar[bool] = False
     #: Names of arguments that are client-side files this module may request or send.
     #: Used only for documentation; the client allows exactly the paths the user typed.
 
-    def __init__(self, options: msgspec.Struct) -> None:
-        self.options = options
+    def __init__(self, options: OptionsT) -> None:
+        self.options: OptionsT = options
 
     @abc.abstractmethod
     def help(self) -> str:
@@ -114,7 +124,7 @@ class Module(abc.ABC):
         """Run once with the resolved arguments; raise ModuleError to fail."""
 
 
-def decode_options(module_cls: type[Module], raw: object) -> msgspec.Struct:
+def decode_options(module_cls: type[Module[Any]], raw: object) -> msgspec.Struct:
     """``with:`` mapping -> the module's typed options, naming the bad key on error."""
     if raw is None:
         raw = {}

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from zdut.client import Client
+from zdut.common.backoff import Backoff
 from zdut.protocol import Code, DeviceInfo, LockState, ZdutError
 
 #: Device list poll period; connection changes and the shell's own commands wake it early.
@@ -196,7 +197,7 @@ class Tracker:
             self.changed()
 
     async def _connect(self) -> None:
-        delay = RETRY_MIN_S
+        backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
         while True:
             client = Client(self.address, self.user)
             client.on_connection = lambda up, c=client: self._link(c, up)
@@ -209,8 +210,7 @@ class Tracker:
                 self._set_state(DISCONNECTED)
                 if exc.code not in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED):
                     return  # a bad address or an incompatible server: retrying cannot help
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+                await asyncio.sleep(backoff.next_delay())
                 continue
             self.client = client
             self._attempted.set()
