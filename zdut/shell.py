@@ -331,10 +331,15 @@ async def _readline() -> str:
         except (OSError, ValueError):
             line = ""
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(line))
+            loop.call_soon_threadsafe(_settle, fut, line)
 
     threading.Thread(target=work, name="zdut-stdin", daemon=True).start()
     return await fut
+
+
+def _settle(fut: asyncio.Future[str], line: str) -> None:
+    if not fut.done():  # the prompt may have been cancelled meanwhile
+        fut.set_result(line)
 
 
 def main(opts: Options, words: list[str]) -> int:

@@ -170,7 +170,7 @@ class Printer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._queue: queue.SimpleQueue[tuple[Callable[[], None], Callable[[], None] | None] | None] = (
+        self._queue: queue.SimpleQueue[tuple[Callable[[], object], Callable[[], object] | None] | None] = (
             queue.SimpleQueue())
         self._idle = threading.Event()
         self._idle.set()
@@ -179,7 +179,7 @@ class Printer:
         self._thread = threading.Thread(target=self._work, name="zdut-output", daemon=True)
         self._thread.start()
 
-    def submit(self, write: Callable[[], None], done: Callable[[], None] | None = None,
+    def submit(self, write: Callable[[], object], done: Callable[[], object] | None = None,
                fd: int | None = None, size: int = 0) -> None:
         """Queue ``write``; small writes to an fd that can take them now are done inline (no thread hop,
         which is most of a console echo's latency), as long as nothing is queued before them."""
@@ -432,7 +432,11 @@ class Cli:
         handler = CliRunHandler(self.out, printer, meta, self.log)
         run = client.run(device, command, args, handler)
         interrupted = asyncio.Event()
-        with self.interrupts(lambda: (interrupted.set(), run.cancel())):
+        def interrupt() -> None:
+            interrupted.set()
+            run.cancel()
+
+        with self.interrupts(interrupt):
             try:
                 interactive = await run.started
                 detached = False

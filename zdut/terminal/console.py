@@ -15,7 +15,8 @@ import signal
 import stat
 import termios
 import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from zdut.client import Run
 
@@ -161,10 +162,11 @@ async def attach(run: Run, stdin_fd: int, interactive: bool) -> bool:
     return await _race(run, forward_stdin(run, stdin_fd, raw=False))
 
 
-async def _race(run: Run, forwarding: object) -> bool:
+async def _race(run: Run, forwarding: Awaitable[bool]) -> bool:
     """Run stdin forwarding until the session ends; a detach cancels the session."""
-    fwd = asyncio.ensure_future(forwarding)  # type: ignore[arg-type]
-    done, _ = await asyncio.wait({fwd, run.finished}, return_when=asyncio.FIRST_COMPLETED)
+    fwd = asyncio.ensure_future(forwarding)
+    waiters: set[asyncio.Future[Any]] = {fwd, run.finished}
+    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if fwd in done and not fwd.cancelled() and fwd.exception() is None and fwd.result():
         run.cancel()
         return True
