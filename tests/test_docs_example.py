@@ -46,7 +46,8 @@ def test_documented_module_runs_as_a_plugin(lab: Lab, tmp_path: Path) -> None:
     config = tmp_path / "plugin.yaml"
     config.write_text(
         "version: 0\ndevices:\n  bench-psu:\n    cmds:\n      power:\n        desc: Switch the relay\n"
-        f"        uses:\n          - module: {module_id}\n            passthrough: true\n            with:\n              path: {relay}\n"
+        f"        uses:\n          - module: {module_id}\n            passthrough: true\n"
+        f"            with:\n              path: {relay}\n"
     )
     lab.env["PYTHONPATH"] = str(site)  # the plugin is found through its entry point, nothing else
     _, addr = lab.agent(config)
