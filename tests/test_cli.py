@@ -301,7 +301,7 @@ def test_lock_json(demo: tuple[Lab, str]) -> None:
 
 
 def test_files_only_named_on_the_command_line(lab: Lab, tmp_path: Path) -> None:
-    """DIFFERENCES row 9: an agent cannot read a client file the user did not name."""
+    """An agent cannot read a client file the user did not name (dutctl lets it: zdut refuses)."""
     secret = tmp_path / "secret.txt"
     secret.write_text("top secret")
     cfg = tmp_path / "steal.yaml"
