@@ -8,10 +8,8 @@ nothing.  Third-party modules register through the entry-point group
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
-
 from zdut.devices.base import Module
+from zdut.devices.plugins import Registry
 
 ENTRY_POINT_GROUP = "zdut.devices"
 
@@ -34,47 +32,22 @@ _BUILTIN: dict[str, str] = {
     "ipmi": "zdut.devices.ipmi:IPMI",
 }
 
-_loaded: dict[str, type[Module]] = {}
-_external: dict[str, str] | None = None
 
-
-def _load(target: str) -> type[Module]:
-    mod_name, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(mod_name), attr)
-    if not (isinstance(cls, type) and issubclass(cls, Module)):
+def _module_class(obj: object, target: str) -> type[Module]:
+    if not (isinstance(obj, type) and issubclass(obj, Module)):
         raise TypeError(f"{target} is not a zdut Module")
-    return cls
+    return obj
 
 
-def _external_targets() -> dict[str, str]:
-    global _external
-    if _external is None:
-        _external = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return _external
+_MODULES: Registry[type[Module]] = Registry("module", ENTRY_POINT_GROUP, _BUILTIN, _module_class)
+_loaded = _MODULES.loaded
 
 
 def register(module_id: str, cls: type[Module]) -> None:
     """Register a module class at run time (tests, embedding)."""
-    if not module_id:
-        raise ValueError("module id must not be empty")
-    if module_id in _loaded or module_id in _BUILTIN:
-        raise ValueError(f"module {module_id!r} is already registered")
-    _loaded[module_id] = cls
-
-
-def ids() -> list[str]:
-    """Every known module id, sorted."""
-    return sorted(set(_BUILTIN) | set(_loaded) | set(_external_targets()))
+    _MODULES.register(module_id, cls)
 
 
 def get(module_id: str) -> type[Module] | None:
     """The module class for an id, or None if no such module exists."""
-    cls = _loaded.get(module_id)
-    if cls is not None:
-        return cls
-    target = _BUILTIN.get(module_id) or _external_targets().get(module_id)
-    if target is None:
-        return None
-    cls = _load(target)
-    _loaded[module_id] = cls
-    return cls
+    return _MODULES.get(module_id)
