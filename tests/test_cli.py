@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from conftest import CONF, Lab
+from zdut.terminal.commands import UsageError, parse_flags
 
 DEMO_LINES = "Hello from dummy status module\nCalled with 0 arguments\n"
 
@@ -227,6 +228,40 @@ def test_bad_flag_and_log_level(demo: tuple[Lab, str]) -> None:
 def test_flags_after_device_pass_through(demo: tuple[Lab, str]) -> None:
     r = z(demo, "device1", "status", "-t", "60s", "--")
     assert "Arg 0: -t\nArg 1: 60s\nArg 2: --\n" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "verbose", "no_color", "words"),
+    [
+        (["-v", "list"], True, False, ["list"]),
+        (["--v=T", "-no-color=1", "dev"], True, True, ["dev"]),
+        (["-v=FALSE", "--no-color", "--", "-dev"], False, True, ["-dev"]),
+        (["-v", "false"], True, False, ["false"]),  # a boolean never takes the next word
+    ],
+)
+def test_boolean_flags_follow_go(argv: list[str], verbose: bool, no_color: bool, words: list[str]) -> None:
+    opts, rest = parse_flags(argv)
+    assert (opts.verbose, opts.no_color, rest) == (verbose, no_color, words)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-v=yes"], 'invalid boolean value "yes" for -v: parse error'),
+        (["-s"], "flag needs an argument: -s"),
+        (["-x"], "flag provided but not defined: -x"),
+        (["---s", "a"], "bad flag syntax: ---s"),
+    ],
+)
+def test_flag_errors(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as err:
+        parse_flags(argv)
+    assert str(err.value) == message
+
+
+def test_value_flags_take_the_next_word_or_equals() -> None:
+    opts, rest = parse_flags(["-s", "-odd:1", "--u=me", "-log", "none", "dev", "-f", "json"])
+    assert (opts.server, opts.user, opts.log, opts.fmt, rest) == ("-odd:1", "me", "none", "text", ["dev", "-f", "json"])
 
 
 def test_help_flag(demo: tuple[Lab, str]) -> None:

@@ -1,6 +1,6 @@
 """The file module: copy one file between the client and the agent.
 
-Path rules (dutctl's, reference 4.1): the configured ``source``/``destination``
+Path rules (dutctl's): the configured ``source``/``destination``
 fix one or both ends; the single runtime argument supplies the rest, either as
 one path or as ``src:dst``.  Paths the *user* chooses for the agent's side are
 sanitized (relative, not escaping upwards); paths fixed in the config are
@@ -20,6 +20,7 @@ import tempfile
 
 import msgspec
 
+from zdut.common.flags import FlagError, parse_flags
 from zdut.devices.base import Module, ModuleError, Session
 
 UPLOAD = "upload"
@@ -61,19 +62,15 @@ def sanitize(path: str) -> str:
 
 
 def positional(args: list[str]) -> list[str]:
-    """Go ``flag.Parse`` with no flags defined: any ``-x`` before the first operand is an error."""
-    for i, arg in enumerate(args):
-        if arg == "--":
-            return args[i + 1 :]
-        if arg.startswith("-") and arg != "-":
-            name = arg.lstrip("-").split("=", 1)[0]
-            raise ModuleError(f"failed to parse arguments: flag provided but not defined: -{name}")
-        return args[i:]
-    return []
+    """The operands, parsed like Go's ``flag.Parse`` with no flags defined: any ``-x`` before them is an error."""
+    try:
+        return parse_flags(args).rest
+    except FlagError as exc:
+        raise ModuleError(f"failed to parse arguments: {exc}") from None
 
 
 def resolve_paths(source: str, destination: str, args: list[str]) -> tuple[str, str]:
-    """(source, destination) from the configured ends and the runtime argument (reference 4.1)."""
+    """(source, destination) from the configured ends and the runtime argument."""
     operands = positional(args)
     if source and destination:
         if operands:
@@ -111,7 +108,7 @@ def _colon_paths(source: str, destination: str, arg: str) -> tuple[str, str]:
     return sanitize(src), sanitize(dst)
 
 
-class File(Module):
+class File(Module[FileOptions]):
     id = "file"
     Options = FileOptions
 

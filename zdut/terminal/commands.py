@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from zdut.client import Client, Run, RunHandler
+from zdut.common import flags
 from zdut.common.durations import format_duration, parse_duration
 from zdut.protocol import STDERR, VERSION, Code, ZdutError
 from zdut.terminal.console import attach
@@ -107,36 +108,21 @@ _BOOL_FLAGS = {"v": "verbose", "no-color": "no_color", "h": "help", "help": "hel
 
 def parse_flags(argv: list[str]) -> tuple[Options, list[str]]:
     """Go ``flag`` style: flags (``-x``, ``--x``, ``-x=v``) only before the first positional."""
+    try:
+        parsed = flags.parse_flags(argv, _BOOL_FLAGS, _VALUE_FLAGS)
+    except flags.FlagError as exc:
+        raise UsageError(str(exc)) from None
     opts = Options()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            i += 1
-            break
-        if not arg.startswith("-") or arg == "-":
-            break
-        name, eq, value = arg.lstrip("-").partition("=")
-        if name in _BOOL_FLAGS:
-            if eq and value.lower() not in ("true", "false", "1", "0"):
-                raise UsageError(f'invalid boolean value "{value}" for flag -{name}')
-            setattr(opts, _BOOL_FLAGS[name], not eq or value.lower() in ("true", "1"))
-        elif name in _VALUE_FLAGS:
-            if not eq:
-                i += 1
-                if i >= len(argv):
-                    raise UsageError(f"flag needs an argument: -{name}")
-                value = argv[i]
-            setattr(opts, _VALUE_FLAGS[name], value)
-        else:
-            raise UsageError(f"flag provided but not defined: -{name}")
-        i += 1
+    for name, on in parsed.switches.items():
+        setattr(opts, _BOOL_FLAGS[name], on)
+    for name, value in parsed.values.items():
+        setattr(opts, _VALUE_FLAGS[name], value)
     if opts.fmt not in FORMATS and opts.fmt != "":
         raise UsageError(f'invalid value "{opts.fmt}" for flag -f: want text, json, yaml, oneline or csv')
     opts.fmt = opts.fmt or "text"
     if opts.log not in ("debug", "warn", "none"):
         raise UsageError(f'invalid value "{opts.log}" for flag -log: want debug, warn or none')
-    return opts, argv[i:]
+    return opts, parsed.rest
 
 
 class Warnings:
