@@ -21,11 +21,13 @@ import math
 import os
 import re
 import shutil
+from typing import ClassVar
 
 import msgspec
 
 from zdut.common.durations import parse_duration
-from zdut.devices.base import Module, ModuleError, Session
+from zdut.devices.base import ModuleError
+from zdut.devices.powerbase import OFF, ON, STATUS, PowerModule
 
 log = logging.getLogger("zdut.devices.ipmi")
 
@@ -34,14 +36,6 @@ DEFAULT_TIMEOUT_S = 10.0
 ATTEMPTS = 2  # the first try and one retry
 INSTALL_HINT = "install the Debian package 'ipmitool': apt-get install ipmitool"
 
-#: argument -> (ipmitool's chassis power verb, message printed on success)
-POWER_COMMANDS = {
-    "on": ("on", "Power ON command sent"),
-    "off": ("off", "Power OFF command sent"),
-    "cycle": ("cycle", "Power CYCLE command sent"),
-    "reset": ("reset", "Power RESET command sent"),
-}
-AVAILABLE = "Available commands: on, off, cycle, reset, status"
 _STATUS = re.compile(r"Chassis Power is (on|off)", re.I)
 
 
@@ -54,24 +48,27 @@ class IPMIOptions(msgspec.Struct, forbid_unknown_fields=True):
     ciphersuite: int = 3
 
 
-class IPMI(Module):
+class IPMI(PowerModule[IPMIOptions]):
     id = "ipmi"
     Options = IPMIOptions
+    title = "IPMI Power Management Module"
+    arguments_note = " (case-insensitive)"
+    #: every verb but status is also ipmitool's ``chassis power`` verb
+    verbs: ClassVar[dict[str, str]] = {
+        ON: "Power on the device",
+        OFF: "Power off the device",
+        "cycle": "Power cycle (off, then on)",
+        "reset": "Reset the device (if supported)",
+        STATUS: "Show current power status",
+    }
 
-    def __init__(self, options: msgspec.Struct) -> None:
+    def __init__(self, options: IPMIOptions) -> None:
         super().__init__(options)
         self._tool = ""
         self._timeout = DEFAULT_TIMEOUT_S
 
-    def help(self) -> str:
+    def details(self) -> str:
         return (
-            "IPMI Power Management Module\n"
-            "Arguments: on|off|cycle|reset|status (case-insensitive)\n"
-            "  on      - Power on the device\n"
-            "  off     - Power off the device\n"
-            "  cycle   - Power cycle (off, then on)\n"
-            "  reset   - Reset the device (if supported)\n"
-            "  status  - Show current power status\n"
             "with: host (required), port (default 623), user, password, timeout (Go duration per attempt,\n"
             "      default 10s), ciphersuite (RMCP+ cipher suite, default 3).\n"
             f"Commands are sent to the BMC at {self.options.host}:{self._port} using ipmitool.\n"
@@ -154,26 +151,22 @@ class IPMI(Module):
                 log.info("ipmi: %s failed (%s), retrying once", " ".join(command), exc)
         raise AssertionError("unreachable")
 
-    async def run(self, session: Session, args: list[str]) -> None:
-        if not args:
-            await session.print(f"No command specified. Try 'help' for usage.\n{AVAILABLE}\n")
-            return
-        command = args[0].lower()
-        if command == "status":
-            try:
-                out = await self._ipmitool("chassis", "power", "status")
-            except ModuleError as exc:
-                raise ModuleError(f"failed to get chassis status: {exc.message}") from None
-            match = _STATUS.search(out)
-            if match is None:
-                raise ModuleError(f"failed to get chassis status: unexpected ipmitool output {out.strip()!r}")
-            await session.print(f"Device power status: {match.group(1).capitalize()}\n")
-        elif command in POWER_COMMANDS:
-            verb, message = POWER_COMMANDS[command]
-            try:
-                await self._ipmitool("chassis", "power", verb)
-            except ModuleError as exc:
-                raise ModuleError(f"power {command} command failed: {exc.message}") from None
-            await session.print(message + "\n")
-        else:
-            await session.print(f"Unknown command: {command}\n{AVAILABLE}\n")
+    def report(self, on: bool) -> str:
+        return f"Device power status: {'On' if on else 'Off'}\n"
+
+    async def read(self) -> bool:
+        try:
+            out = await self._ipmitool("chassis", "power", STATUS)
+        except ModuleError as exc:
+            raise ModuleError(f"failed to get chassis status: {exc.message}") from None
+        match = _STATUS.search(out)
+        if match is None:
+            raise ModuleError(f"failed to get chassis status: unexpected ipmitool output {out.strip()!r}")
+        return match.group(1).lower() == ON
+
+    async def switch(self, verb: str) -> str:
+        try:
+            await self._ipmitool("chassis", "power", verb)
+        except ModuleError as exc:
+            raise ModuleError(f"power {verb} command failed: {exc.message}") from None
+        return f"Power {verb.upper()} command sent\n"
