@@ -12,7 +12,11 @@ from modhelpers import make_module, until
 
 from zdut.devices import serial as serial_mod
 from zdut.devices.base import ModuleError, decode_options
-from zdut.devices.serial import KEEP_DISPLAY, STRIP_ALL, EscapeFilter, Serial, parse_args
+from zdut.devices.serial import Serial
+from zdut.devices.serial_ansi import KEEP_DISPLAY, STRIP_ALL, EscapeFilter
+from zdut.devices.serial_expect import Engine, PrintWriter
+from zdut.devices.serial_ports import ports_in_use
+from zdut.devices.serial_script import parse_args
 from zdut.devices.testing import LocalSession
 from zdut.protocol import Code
 
@@ -230,7 +234,7 @@ def test_match_window_is_bounded() -> None:
 
     async def expect(gap: int) -> bool:
         port = FakePort(gap)
-        engine = serial_mod.Engine(port, serial_mod.PrintWriter(LocalSession()), False)  # type: ignore[arg-type]
+        engine = Engine(port, PrintWriter(LocalSession()), False)  # type: ignore[arg-type]
         try:
             async with asyncio.timeout(0.3):
                 await engine.read_until(re.compile("STARTa*END"))
@@ -269,7 +273,7 @@ def test_monitor_cancel_closes_the_port_at_once(board: Bootloader) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert not serial_mod._open_ports
+        assert not ports_in_use()
         # The port is free again: a new session opens it straight away.
         await mod.run(LocalSession(), ["-t", "10ms"])
 
@@ -343,7 +347,7 @@ def test_missing_device_is_named() -> None:
     assert err.value.message.startswith(
         "failed to open serial port /dev/ttyZDUT-missing: no such device (is the serial adapter plugged in?"
     )
-    assert not serial_mod._open_ports
+    assert not ports_in_use()
 
 
 @pytest.mark.parametrize(
@@ -395,6 +399,12 @@ def test_argument_parsing() -> None:
     with pytest.raises(ModuleError, match=r'^invalid regular expression "\(": '):
         parse_args(["expect", "("])
     assert parse_args([]).steps == []
+    # Go's booleans: -x=T/F/TRUE/0...; a boolean never takes the next word
+    script = parse_args(["-keep-escapes=F", "--i=TRUE"])
+    assert (script.keep_escapes, script.console) == (False, True)
+    assert parse_args(["-keep-escapes", "send", "x"]).keep_escapes
+    with pytest.raises(ModuleError, match=r"^failed to parse arguments: flag: help requested$"):
+        parse_args(["-h"])
 
 
 def test_help_documents_modes() -> None:

@@ -1,0 +1,129 @@
+"""Serial ports for the serial module: who holds which port, opening one, and reading it on the event loop.
+
+A process-wide registry keyed by the port's real path makes sure two sessions never read one port (two
+names for one device, such as a /dev/serial/by-id link, count as one): the second gets a busy error.
+The port is read and written through its non-blocking file descriptor on the event loop, so a cancelled
+run stops at once and closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Iterator
+
+import serial as pyserial
+
+from zdut.devices.base import ModuleError
+from zdut.protocol import Code
+
+READ_CHUNK = 4096
+
+_registry_lock = threading.Lock()
+_open_ports: set[str] = set()
+
+
+@contextlib.contextmanager
+def claim_port(path: str) -> Iterator[None]:
+    """Reserve ``path`` (by real path) for this session, or fail with the busy error."""
+    key = os.path.realpath(path)
+    with _registry_lock:
+        if key in _open_ports:
+            raise ModuleError(f"serial port {path} is busy (in use by another session)", Code.FAILED_PRECONDITION)
+        _open_ports.add(key)
+    try:
+        yield
+    finally:
+        with _registry_lock:
+            _open_ports.discard(key)
+
+
+def ports_in_use() -> frozenset[str]:
+    """The real paths of the ports some session holds now."""
+    with _registry_lock:
+        return frozenset(_open_ports)
+
+
+def _open_serial(path: str, baud: int) -> pyserial.Serial:
+    if not os.path.exists(path):
+        raise ModuleError(
+            f"failed to open serial port {path}: no such device (is the serial adapter plugged in? "
+            "check 'ls /dev/serial/by-id/' and the 'port' key)"
+        )
+    try:
+        port = pyserial.Serial(port=path, baudrate=baud, timeout=0)
+        port.reset_input_buffer()  # stale bytes from an earlier boot must not satisfy an expect
+    except pyserial.SerialException as exc:
+        code = exc.errno if isinstance(exc.errno, int) else None
+        if code in (errno.EACCES, errno.EPERM):
+            raise ModuleError(
+                f"failed to open serial port {path}: permission denied (add the agent user to the dialout group)"
+            ) from None
+        raise ModuleError(f"failed to open serial port {path}: {exc}") from None
+    return port
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def os_text(exc: OSError) -> str:
+    """An OSError as the user reads it: its strerror when it has one."""
+    return exc.strerror or str(exc)
+
+
+class Port:
+    """A pyserial port driven through its non-blocking fd on the event loop."""
+
+    def __init__(self, ser: pyserial.Serial) -> None:
+        self.ser = ser
+        self.fd = ser.fileno()
+
+    @classmethod
+    async def open(cls, path: str, baud: int) -> Port:
+        task = asyncio.ensure_future(asyncio.to_thread(_open_serial, path, baud))
+        try:
+            return cls(await asyncio.shield(task))
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().close())
+            raise
+
+    async def _ready(self, writing: bool) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        if writing:
+            loop.add_writer(self.fd, _resolve, fut)
+        else:
+            loop.add_reader(self.fd, _resolve, fut)
+        try:
+            await fut
+        finally:
+            (loop.remove_writer if writing else loop.remove_reader)(self.fd)
+
+    async def read(self) -> bytes:
+        """The next bytes from the port; OSError when the device is gone."""
+        while True:
+            await self._ready(writing=False)
+            try:
+                data = os.read(self.fd, READ_CHUNK)
+            except BlockingIOError:
+                continue
+            if not data:
+                # Readable yet empty: the tty was hung up (adapter unplugged, pty closed).
+                raise OSError(errno.EIO, "device disconnected (end of file)")
+            return data
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except BlockingIOError:
+                await self._ready(writing=True)
+
+    def close(self) -> None:
+        self.ser.close()
