@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from modhelpers import make_module, until
 
-from zdut.devices import gpio
+from zdut.devices import gpio_chardev, gpio_devmem
 from zdut.devices.base import Module, ModuleError, decode_options
-from zdut.devices.gpio import GpioButton, GpioSwitch, sim_history, sim_level
+from zdut.devices.gpio import GpioButton, GpioSwitch
+from zdut.devices.gpio_sim import sim_history, sim_level
 from zdut.devices.testing import LocalSession
 
 
@@ -142,7 +143,7 @@ def test_switch_initial_on_active_low(tmp_path: Path) -> None:
 def test_switch_initial_as_yaml_bool(tmp_path: Path) -> None:
     async def main() -> None:
         mod = await make(GpioSwitch, pin=2, initial=True, chip=str(tmp_path))  # `initial: on` unquoted
-        assert mod.state == "on"
+        assert mod.on
         assert sim_level(2, str(tmp_path)) == 1
 
     asyncio.run(main())
@@ -189,7 +190,7 @@ def test_chardev_rejects_a_non_gpio_file(tmp_path: Path) -> None:
 
 
 def test_devmem_needs_gpiomem() -> None:
-    if os.path.exists(gpio.GPIOMEM):
+    if os.path.exists(gpio_devmem.GPIOMEM):
         pytest.skip("this host has /dev/gpiomem")
     with pytest.raises(ModuleError, match="not supported on this host: /dev/gpiomem does not exist"):
         asyncio.run(make(GpioButton, pin=17, backend="devmem"))
@@ -204,12 +205,12 @@ def test_unknown_backend_and_required_pin() -> None:
 
 def test_uapi_layout_matches_linux_gpio_h() -> None:
     # Sizes and ioctl numbers from include/uapi/linux/gpio.h (x86_64/arm64).
-    assert ctypes.sizeof(gpio._LineRequest) == 592
-    assert ctypes.sizeof(gpio._LineConfig) == 272
-    assert gpio.GPIO_V2_GET_LINE_IOCTL == 0xC250B407
-    assert gpio.GPIO_V2_LINE_SET_VALUES_IOCTL == 0xC010B40F
-    assert gpio.GPIO_V2_LINE_GET_VALUES_IOCTL == 0xC010B40E
-    assert gpio.GPIO_GET_CHIPINFO_IOCTL == 0x8044B401
+    assert ctypes.sizeof(gpio_chardev._LineRequest) == 592
+    assert ctypes.sizeof(gpio_chardev._LineConfig) == 272
+    assert gpio_chardev.GPIO_V2_GET_LINE_IOCTL == 0xC250B407
+    assert gpio_chardev.GPIO_V2_LINE_SET_VALUES_IOCTL == 0xC010B40F
+    assert gpio_chardev.GPIO_V2_LINE_GET_VALUES_IOCTL == 0xC010B40E
+    assert gpio_chardev.GPIO_GET_CHIPINFO_IOCTL == 0x8044B401
 
 
 def test_help_says_which_backend() -> None:
