@@ -11,6 +11,7 @@ import zmq
 
 from conftest import CONF, Lab
 from zdut import protocol as p
+from zdut.agentd.locker import Locker
 from zdut.agentd.run import AgentRun
 from zdut.transport.stream import Stream
 
@@ -78,7 +79,7 @@ def test_every_credited_message_returns_its_credit() -> None:
 
     async def main() -> None:
         run = AgentRun(1, lambda header, payload=None: sent.append(p.decode(header)), "dev", "cmd", "u",
-                       on_close=lambda r: None)
+                       Locker({"dev"}), on_close=lambda r: None)
         incoming = run.request_file("in.bin")
         chunks: list[bytes] = []
 

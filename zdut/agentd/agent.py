@@ -29,7 +29,6 @@ from zdut.protocol import (
     DeviceEntry,
     DeviceInfo,
     DeviceList,
-    Done,
     Error,
     GetDetails,
     Hello,
@@ -186,7 +185,7 @@ class Agent:
     def _open_run(self, link: Link, peer: bytes, msg: RunOpen) -> None:
         key = (id(link), peer, msg.sid)
         user = msg.user or anonymous()
-        run = AgentRun(msg.sid, link.sender(peer), msg.device, msg.command, user,
+        run = AgentRun(msg.sid, link.sender(peer), msg.device, msg.command, user, self.locker,
                        on_close=lambda r: self._close_run(key, r))
         try:
             if key in self.runs:
@@ -194,12 +193,8 @@ class Agent:
             check_client_version("agent", VERSION, msg.version)
             command = self._command(msg.device, msg.command)
             step_args = command.resolve(list(msg.args))
-            self.locker.acquire_busy(msg.device, user)
         except ZdutError as exc:
-            try:
-                run.stream.send(Done, code=exc.code, message=exc.message)
-            except ZdutError:
-                pass
+            run.refuse(exc)
             return
         self.runs[key] = run
         log.info("run device=%s command=%s args=%s user=%s", msg.device, msg.command, list(msg.args), user)
@@ -212,8 +207,9 @@ class Agent:
         run.start(interactive, body)
 
     def _close_run(self, key: tuple[int, bytes, int], run: AgentRun) -> None:
-        if self.runs.pop(key, None) is run:
-            self.locker.release_busy(run.device, run.user)
+        """A run closed (its own close step released the hold): forget it."""
+        if self.runs.get(key) is run:
+            del self.runs[key]
 
     def drop_link_sessions(self, link: Link, reason: str) -> None:
         """A link died (broker gone): cancel every session that came through it."""

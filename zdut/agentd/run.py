@@ -9,12 +9,14 @@ module down instead of growing memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from zdut.agentd.locker import Locker
 from zdut.devices.base import ModuleError
 from zdut.protocol import (
     CHUNK_SIZE,
@@ -91,7 +93,7 @@ class _Incoming:
 
 
 class AgentRun:
-    """Implements devices.base.Session for one Run."""
+    """Implements devices.base.Session for one Run, and owns the run's lifecycle: busy hold, task, Done."""
 
     def __init__(
         self,
@@ -100,11 +102,12 @@ class AgentRun:
         device: str,
         command: str,
         user: str,
+        locker: Locker,
         on_close: Callable[[AgentRun], None],
     ) -> None:
         self.device, self.command, self.user = device, command, user
         self.stream = Stream(sid, send_frames)
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[tuple[str, str]] | None = None
         self.transfer: _Incoming | None = None
         self._stdin: asyncio.Queue[bytes] = asyncio.Queue()
         self._stdin_buf = b""
@@ -112,44 +115,80 @@ class AgentRun:
         self._xfers = 0
         self._aborted: dict[int, FileAbort] = {}
         self._term: tuple[int, int] | None = None
+        self._locker = locker
         self._on_close = on_close
         self._reason: ZdutError | None = None
+        self._held = False
+        self._closed = False
 
     # ------------------------------------------------------------- lifecycle
     def start(self, interactive: bool, body: Callable[[AgentRun], Any]) -> None:
-        self.stream.send(RunStarted, interactive=interactive)
-        self.task = asyncio.get_running_loop().create_task(self._main(body))
+        """Take the busy hold and run ``body`` in this run's own task.
 
-    async def _main(self, body: Callable[[AgentRun], Any]) -> None:
-        code, message = Code.OK, ""
+        From here every path (success, module error, cancel, client lost, a send that fails) ends in
+        ``_close``, called by the task's done callback: that runs even for a task cancelled before its
+        first step, whose coroutine body (and any ``finally`` in it) never runs."""
         try:
-            await body(self)
-        except asyncio.CancelledError:
-            reason = self._reason or ZdutError(Code.CANCELED, "canceled")
-            code, message = reason.code, f"module execution aborted: {reason.message}"
-        except ModuleError as exc:
-            code, message = exc.code, f"module failed: {exc.message}"
+            self._locker.acquire_busy(self.device, self.user)
         except ZdutError as exc:
-            code, message = exc.code, exc.message
+            self.refuse(exc)
+            return
+        self._held = True
+        self.task = asyncio.get_running_loop().create_task(self._main(interactive, body))
+        self.task.add_done_callback(self._finished)
+
+    def refuse(self, error: ZdutError) -> None:
+        """The run cannot start: say why and close (no hold was taken)."""
+        self._close(error.code, error.message)
+
+    async def _main(self, interactive: bool, body: Callable[[AgentRun], Any]) -> tuple[str, str]:
+        try:
+            self.stream.send(RunStarted, interactive=interactive)
+            await body(self)
+        except ModuleError as exc:
+            return exc.code, f"module failed: {exc.message}"
+        except ZdutError as exc:
+            return exc.code, exc.message
         except Exception as exc:  # a module bug must never take the agent down
             log.exception("module raised device=%s command=%s", self.device, self.command)
-            code, message = Code.INTERNAL, f"module failed: {type(exc).__name__}: {exc}"
-        finally:
-            self._on_close(self)
+            return Code.INTERNAL, f"module failed: {type(exc).__name__}: {exc}"
+        return Code.OK, ""
+
+    def _finished(self, task: asyncio.Task[tuple[str, str]]) -> None:
+        if task.cancelled():
+            reason = self._reason or ZdutError(Code.CANCELED, "canceled")
+            self._close(reason.code, f"module execution aborted: {reason.message}")
+        elif task.exception() is not None:  # only a BaseException escapes _main
+            self._close(Code.INTERNAL, f"module failed: {task.exception()!r}")
+        else:
+            self._close(*task.result())
+
+    def _close(self, code: str, message: str) -> None:
+        """The one close step: release the hold, leave the agent's table, send Done, end the stream."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._held:
+            self._held = False
+            self._locker.release_busy(self.device, self.user)
+        self._on_close(self)
+        log.info("run ended device=%s command=%s user=%s: %s", self.device, self.command, self.user,
+                 f"{code}: {message}" if code else "ok")
         if self.stream.closed is None:
-            try:
+            with contextlib.suppress(ZdutError):  # the client may be gone: nothing more to tell it
                 self.stream.send(Done, code=code, message=message)
-            except ZdutError:
-                pass
             self.stream.fail(ZdutError(Code.CANCELED, "session ended"))
 
     def cancel(self, reason: ZdutError) -> None:
-        """End the session now (client cancelled or vanished); Done carries the reason."""
-        self._reason = self._reason or reason
+        """End the session now (client cancelled or vanished); Done carries the first reason.
+
+        Only the first call cancels the task: a module cleaning up after its cancellation is not
+        interrupted again by the keepalive noticing the same lost client every tick."""
+        if self._reason is not None or self._closed:
+            return
+        self._reason = reason
         if self.task is not None:
             self.task.cancel()
-        else:
-            self.stream.fail(reason)
 
     # ------------------------------------------------------------- incoming
     def deliver(self, msg: Message, payload: Any) -> None:
