@@ -15,8 +15,9 @@ import pytest
 import yaml
 from standins.pdu_http import PDUServer
 from standins.tasmota import TasmotaServer
+from thirdparty import install_shelly, zdut_shelly
 
-from zdut.devices import get
+from zdut.devices import get, pdu_backends
 from zdut.devices.base import ModuleError, decode_options
 from zdut.devices.power import PDU, WifiSocket
 from zdut.devices.testing import LocalSession
@@ -180,7 +181,7 @@ def test_pdu_answer_that_is_not_http() -> None:
         ({"host": "http://pdu", "outlet": -1}, "outlet must be 0 or greater"),
         ({"host": "http://pdu", "user": "admin"}, "both user and password to be set, or neither"),
         ({"host": "http://pdu", "password": "x"}, "both user and password to be set, or neither"),
-        ({"host": "http://pdu", "vendor": "apc"}, "unknown PDU vendor 'apc'"),
+        ({"host": "http://pdu", "vendor": "apc"}, r"^unknown PDU vendor 'apc' \(known vendors: gude, intellinet\)$"),
     ],
 )
 def test_pdu_init_rejects_bad_options(options: dict, error: str) -> None:
@@ -191,6 +192,82 @@ def test_pdu_init_rejects_bad_options(options: dict, error: str) -> None:
 def test_pdu_run_before_init() -> None:
     with pytest.raises(ModuleError, match="not initialized"):
         run(PDU(decode_options(PDU, {"host": "http://pdu"})).run(LocalSession(), ["on"]))
+
+
+# ------------------------------------------------------------------ PDU: vendor backends
+
+
+@pytest.fixture
+def forget_vendors():
+    """Vendors a test registers; dropped from the registry afterwards."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        pdu_backends._BACKENDS.loaded.pop(name, None)
+
+
+def drive_shelly(vendor: str) -> None:
+    """The real pdu module over a third-party backend that has no toggle of its own."""
+    with PDUServer("shelly", outlets=2, user="admin", password="pw") as server:
+        mod = pdu(vendor=vendor, host=server.url, user="admin", password="pw", outlet=1)
+        assert say(mod, "status") == "PDU outlet 1 state: off\n"
+        assert say(mod, "on") == "PDU outlet 1 powered on\n"
+        assert server.states == [False, True]
+        server.requests.clear()
+        assert say(mod, "toggle") == "PDU outlet 1 powered off\n"
+        assert server.requests == ["/relay/1", "/relay/1?turn=off"]  # read, then set the opposite
+        assert say(mod, "Toggle") == "PDU outlet 1 powered on\n"
+        assert server.states == [False, True]
+        assert "shelly" in mod.help()
+
+
+def test_third_party_backend_registered_at_run_time(forget_vendors: list[str]) -> None:
+    with pytest.raises(ModuleError, match=r"unknown PDU vendor 'shelly'"):
+        PDU(decode_options(PDU, {"vendor": "shelly"}))
+    pdu_backends.register("shelly", zdut_shelly)
+    forget_vendors.append("shelly")
+    assert pdu_backends.vendors() == ["gude", "intellinet", "shelly"]
+    drive_shelly("Shelly")  # vendor names are case-insensitive
+    with pytest.raises(ValueError, match="PDU vendor 'shelly' is already registered"):
+        pdu_backends.register("shelly", zdut_shelly)
+
+
+def test_third_party_backend_through_an_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forget_vendors: list[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(install_shelly(tmp_path / "site")))
+    monkeypatch.setattr(pdu_backends._BACKENDS, "_external", None)  # read the entry points again
+    forget_vendors.append("shelly")
+    drive_shelly("shelly")
+
+
+def test_backend_must_have_set_and_get() -> None:
+    with pytest.raises(TypeError, match="is not a PDU backend: it lacks set_outlet and get_outlet"):
+        pdu_backends.register("empty", object())
+    assert "empty" not in pdu_backends.vendors()
+
+
+def test_backend_that_cannot_be_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(pdu_backends._BUILTIN, "ghost", "zdut.devices.pdu_backends.ghost_not_written")
+    with pytest.raises(ModuleError, match=r"^PDU vendor 'ghost' cannot be loaded: No module named"):
+        PDU(decode_options(PDU, {"vendor": "ghost", "host": "http://pdu"}))
+
+
+def test_toggle_whose_state_cannot_be_read() -> None:
+    with PDUServer("intellinet", outlets=2) as server:  # toggles by itself, then reads the result back
+        server.broken.add("/status.xml")
+        mod = pdu(host=server.url, outlet=1)
+        message = rf"^toggled outlet 1 but could not read back the resulting state: PDU at {server.url} .* 500"
+        with pytest.raises(ModuleError, match=message):
+            run(mod.run(LocalSession(), ["toggle"]))
+        assert server.states == [False, True]
+    with PDUServer("gude", outlets=2) as server:  # reads first, so nothing is switched
+        server.broken.add("/statusjsn.js")
+        mod = pdu(vendor="gude", host=server.url, outlet=1)
+        with pytest.raises(ModuleError, match=rf"^could not read outlet 1 state to toggle it: PDU at {server.url}"):
+            run(mod.run(LocalSession(), ["toggle"]))
+        assert server.requests == ["/statusjsn.js?components=1"]
+        assert server.states == [False, False]
 
 
 # ------------------------------------------------------------------ wifisocket (Tasmota)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import textwrap
 from pathlib import Path
+
+from standins.pdu_http import PDUServer
+from thirdparty import TESTS, install, install_shelly
 
 from conftest import Lab, exe, wait_for
 
@@ -36,12 +40,8 @@ class Greeter(Module):
 
 def _plugin_env(lab: Lab, tmp: Path) -> dict[str, str]:
     """Install a third-party module the way a package would: a dist-info with a zdut.devices entry point."""
-    site = tmp / "site"
-    dist = site / "greeter_plugin-1.0.dist-info"
-    dist.mkdir(parents=True)
+    site = install(tmp / "site", "greeter_plugin", {"zdut.devices": {"greeter": "greeter_plugin:Greeter"}})
     (site / "greeter_plugin.py").write_text(PLUGIN)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: greeter-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[zdut.devices]\ngreeter = greeter_plugin:Greeter\n")
     return {**lab.env, "PYTHONPATH": str(site)}
 
 
@@ -107,3 +107,35 @@ def test_multi_module_command_stops_at_first_error(lab: Lab, tmp_path: Path) -> 
     assert "module failed: invalid duration" in r.stderr
     r = lab.zdut("-s", addr, "box", "info")
     assert r.returncode == 0 and platform.node() in r.stdout and r.stdout.startswith(platform.system())
+
+
+def test_third_party_pdu_backend_via_entry_point(lab: Lab, tmp_path: Path) -> None:
+    """A vendor no zdut file names, found by the agent through the zdut.pdu_backends entry-point group."""
+    site = install_shelly(tmp_path / "site")
+    lab.env = {**lab.env, "PYTHONPATH": f"{site}{os.pathsep}{TESTS}"}
+    with PDUServer("shelly", outlets=4) as server:
+        cfg = tmp_path / "pdu.yaml"
+        cfg.write_text(textwrap.dedent(f"""\
+            version: 0.1.0
+            devices:
+              box:
+                cmds:
+                  power:
+                    uses:
+                      - module: pdu
+                        passthrough: true
+                        with: {{vendor: shelly, host: "{server.url}", outlet: 2}}
+            """))
+        _, addr = lab.agent(cfg)
+        r = lab.zdut("-s", addr, "box", "power", "on")
+        assert (r.returncode, r.stdout) == (0, "PDU outlet 2 powered on\n"), r.stderr
+        assert server.states == [False, False, True, False]
+        assert lab.zdut("-s", addr, "box", "power", "toggle").stdout == "PDU outlet 2 powered off\n"
+        assert lab.zdut("-s", addr, "box", "power", "status").stdout == "PDU outlet 2 state: off\n"
+        assert server.requests == ["/relay/2?turn=on", "/relay/2", "/relay/2?turn=off", "/relay/2"]
+
+    cfg.write_text(cfg.read_text().replace("vendor: shelly", "vendor: apc"))
+    r = subprocess.run([exe("zdut-agent"), "--check-config", "-c", str(cfg)], capture_output=True, text=True,
+                       env=lab.env)
+    assert r.returncode == 1
+    assert "unknown PDU vendor 'apc' (known vendors: gude, intellinet, shelly)" in r.stderr, r.stderr

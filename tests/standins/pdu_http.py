@@ -1,9 +1,10 @@
-"""A PDU stand-in: Intellinet or Gude HTTP endpoints with outlet state and Basic auth.
+"""A PDU stand-in: Intellinet, Gude or Shelly (Gen1) HTTP endpoints with outlet state and Basic auth.
 
 Follows the vendors' documented pages: Intellinet ``control_outlet.htm?outletN=1&op=0|1|2``
 (0 = on, 1 = off, 2 = toggle) and ``status.xml`` with ``<outletStatN>on|off</outletStatN>``;
 Gude ``ov.html?cmd=1&p=<port, 1-based>&s=0|1`` and ``statusjsn.js?components=1`` whose
-``outputs[i].state`` is 0 or 1.
+``outputs[i].state`` is 0 or 1; Shelly Gen1 ``relay/<N>?turn=on|off|toggle`` and ``relay/<N>``,
+both answering ``{"ison": true|false, ...}`` (no built-in backend: the third-party backend tests use it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class PDUServer(ThreadedHTTP):
         self.states = [False] * outlets
         self.user, self.password = user, password
         self.requests: list[str] = []  # path?query of every authorised request, in order
+        self.broken: set[str] = set()  # paths answered with 500, as a PDU whose web server fails
         self.lock = threading.Lock()
         super().__init__(self._handler())
 
@@ -64,6 +66,18 @@ class PDUServer(ThreadedHTTP):
             return 200, "application/json", json.dumps(body)
         return 404, "text/plain", "not found"
 
+    def shelly(self, path: str, query: dict[str, list[str]]) -> tuple[int, str, str]:
+        index = path.removeprefix("/relay/")
+        if not path.startswith("/relay/") or not index.isdigit() or int(index) >= len(self.states):
+            return 404, "text/plain", "Not Found"
+        n, turn = int(index), query.get("turn", [""])[0]
+        if turn not in ("", "on", "off", "toggle"):
+            return 400, "text/plain", "Bad turn!"
+        if turn:
+            self.states[n] = {"on": True, "off": False, "toggle": not self.states[n]}[turn]
+        body = {"ison": self.states[n], "has_timer": False, "timer_duration": 0, "overpower": False, "source": "http"}
+        return 200, "application/json", json.dumps(body)
+
     def _authorised(self, header: str | None) -> bool:
         if not self.user:
             return True
@@ -81,7 +95,10 @@ class PDUServer(ThreadedHTTP):
                 parts = urlsplit(self.path)
                 with pdu.lock:
                     pdu.requests.append(self.path)
-                    serve = pdu.gude if pdu.vendor == "gude" else pdu.intellinet
+                    if parts.path in pdu.broken:
+                        self._reply(500, "text/plain", "Internal Server Error")
+                        return
+                    serve = {"gude": pdu.gude, "shelly": pdu.shelly}.get(pdu.vendor, pdu.intellinet)
                     status, ctype, body = serve(parts.path, parse_qs(parts.query))
                 self._reply(status, ctype, body)
 
