@@ -125,6 +125,17 @@ def test_switch_on_off_toggle_texts(tmp_path: Path) -> None:
     ]
 
 
+def test_switch_verbs_are_case_sensitive(tmp_path: Path) -> None:
+    async def main() -> None:
+        mod = await make(GpioSwitch, pin=13, chip=str(tmp_path))
+        with pytest.raises(ModuleError, match=r"^unknown argument: ON$"):
+            await mod.run(LocalSession(), ["ON"])
+        await mod.deinit()
+
+    asyncio.run(main())
+    assert levels(13, tmp_path) == [0, 0]  # init, deinit: never switched
+
+
 def test_switch_initial_on_active_low(tmp_path: Path) -> None:
     async def main() -> list[str]:
         mod = await make(GpioSwitch, pin=12, initial="ON", activelow=True, chip=str(tmp_path))
@@ -217,5 +228,9 @@ def test_help_says_which_backend() -> None:
     sim = GpioButton(decode_options(GpioButton, {"pin": 9, "backend": "sim"})).help()
     assert "SIMULATED" in sim and "Default duration is 500ms." in sim
     real = GpioSwitch(decode_options(GpioSwitch, {"pin": 11})).help()
+    assert real.startswith(
+        "Simulate an on/off switch by changing the state of a GPIO pin\n\nARGUMENTS:\n\t[on|off|toggle]\n\n"
+    )
+    assert "The used GPIO pin is pin 11.\n" in real
     assert "chardev (Linux GPIO character device /dev/gpiochip0)" in real
     assert "'On' mean 'High'" in real

@@ -169,6 +169,16 @@ def test_help_documents_arguments_and_keys() -> None:
     text = IPMI(decode_options(IPMI, {"host": "10.0.0.9"})).help()
     for word in ("on|off|cycle|reset|status", "host", "port", "user", "password", "timeout", "10.0.0.9:623"):
         assert word in text
+    assert text.startswith(
+        "IPMI Power Management Module\n"
+        "Arguments: on|off|cycle|reset|status (case-insensitive)\n"
+        "  on      - Power on the device\n"
+        "  off     - Power off the device\n"
+        "  cycle   - Power cycle (off, then on)\n"
+        "  reset   - Reset the device (if supported)\n"
+        "  status  - Show current power status\n"
+        "with: host (required)"
+    )
 
 
 def test_example_config_decodes(fake_ipmitool: Path) -> None:

@@ -362,6 +362,39 @@ def test_help_documents_arguments_and_keys() -> None:
         assert word in text
 
 
+def test_usage_blocks_share_one_shape() -> None:
+    pdu_help = PDU(decode_options(PDU, {"host": "http://10.0.0.5", "outlet": 2})).help()
+    assert pdu_help.startswith(
+        "PDU module: control of a Power Distribution Unit (PDU) via HTTP.\n"
+        "Arguments: on|off|toggle|status (one is required)\n"
+        "  on      - Power on the outlet\n"
+        "  off     - Power off the outlet\n"
+        "  toggle  - Toggle the outlet power\n"
+        "  status  - Report the current power state\n"
+        "with: vendor (intellinet (default) | gude), host"
+    )
+    assert pdu_help.endswith("Controls outlet 2 of the PDU at http://10.0.0.5 via the intellinet API.\n")
+    assert WifiSocket(decode_options(WifiSocket, {"host": "10.0.0.6"})).help().startswith(
+        "WiFi Socket (Tasmota) module.\n"
+        "Arguments: on|off|toggle|status\n"
+        "  on      - Power on the socket\n"
+        "  off     - Power off the socket\n"
+        "  toggle  - Toggle the socket\n"
+        "  status  - Query the current state\n"
+        "with: host"
+    )
+
+
+def test_wifisocket_reports_the_asked_state_when_the_answer_has_none() -> None:
+    with TasmotaServer(relays=1) as server:
+        mod = socket_module(host=server.url, channel=5)  # a relay the device lacks: {"Command":"Unknown"}
+        assert say(mod, "on") == "WiFi socket channel 5 set to 'on'\n"  # dutctl falls back to the request
+        assert say(mod, "toggle") == "WiFi socket channel 5 set to 'toggle'\n"
+        with pytest.raises(ModuleError, match=r"^unexpected device response: \{\"Command\": \"Unknown\"\}"):
+            run(mod.run(LocalSession(), ["status"]))
+        assert server.states == [False]
+
+
 @pytest.mark.parametrize(("name", "cls"), [("pdu.yaml", PDU), ("wifisocket.yaml", WifiSocket)])
 def test_example_configs_decode_and_init(name: str, cls: type) -> None:
     config = yaml.safe_load((ROOT / "conf" / name).read_text())
