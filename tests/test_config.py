@@ -376,7 +376,7 @@ def test_help_text_templating() -> None:
 
 def test_interactive() -> None:
     cmds = load_config(EXAMPLES / "dummy-example-cfg.yml").devices["self"].commands
-    assert {name: cmd.interactive for name, cmd in cmds.items()} == {
+    assert {name: any(step.module.interactive for step in cmd.steps) for name, cmd in cmds.items()} == {
         "status": False,
         "repeat": True,
         "file-transfer": False,

@@ -369,7 +369,7 @@ class Client:
         tune(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # fail fast instead of queueing towards nobody
         self._pump = Pump(sock, with_peer=False, limit=MAX_REPLY_BYTES)
-        self._raw = self._pump.raw
+        self._raw = self._pump.sock
         monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
         )

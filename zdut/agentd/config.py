@@ -114,10 +114,6 @@ class Command:
     steps: list[Step]
     line: int  # of the command's name
 
-    @property
-    def interactive(self) -> bool:
-        return any(step.module.interactive for step in self.steps)
-
     def resolve(self, runtime_args: list[str]) -> list[list[str]]:
         """The arguments of each step for one run (dutctl's static, passthrough and templating modes)."""
         has_passthrough = any(step.passthrough for step in self.steps)

@@ -1,7 +1,7 @@
 """Socket plumbing for asyncio peers (agent and client): non-blocking frame I/O.
 
 Reads register the socket's ZMQ_FD with the asyncio loop and drain with
-non-blocking per-frame ``recv`` while input is waiting (zeromq-notes 4.1).
+non-blocking per-frame ``recv`` while input is waiting.
 Sends are non-blocking too; a full pipe or an unreachable peer becomes a
 ZdutError for the session that tried, never a stall.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -33,6 +34,11 @@ EVENTS, RCVMORE, POLLIN = int(zmq.EVENTS), int(zmq.RCVMORE), int(zmq.POLLIN)
 
 #: handler(peer, message, payload)
 Handler = Callable[[bytes, Message, Any], None]
+
+
+def int_option(sock: zmq.Socket[Any]) -> Callable[[int], int]:
+    """``sock.getsockopt`` for integer options (EVENTS, RCVMORE, FD), which pyzmq types as ``int | bytes``."""
+    return cast(Callable[[int], int], sock.getsockopt)
 
 
 def tune(sock: zmq.Socket[Any]) -> None:
@@ -56,7 +62,7 @@ class Pump:
 
     def __init__(self, sock: zmq.Socket[Any], with_peer: bool, limit: int = MAX_HEADER_BYTES) -> None:
         self.sock = sock
-        self.raw = sock
+        self._option = int_option(sock)
         self.with_peer = with_peer
         self.limit = limit
         self.handler: Handler | None = None
@@ -66,7 +72,7 @@ class Pump:
         """Receive until cancelled, calling handler(peer, message, payload)."""
         self.handler = handler
         loop = asyncio.get_running_loop()
-        fd = self.raw.getsockopt(zmq.FD)
+        fd = self.sock.fileno()
         loop.add_reader(fd, self.drain)
         try:
             self.drain()
@@ -76,10 +82,10 @@ class Pump:
 
     def drain(self) -> None:
         self._scheduled = False
-        handler, raw, with_peer = self.handler, self.raw, self.with_peer
+        handler, raw, with_peer, option = self.handler, self.sock, self.with_peer, self._option
         if handler is None or raw.closed:
             return
-        while raw.getsockopt(EVENTS) & POLLIN:
+        while option(EVENTS) & POLLIN:
             try:
                 item = recv_message(raw, with_peer, self.limit)
             except zmq.Again:
@@ -92,7 +98,7 @@ class Pump:
 
     def send_frames(self, header: bytes, payload: Any = None, peer: bytes | None = None) -> None:
         """Send ``[peer][header][payload]`` without blocking; zmq errors propagate to the caller."""
-        raw = self.raw
+        raw = self.sock
         try:
             if peer is not None:
                 raw.send(peer, MORE)
@@ -105,7 +111,7 @@ class Pump:
             self.after_send()
 
     def after_send(self) -> None:
-        if not self._scheduled and self.raw.getsockopt(EVENTS) & POLLIN:
+        if not self._scheduled and self._option(EVENTS) & POLLIN:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.drain)
 
@@ -129,7 +135,7 @@ class Link(Pump):
 
     def sender(self, peer: bytes) -> Callable[[bytes, Any], None]:
         """A send function bound to one peer (what a session's Stream uses)."""
-        return lambda header, payload=None: self.send(peer, header, payload)
+        return functools.partial(self.send, peer)
 
 
 def recv_message(

@@ -19,16 +19,30 @@ from zdut.protocol import (
     SESSION_PING_S,
     SESSION_TIMEOUT_S,
     WINDOW_MAIN,
+    Cancel,
     Code,
     Credit,
-    Message,
+    Data,
+    Done,
+    FileAbort,
+    FileChunk,
+    FileEnd,
+    FileOpen,
+    FileRequest,
     Ping,
+    Resize,
+    RunStarted,
+    StdinEof,
     ZdutError,
     encode,
 )
 
 #: send_frames(header_bytes, payload_or_None) -> None; raises ZdutError if the peer is gone.
 SendFrames = Callable[[bytes, Any], None]
+
+#: What a Stream sends: the messages of a Run session after RunOpen, each carrying sid and seq.
+SessionMessage = (RunStarted | Data | StdinEof | FileRequest | FileOpen | FileChunk | FileEnd | FileAbort | Credit
+                  | Ping | Cancel | Resize | Done)
 
 
 class _Window:
@@ -73,12 +87,11 @@ class Stream:
         self._rx_seq = 0
         self._windows = {w: _Window(size) for w, size in (windows or {WINDOW_MAIN: INITIAL_WINDOW}).items()}
         self._consumed: dict[int, int] = {}
-        self._return_at: dict[int, int] = {}
         self.last_rx = self.last_tx = time.monotonic()
         self.closed: ZdutError | None = None
 
     # ------------------------------------------------------------- sending
-    def send(self, cls: type[Message], payload: Any = None, **fields: Any) -> None:
+    def send(self, cls: type[SessionMessage], payload: Any = None, **fields: Any) -> None:
         """Send a message that needs no credit (control, or credit already taken)."""
         if self.closed is not None:
             raise self.closed
@@ -88,7 +101,7 @@ class Stream:
         self._send_frames(header, payload)
 
     async def send_credited(
-        self, cls: type[Message], payload: Any = None, window: int = WINDOW_MAIN, **fields: Any
+        self, cls: type[SessionMessage], payload: Any = None, window: int = WINDOW_MAIN, **fields: Any
     ) -> None:
         """Wait for credit, then send a flow-controlled message."""
         if self.closed is not None:
@@ -96,7 +109,7 @@ class Stream:
         await self._windows[window].take(MESSAGE_COST + (len(payload) if payload is not None else 0))
         self.send(cls, payload, **fields)
 
-    def try_send_credited(self, cls: type[Message], payload: Any = None, window: int = WINDOW_MAIN,
+    def try_send_credited(self, cls: type[SessionMessage], payload: Any = None, window: int = WINDOW_MAIN,
                           **fields: Any) -> bool:
         """Send a flow-controlled message at once if its credit is there and nobody waits before it."""
         w = self._windows[window]
