@@ -177,7 +177,7 @@ class GpioSwitch(_GpioModule[SwitchOptions], PowerModule[SwitchOptions]):
 
     id = "gpio-switch"
     Options = SwitchOptions
-    verbs: ClassVar[dict[str, str]] = {ON: "", OFF: "", TOGGLE: ""}
+    more_verbs: ClassVar[dict[str, str]] = {TOGGLE: ""}  # dutctl's help lists the verbs without descriptions
     fold_case = False
 
     on: bool = False

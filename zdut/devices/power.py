@@ -17,7 +17,7 @@ from zdut.devices import pdu_backends
 from zdut.devices.base import ModuleError, Session
 from zdut.devices.httpget import absolute_url, basic_auth, http_get, join_url
 from zdut.devices.pdu_backends import DEFAULT_VENDOR, Backend, PduHost
-from zdut.devices.powerbase import OFF, ON, TOGGLE, PowerModule, on_off
+from zdut.devices.powerbase import STATUS, TOGGLE, PowerModule, on_off
 
 # ---------------------------------------------------------------- PDU
 
@@ -35,12 +35,8 @@ class PDU(PowerModule[PDUOptions]):
     Options = PDUOptions
     title = "PDU module: control of a Power Distribution Unit (PDU) via HTTP."
     arguments_note = " (one is required)"
-    verbs: ClassVar[dict[str, str]] = {
-        ON: "Power on the outlet",
-        OFF: "Power off the outlet",
-        TOGGLE: "Toggle the outlet power",
-        "status": "Report the current power state",
-    }
+    powers = "outlet"
+    more_verbs: ClassVar[dict[str, str]] = {TOGGLE: "Toggle the outlet power", STATUS: "Report the current power state"}
 
     def __init__(self, options: PDUOptions) -> None:
         super().__init__(options)
@@ -129,12 +125,8 @@ class WifiSocket(PowerModule[WifiSocketOptions]):
     id = "wifisocket"
     Options = WifiSocketOptions
     title = "WiFi Socket (Tasmota) module."
-    verbs: ClassVar[dict[str, str]] = {
-        ON: "Power on the socket",
-        OFF: "Power off the socket",
-        TOGGLE: "Toggle the socket",
-        "status": "Query the current state",
-    }
+    powers = "socket"
+    more_verbs: ClassVar[dict[str, str]] = {TOGGLE: "Toggle the socket", STATUS: "Query the current state"}
 
     def __init__(self, options: WifiSocketOptions) -> None:
         super().__init__(options)

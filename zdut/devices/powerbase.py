@@ -26,12 +26,19 @@ def on_off(on: bool) -> str:
 class PowerModule(Module[OptionsT]):
     #: First line of the usage block.
     title: ClassVar[str] = ""
-    #: The verbs in the order usage lists them, each with its one-line description.
-    verbs: ClassVar[dict[str, str]] = {}
+    #: What on and off switch, as usage names it: "Power on the outlet".
+    powers: ClassVar[str] = "device"
+    #: The verbs after on and off, in the order usage lists them, each with its one-line description.
+    more_verbs: ClassVar[dict[str, str]] = {STATUS: "Show current power status"}
     #: What follows ``Arguments: on|off|...`` on its line, e.g. " (case-insensitive)".
     arguments_note: ClassVar[str] = ""
     #: Whether ``ON`` means ``on``.
     fold_case: ClassVar[bool] = True
+
+    @property
+    def verbs(self) -> dict[str, str]:
+        """Every verb, in usage order, with its description."""
+        return {ON: f"Power on the {self.powers}", OFF: f"Power off the {self.powers}", **self.more_verbs}
 
     @property
     def available(self) -> str:
