@@ -53,9 +53,10 @@ class PDU(PowerModule[PDUOptions]):
 
     def details(self) -> str:
         o = self.options
-        others = " | ".join(v for v in pdu_backends.vendors() if v != DEFAULT_VENDOR)
+        others = [v for v in pdu_backends.vendors() if v != DEFAULT_VENDOR]
+        vendors = " | ".join([f"{DEFAULT_VENDOR} (default)", *others])
         return (
-            f"with: vendor ({DEFAULT_VENDOR} (default) | {others}), host (required, absolute URL such as\n"
+            f"with: vendor ({vendors}), host (required, absolute URL such as\n"
             "      http://10.0.0.5), user + password (HTTP Basic auth; both or neither), outlet (0-based, default 0).\n"
             f"Controls outlet {o.outlet} of the PDU at {o.host} via the {self.vendor} API.\n"
         )
