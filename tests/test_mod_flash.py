@@ -354,6 +354,18 @@ def test_flash_emulate_tool_failure(fake_bin: Path, client: Path, monkeypatch) -
     run(mod.deinit())
 
 
+def test_flash_emulate_tool_killed_by_a_signal(fake_bin: Path, client: Path) -> None:
+    install(fake_bin, "em100", "echo dying\nkill -9 $$\n")
+    (client / "fw.rom").write_bytes(b"rom")
+    mod = emulate(chip="N25Q256A13")
+    run(mod.init())
+    session = LocalSession(files_dir=client)
+    with pytest.raises(ModuleError, match=r"^emulation tool terminated by signal SIGKILL$"):
+        run(mod.run(session, ["fw.rom"]))
+    assert "dying\n" in session.text
+    run(mod.deinit())
+
+
 def test_flash_emulate_missing_em100_says_how_to_get_it(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ModuleError, match=r'emulation tool "em100" not found on PATH .*util/em100'):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from modhelpers import alive, make_module, until
 
-from zdut.devices import shell as shell_mod
+from zdut.devices import process
 from zdut.devices.base import ModuleError, decode_options
 from zdut.devices.shell import TOO_MANY_ARGS, Shell
 from zdut.devices.testing import LocalSession
@@ -97,7 +97,7 @@ def test_cancel_kills_the_whole_process_group(tmp_path: Path) -> None:
 
 
 def test_cancel_escalates_to_sigkill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shell_mod, "KILL_GRACE_S", 0.3)
+    monkeypatch.setattr(process, "KILL_GRACE_S", 0.3)
     pidfile = tmp_path / "pid"
     command = f"trap '' TERM; echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; while :; do sleep 0.05; done"
 
@@ -118,7 +118,7 @@ def test_cancel_escalates_to_sigkill(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_background_children_do_not_hold_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shell_mod, "PIPE_LINGER_S", 0.2)
+    monkeypatch.setattr(process, "PIPE_LINGER_S", 0.2)
     pidfile = tmp_path / "pid"
     try:
         session = run_cmd(f"sleep 300 & echo $! > {pidfile}; echo started")

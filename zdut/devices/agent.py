@@ -7,10 +7,11 @@ import asyncio
 import msgspec
 
 from zdut.common.durations import format_duration, parse_duration
-from zdut.devices.base import Module, ModuleError, Session
+from zdut.devices.base import Module, ModuleError, NoOptions, Session
+from zdut.devices.process import run_captured
 
 
-class AgentStatus(Module):
+class AgentStatus(Module[NoOptions]):
     id = "agent-status"
 
     def help(self) -> str:
@@ -18,24 +19,17 @@ class AgentStatus(Module):
 
     async def run(self, session: Session, args: list[str]) -> None:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                "uname", "-a", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-            )
+            result = await run_captured(["uname", "-a"], merge=True)
         except FileNotFoundError:
             raise ModuleError("uname not found on the agent (install coreutils)") from None
-        try:
-            out, _ = await proc.communicate()
-        except asyncio.CancelledError:
-            proc.kill()
-            raise
-        await session.print(out.decode(errors="replace").rstrip("\n") + "\n")
+        await session.print(result.stdout.decode(errors="replace").rstrip("\n") + "\n")
 
 
 class TimeWaitOptions(msgspec.Struct, forbid_unknown_fields=True):
     duration: str = "1s"
 
 
-class TimeWait(Module):
+class TimeWait(Module[TimeWaitOptions]):
     id = "time-wait"
     Options = TimeWaitOptions
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import tempfile
 
-from zdut.devices.base import Module, ModuleError, Session
+from zdut.devices.base import Module, ModuleError, NoOptions, Session
 
 FT_SUFFIX = b"\n\nprocessed by dummy.FT module\n"
 
 
-class DummyStatus(Module):
+class DummyStatus(Module[NoOptions]):
     id = "dummy-status"
 
     def help(self) -> str:
@@ -23,7 +23,7 @@ class DummyStatus(Module):
             await session.print(f"Arg {i}: {arg}\n")
 
 
-class DummyRepeat(Module):
+class DummyRepeat(Module[NoOptions]):
     id = "dummy-repeat"
     interactive = True
 
@@ -50,7 +50,7 @@ class DummyRepeat(Module):
             await session.stdout(words[0] + b"\n")
 
 
-class DummyFT(Module):
+class DummyFT(Module[NoOptions]):
     """Requests a file, appends a marker and sends it back, streaming through a temp file.
 
     Unlike dutctl an empty input works (zdut transfers empty files)."""

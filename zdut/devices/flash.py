@@ -2,26 +2,24 @@
 
 Both wrap a command-line tool on the agent.  Images stream in chunks through a
 per-module work directory; the tool's combined output streams to the client as
-it arrives.  A cancelled run signals the tool's whole process group with
-SIGTERM, waits up to TERM_GRACE_S and then sends SIGKILL (dutctl's procexec
-policy for flashing: interrupting a write half-way is worse than waiting).
+it arrives.  A cancelled run stops the tool's whole process group (see
+``process.py``) with TERM_GRACE_S between SIGTERM and SIGKILL, as dutctl does
+for flashing: interrupting a write half-way is worse than waiting.
 """
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import os
 import shlex
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 
 import msgspec
 
-from zdut.devices.base import Module, ModuleError, Session
-from zdut.protocol import CHUNK_SIZE
+from zdut.devices.base import Module, ModuleError, OptionsT, Session
+from zdut.devices.process import exit_message, run_streaming
 
 SUPPORTED_TOOLS = ("flashrom", "flashprog", "dpcmd")
 INIT_FAILED_MARKER = "Programmer initialization failed"
@@ -39,71 +37,30 @@ def _tool_hint(tool: str) -> str:
     return INSTALL_HINTS.get(os.path.basename(tool), "install it and put it on PATH")
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-async def stop_group(proc: asyncio.subprocess.Process, grace: float) -> None:
-    """SIGTERM the process group, SIGKILL it if the leader outlives ``grace`` seconds."""
-    pgid = proc.pid  # start_new_session made the tool its own group leader
-    if proc.returncode is None:
-        _signal_group(pgid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
-        except (TimeoutError, asyncio.CancelledError):
-            pass  # a second cancel only shortens the grace period
-    _signal_group(pgid, signal.SIGKILL)  # also ends helpers the tool started and left behind
-    if proc.returncode is None:
-        try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), 5)
-        except (TimeoutError, asyncio.CancelledError):
-            pass
-
-
 async def run_tool(session: Session, argv: list[str], cwd: str, grace: float) -> tuple[int, bool]:
-    """Run argv, streaming its combined output; return (exit code, whether INIT_FAILED_MARKER appeared)."""
+    """Run argv, streaming its combined output; return (exit status, whether INIT_FAILED_MARKER appeared)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    tail = ""  # enough recent output to spot the marker across chunk borders
+    seen = False
+
+    async def show(chunk: bytes) -> None:
+        nonlocal tail, seen
+        text = decoder.decode(chunk)
+        if text:
+            await session.print(text)
+            window = tail + text
+            seen = seen or INIT_FAILED_MARKER in window
+            tail = window[-len(INIT_FAILED_MARKER) :]
+
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=cwd,
-            start_new_session=True,
-        )
+        status = await run_streaming(argv, show, cwd=cwd, grace=grace)
     except FileNotFoundError:
         raise ModuleError(f'tool "{argv[0]}" not found on PATH ({_tool_hint(argv[0])})') from None
     except PermissionError:
         raise ModuleError(f'tool "{argv[0]}" is not executable') from None
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    tail = ""  # enough recent output to spot the marker across chunk borders
-    seen = False
-    try:
-        assert proc.stdout is not None
-        while chunk := await proc.stdout.read(CHUNK_SIZE):
-            text = decoder.decode(chunk)
-            if text:
-                await session.print(text)
-                window = tail + text
-                if INIT_FAILED_MARKER in window:
-                    seen = True
-                tail = window[-len(INIT_FAILED_MARKER) :]
-        if rest := decoder.decode(b"", final=True):
-            await session.print(rest)
-        code = await proc.wait()
-    except BaseException:
-        await stop_group(proc, grace)
-        raise
-    return code, seen
-
-
-def _exit_error(what: str, code: int) -> ModuleError:
-    if code < 0:
-        return ModuleError(f"{what} was killed by signal {-code}")
-    return ModuleError(f"{what} exited with code {code}")
+    if rest := decoder.decode(b"", final=True):
+        await session.print(rest)
+    return status, seen
 
 
 async def receive_file(session: Session, name: str, path: Path) -> None:
@@ -120,7 +77,7 @@ async def receive_file(session: Session, name: str, path: Path) -> None:
         raise
 
 
-class _ToolModule(Module):
+class _ToolModule(Module[OptionsT]):
     """A module that runs a tool in a private work directory, created by the first run."""
 
     #: Seconds between SIGTERM and SIGKILL when a run is cancelled.
@@ -152,7 +109,7 @@ class FlashOptions(msgspec.Struct, forbid_unknown_fields=True):
     programmer: str | int = ""
 
 
-class Flash(_ToolModule):
+class Flash(_ToolModule[FlashOptions]):
     id = "flash"
     Options = FlashOptions
 
@@ -217,7 +174,7 @@ class Flash(_ToolModule):
                     "programmer initialization failed, check if the programmer hardware is connected and supported"
                 )
             if code != 0:
-                raise _exit_error("flash tool", code)
+                raise ModuleError(exit_message("flash tool", code))
             await session.print("Flash operation completed successfully\n")
             if op == "read":
                 if not local.is_file():
@@ -234,7 +191,7 @@ class FlashEmulateOptions(msgspec.Struct, forbid_unknown_fields=True):
     device: str | int = ""
 
 
-class FlashEmulate(_ToolModule):
+class FlashEmulate(_ToolModule[FlashEmulateOptions]):
     id = "flash-emulate"
     Options = FlashEmulateOptions
     _image: Path | None = None
@@ -292,7 +249,7 @@ class FlashEmulate(_ToolModule):
             await session.print(f"Executing: {shlex.join(argv)}\n")
             code, _ = await run_tool(session, argv, str(work), self.TERM_GRACE_S)
             if code != 0:
-                raise _exit_error("emulation tool", code)
+                raise ModuleError(exit_message("emulation tool", code))
         except BaseException:
             image.unlink(missing_ok=True)
             raise

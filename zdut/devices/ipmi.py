@@ -28,6 +28,7 @@ import msgspec
 from zdut.common.durations import parse_duration
 from zdut.devices.base import ModuleError
 from zdut.devices.powerbase import OFF, ON, STATUS, PowerModule
+from zdut.devices.process import exit_message, run_captured
 
 log = logging.getLogger("zdut.devices.ipmi")
 
@@ -112,30 +113,16 @@ class IPMI(PowerModule[IPMIOptions]):
 
     async def _ipmitool_once(self, *command: str) -> str:
         env = dict(os.environ, IPMI_PASSWORD=self.options.password)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv(*command),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-                start_new_session=True,
-            )
-        except FileNotFoundError:
-            raise ModuleError(f"ipmitool not found on PATH ({INSTALL_HINT})") from None
         # -R 1 lets ipmitool try twice per run; the margin covers process start-up.
         deadline = 2 * max(1, math.ceil(self._timeout)) + 5
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), deadline)
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            raise
-        if proc.returncode != 0:
-            detail = " ".join(err.decode(errors="replace").split()) or f"ipmitool exited with code {proc.returncode}"
+            result = await asyncio.wait_for(run_captured(self.argv(*command), env=env), deadline)
+        except FileNotFoundError:
+            raise ModuleError(f"ipmitool not found on PATH ({INSTALL_HINT})") from None
+        if result.status != 0:
+            detail = " ".join(result.stderr.decode(errors="replace").split()) or exit_message("ipmitool", result.status)
             raise ModuleError(f"BMC {self.options.host}:{self._port}: {detail}")
-        return out.decode(errors="replace")
+        return result.stdout.decode(errors="replace")
 
     async def _ipmitool(self, *command: str) -> str:
         if not self._tool:

@@ -24,7 +24,8 @@ import tempfile
 import msgspec
 
 from zdut.devices.base import Module, ModuleError, Session
-from zdut.devices.shell import TOO_MANY_ARGS, exit_text, run_streaming
+from zdut.devices.process import TailBuffer, exit_message, run_streaming
+from zdut.devices.shell import TOO_MANY_ARGS
 
 HOST_ALIAS = "zdut-dut"
 CONNECT_TIMEOUT_S = 10
@@ -91,7 +92,7 @@ class _CRLF:
         return b"\r" if held else b""
 
 
-class SSH(Module):
+class SSH(Module[SSHOptions]):
     id = "ssh"
     Options = SSHOptions
 
@@ -222,7 +223,7 @@ class SSH(Module):
             env["SSHPASS"] = self.options.password  # not on the command line, where ps would show it
         crlf = _CRLF()
         received = 0
-        tail = bytearray()
+        tail = TailBuffer(STDERR_TAIL)
 
         async def on_stdout(data: bytes) -> None:
             nonlocal received
@@ -230,12 +231,8 @@ class SSH(Module):
             if out := crlf.feed(data):
                 await session.stdout(out)
 
-        async def on_stderr(data: bytes) -> None:
-            tail.extend(data)
-            del tail[:-STDERR_TAIL]
-
         try:
-            status = await run_streaming(self.argv(args[0]), on_stdout, on_stderr, env=env)
+            status = await run_streaming(self.argv(args[0]), on_stdout, tail, env=env)
         except FileNotFoundError as exc:
             raise ModuleError(
                 f"failed to execute command: {exc.filename or 'ssh'} not found (is it installed?)"
@@ -243,7 +240,7 @@ class SSH(Module):
         if rest := crlf.flush():
             await session.stdout(rest)
         if status != 0:
-            raise ModuleError(self._failure(status, received > 0, tail))
+            raise ModuleError(self._failure(status, received > 0, bytes(tail.data)))
 
     def _failure(self, status: int, got_output: bool, stderr: bytes) -> str:
         lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
@@ -253,7 +250,7 @@ class SSH(Module):
         if status == 255:
             # ssh's own failure (connect, auth, host key), reported on its stderr.
             what = "failed to execute command" if got_output else "failed to dial SSH server"
-            return f"{what}: {reason or 'ssh exited with code 255'}"
+            return f"{what}: {reason or exit_message('ssh', status)}"
         if status < 0:
-            return f"failed to execute command: ssh {exit_text(status)}"
+            return f"failed to execute command: {exit_message('ssh', status)}"
         return f"failed to execute command: Process exited with status {status}"

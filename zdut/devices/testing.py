@@ -110,13 +110,15 @@ class LocalSession:
             raise ZdutError(Code.NOT_FOUND, f"client file {name!r} not found")
         return _LocalIncoming(path, name)
 
-    async def send_file(self, name: str, source: object, size: int = -1) -> None:
+    async def send_file(
+        self, name: str, source: str | os.PathLike[str] | AsyncIterator[bytes], size: int = -1
+    ) -> None:
         buf = bytearray()
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as fh:
                 buf += fh.read()
         else:
-            async for chunk in source:  # type: ignore[attr-defined]
+            async for chunk in source:
                 buf += chunk
         self.sent_files[name] = bytes(buf)
 
