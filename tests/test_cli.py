@@ -41,7 +41,7 @@ def z(demo: tuple[Lab, str], *args: str, **kw: object):
     return lab.zdut("-s", addr, *args, **kw)  # type: ignore[arg-type]
 
 
-# ------------------------------------------------------------------ dutctl's demo checks (reference 7)
+# ------------------------------------------------------------------ dutctl's demo checks
 
 
 def test_device1_status(demo: tuple[Lab, str]) -> None:

@@ -1,4 +1,4 @@
-"""file module: path rules of reference 4.1, permissions, errors and chunked streaming.
+"""file module: dutctl's path rules, permissions, errors and chunked streaming.
 
 The agent side is a temporary working directory; the client side is a
 LocalSession serving files from another one.
@@ -59,7 +59,7 @@ def test_registry_maps_id() -> None:
     assert get("file") is File
 
 
-# ------------------------------------------------------------------ path rules (reference 4.1)
+# ------------------------------------------------------------------ path rules
 
 
 @pytest.mark.parametrize(
