@@ -35,7 +35,7 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024
 CHUNK_SIZE = 1024 * 1024
 #: Bytes of credit each side grants the other when a Run session opens.  Stdin
 #: has a window of its own so that unread console input can never starve a file
-#: transfer the module asks for later (dutctl's deadlock, reference 2.9).
+#: transfer the module asks for later (docs/protocol.md, "Flow control").
 INITIAL_WINDOW = 16 * 1024 * 1024
 STDIN_WINDOW = 256 * 1024
 WINDOW_MAIN, WINDOW_STDIN = 0, 1
@@ -64,14 +64,6 @@ class Code:
     UNAVAILABLE = "Unavailable"
     ALREADY_EXISTS = "AlreadyExists"
     UNIMPLEMENTED = "Unimplemented"
-
-    ALL = frozenset(
-        {
-            NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, PERMISSION_DENIED,
-            UNAUTHENTICATED, ABORTED, CANCELED, DEADLINE_EXCEEDED, INTERNAL,
-            UNAVAILABLE, ALREADY_EXISTS, UNIMPLEMENTED,
-        }
-    )
 
 
 class ZdutError(Exception):
@@ -403,8 +395,6 @@ Message = Union[
 WITH_PAYLOAD = (Data, FileChunk)
 #: Requests a server answers with one reply carrying the same rid.
 UNARY_REQUESTS = (Hello, ListDevices, ListCommands, GetDetails, Lock, Unlock, ListAgents)
-#: Session messages that are flow-controlled (stdin Data and StdinEof on the stdin window).
-CREDITED = (Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort)
 #: Messages of a Run session after RunOpen (everything that carries sid and seq).
 SESSION = (RunStarted, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
            Credit, Ping, Cancel, Resize, Done)
@@ -423,11 +413,6 @@ def decode(frame: bytes | memoryview, limit: int = MAX_HEADER_BYTES) -> Message:
         return _decoder.decode(frame)
     except (msgspec.DecodeError, ValueError) as exc:  # invalid UTF-8 in a str field is a UnicodeDecodeError
         raise ProtocolError(str(exc)) from None
-
-
-def cost(payload_len: int = 0) -> int:
-    """Credit a flow-controlled message consumes."""
-    return payload_len + MESSAGE_COST
 
 
 # ---------------------------------------------------------------- versions
@@ -451,14 +436,19 @@ def compare_versions(a: str, b: str) -> tuple[str, str]:
     return COMPATIBLE, ""
 
 
-def check_client_version(server_role: str, server_version: str, client_version: str) -> None:
-    """Raise FailedPrecondition for a major mismatch (what servers do before any handler)."""
-    level, reason = compare_versions(server_version, client_version)
+def check_version(server_role: str, server_version: str, peer_version: str, peer_role: str = "client") -> None:
+    """Raise FailedPrecondition for a major mismatch: what a server does before any handler (the peer is a
+    client), and a broker before it accepts a registration (the peer is an agent)."""
+    level, reason = compare_versions(server_version, peer_version)
     if level == INCOMPATIBLE:
         raise ZdutError(
             Code.FAILED_PRECONDITION,
-            f"incompatible zdut versions: {server_role} {server_version}, client {client_version} ({reason})",
+            f"incompatible zdut versions: {server_role} {server_version}, {peer_role} {peer_version} ({reason})",
         )
+
+
+#: The same function under its former name (zdut/agentd/agent.py's Run path still calls it so).
+check_client_version = check_version
 
 
 def version_drift(client_version: str, server_role: str, server_version: str) -> str | None:

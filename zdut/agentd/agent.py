@@ -16,25 +16,17 @@ from typing import Any
 from zdut.agentd.config import AgentConfig, Command
 from zdut.agentd.locker import Locker
 from zdut.agentd.run import AgentRun
+from zdut.common.answers import listing, no_such_command, no_such_device
 from zdut.protocol import (
     SESSION,
     UNARY_REQUESTS,
     VERSION,
     AgentInfo,
-    AgentList,
     Code,
     CommandInfo,
-    CommandList,
-    Details,
     DeviceEntry,
     DeviceInfo,
-    DeviceList,
     Error,
-    GetDetails,
-    Hello,
-    ListAgents,
-    ListCommands,
-    ListDevices,
     Lock,
     LockChanged,
     LockResult,
@@ -43,9 +35,9 @@ from zdut.protocol import (
     RunOpen,
     Unlock,
     Unlocked,
-    Welcome,
     ZdutError,
     check_client_version,
+    check_version,
     encode,
 )
 from zdut.transport.links import Link
@@ -132,7 +124,7 @@ class Agent:
             return
         if isinstance(msg, UNARY_REQUESTS):
             try:
-                check_client_version("agent", VERSION, msg.version)
+                check_version("agent", VERSION, msg.version)
                 reply = self._unary(msg)
             except ZdutError as exc:
                 if exc.code == Code.FAILED_PRECONDITION and "incompatible" in exc.message:
@@ -147,38 +139,30 @@ class Agent:
 
     def _unary(self, msg: Message) -> Message:
         match msg:
-            case Hello():
-                return Welcome(msg.rid, VERSION, "agent", self.name)
-            case ListDevices():
-                return DeviceList(msg.rid, [DeviceInfo(n, self.locker.state(n), self.name, True)
-                                            for n in sorted(self.config.devices)])
-            case ListCommands():
-                return CommandList(msg.rid, sorted(self._device(msg.device).commands))
-            case GetDetails():
-                if msg.keyword != "help":
-                    raise ZdutError(Code.INVALID_ARGUMENT,
-                                    f'unknown keyword "{msg.keyword}", possible values are: "help"')
-                return Details(msg.rid, self._command(msg.device, msg.command).help_text())
             case Lock():
                 return LockResult(msg.rid, msg.device, self.locker.lock(msg.device, msg.user, msg.duration_s))
             case Unlock():
                 self.locker.unlock(msg.device, msg.user or ("" if not msg.force else anonymous()), msg.force)
                 return Unlocked(msg.rid)
-            case ListAgents():
-                return AgentList(msg.rid, [AgentInfo(self.name, sorted(self.config.devices), True, time.time(),
-                                                     VERSION, self.address)])
-        raise ZdutError(Code.UNIMPLEMENTED, f"{type(msg).__name__} is not served by an agent")
+        devices = self.config.devices
+        return listing(
+            msg, "agent", self.name,
+            devices=lambda: [DeviceInfo(n, self.locker.state(n), self.name, True) for n in sorted(devices)],
+            commands=lambda device: sorted(self._device(device).commands),
+            help_text=lambda device, command: self._command(device, command).help_text(),
+            agents=lambda: [AgentInfo(self.name, sorted(devices), True, time.time(), VERSION, self.address)],
+        )
 
     def _device(self, name: str) -> Any:
         device = self.config.devices.get(name)
         if device is None:
-            raise ZdutError(Code.NOT_FOUND, f'device "{name}": no such device')
+            raise no_such_device(name)
         return device
 
     def _command(self, device: str, command: str) -> Command:
         cmd = self._device(device).commands.get(command)
         if cmd is None:
-            raise ZdutError(Code.NOT_FOUND, f'device "{device}", command "{command}": no such command')
+            raise no_such_command(device, command)
         return cmd
 
     # ------------------------------------------------------------- Run
