@@ -27,7 +27,7 @@ import msgspec
 
 from zdut.common.durations import parse_duration
 from zdut.devices.base import ModuleError
-from zdut.devices.powerbase import OFF, ON, STATUS, PowerModule
+from zdut.devices.powerbase import ON, STATUS, PowerModule
 from zdut.devices.process import exit_message, run_captured
 
 log = logging.getLogger("zdut.devices.ipmi")
@@ -54,10 +54,8 @@ class IPMI(PowerModule[IPMIOptions]):
     Options = IPMIOptions
     title = "IPMI Power Management Module"
     arguments_note = " (case-insensitive)"
-    #: every verb but status is also ipmitool's ``chassis power`` verb
-    verbs: ClassVar[dict[str, str]] = {
-        ON: "Power on the device",
-        OFF: "Power off the device",
+    #: after on and off; every verb but status is also ipmitool's ``chassis power`` verb
+    more_verbs: ClassVar[dict[str, str]] = {
         "cycle": "Power cycle (off, then on)",
         "reset": "Reset the device (if supported)",
         STATUS: "Show current power status",
