@@ -106,10 +106,10 @@ class Module(abc.ABC, Generic[OptionsT]):
     def help(self) -> str:
         """Usage text: arguments and ``with:`` keys."""
 
-    async def init(self) -> None:  # noqa: B027 - optional hook
+    async def init(self) -> None:
         """Check options and reach the hardware; raise to refuse to start."""
 
-    async def deinit(self) -> None:  # noqa: B027 - optional hook
+    async def deinit(self) -> None:
         """Release what init took; must be safe after a failed init."""
 
     def wants_terminal(self, args: list[str]) -> bool:
