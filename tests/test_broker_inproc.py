@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from zdut import broker as B
+from zdut.brokerd import outbox
 from zdut import protocol as P
 
 USER = "tester"
@@ -112,17 +113,17 @@ def test_full_client_pipe_parks_in_order_then_drains(rig: Rig) -> None:
         msg = P.decode(header)
         assert msg.seq == len(got) + 1 and int.from_bytes(payload, "big") == msg.seq
         got.append(msg)
-    rig.pump(lambda: not rig.broker._parked, "parked queue drained")
+    rig.pump(lambda: not rig.broker._outbox.parked, "parked queue drained")
 
 
 def test_stuck_client_fails_its_sessions(rig: Rig) -> None:
     agent, _client, cid = setup_session(rig, client_rcvhwm=2)
     for seq in range(1, 50):
         agent.send_multipart([cid, P.encode(P.Data(1, seq, P.STDOUT)), b"x" * 100])
-    rig.pump(lambda: rig.broker._parked, "parking")
-    rig.advance(B.CONGESTION_S + 1)  # the client reads nothing: no progress
+    rig.pump(lambda: rig.broker._outbox.parked, "parking")
+    rig.advance(outbox.CONGESTION_S + 1)  # the client reads nothing: no progress
     assert rig.recv_msg(agent, "SessionGone") == (b"", P.SessionGone(cid, 1))
-    assert not rig.broker._parked and not rig.broker._sessions
+    assert not rig.broker._outbox.parked and not rig.broker._sessions
 
 
 def test_idle_session_is_ended_at_both_ends(rig: Rig) -> None:
@@ -142,9 +143,9 @@ def test_unanswered_lock_is_forgotten(rig: Rig) -> None:
     agent, client, _ = setup_session(rig)
     client.send(P.encode(P.Lock(9, P.VERSION, USER, "dev1", 0)))
     rig.recv(agent, "Lock")
-    assert rig.broker._pending
+    assert rig.broker._sessions.pending == 1
     rig.advance(B.PENDING_TIMEOUT_S + 2)
-    assert not rig.broker._pending
+    assert rig.broker._sessions.pending == 0
 
 
 def test_heartbeats_only_when_idle_and_expiry() -> None:
@@ -168,13 +169,12 @@ def test_heartbeats_only_when_idle_and_expiry() -> None:
         rig.close()
 
 
-def test_peer_ignoring_credit_is_cut_off(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_peer_ignoring_credit_is_cut_off(rig: Rig) -> None:
     """Parked bytes beyond what the sessions' credit windows allow mean the sender ignores credit."""
-    monkeypatch.setattr(B, "PARK_LIMIT", 10_000)
-    monkeypatch.setattr(B, "INITIAL_WINDOW", 20_000)
-    monkeypatch.setattr(B, "STDIN_WINDOW", 0)
+    rig.broker._outbox.park_limit = 10_000
+    rig.broker._outbox.per_session = 20_000
     agent, _client, cid = setup_session(rig, client_rcvhwm=2)
     for seq in range(1, 100):  # ~100 KiB towards a client with one session: 30 KiB allowed
         agent.send_multipart([cid, P.encode(P.Data(1, seq, P.STDOUT)), b"x" * 1000])
     assert rig.recv_msg(agent, "SessionGone") == (b"", P.SessionGone(cid, 1))
-    assert not rig.broker._parked and not rig.broker._sessions
+    assert not rig.broker._outbox.parked and not rig.broker._sessions

@@ -14,6 +14,8 @@ from zdut.protocol import (
     CommandInfo,
     DeviceEntry,
     DeviceInfo,
+    GetDetails,
+    Lock,
     LockState,
     Register,
     ZdutError,
@@ -70,7 +72,7 @@ def test_register_and_list(reg: Registry) -> None:
         DeviceInfo("dev2", None, "a", True),
     ]
     assert reg.commands("dev1") == ["on", "status"]
-    assert reg.details("dev1", "status", "help") == "status of dev1"
+    assert reg.help_text("dev1", "status") == "status of dev1"
     assert [(a.name, a.devices, a.online, a.address) for a in reg.agent_list()] == [
         ("a", ["dev1", "dev2"], True, "a:1024"),
         ("b", ["dev0"], True, "b:1024"),
@@ -81,13 +83,14 @@ def test_errors_match_the_agent(reg: Registry) -> None:
     reg.register(b"r1", register("a", "dev1"))
     cases = [
         (lambda: reg.commands("nope"), Code.NOT_FOUND, 'device "nope": no such device'),
-        (lambda: reg.details("nope", "x", "help"), Code.NOT_FOUND, 'device "nope": no such device'),
-        (lambda: reg.details("dev1", "x", "help"), Code.NOT_FOUND, 'device "dev1", command "x": no such command'),
+        (lambda: reg.help_text("nope", "x"), Code.NOT_FOUND, 'device "nope": no such device'),
+        (lambda: reg.help_text("dev1", "x"), Code.NOT_FOUND, 'device "dev1", command "x": no such command'),
         (
-            lambda: reg.details("dev1", "status", "usage"),
+            lambda: reg.answer(GetDetails(1, VERSION, "u", "dev1", "status", "usage"), "b"),
             Code.INVALID_ARGUMENT,
             'unknown keyword "usage", possible values are: "help"',
         ),
+        (lambda: reg.answer(Lock(1, VERSION, "u", "dev1", 0), "b"), Code.UNIMPLEMENTED, "Lock is not served by the broker"),
     ]
     for call, code, message in cases:
         with pytest.raises(ZdutError) as err:
@@ -257,7 +260,7 @@ def test_persistence_round_trip_lists_devices_offline(reg: Registry, clock: Cloc
         DeviceInfo("dev3", None, "b", False),
     ]
     with pytest.raises(ZdutError, match="is offline"):
-        fresh.details("dev1", "status", "help")
+        fresh.help_text("dev1", "status")
     infos = fresh.agent_list()
     assert [(i.name, i.online, i.last_seen, i.version) for i in infos] == [
         ("a", False, clock.wall() - 100, VERSION),

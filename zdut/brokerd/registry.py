@@ -14,16 +14,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from zdut.brokerd.store import AgentRecord, DeviceRecord
+from zdut.common.answers import listing, no_such_command, no_such_device
 from zdut.protocol import (
-    INCOMPATIBLE,
     VERSION,
     AgentInfo,
     Code,
     DeviceInfo,
     LockState,
+    Message,
     Register,
     ZdutError,
-    compare_versions,
+    check_version,
 )
 
 log = logging.getLogger("zdut.broker")
@@ -155,12 +156,7 @@ class Registry:
         return result
 
     def _validate(self, rid: bytes, msg: Register) -> None:
-        level, reason = compare_versions(VERSION, msg.version)
-        if level == INCOMPATIBLE:
-            raise ZdutError(
-                Code.FAILED_PRECONDITION,
-                f"incompatible zdut versions: broker {VERSION}, agent {msg.version} ({reason})",
-            )
+        check_version("broker", VERSION, msg.version, "agent")
         if not msg.agent:
             raise ZdutError(Code.INVALID_ARGUMENT, "agent name is not set")
         if not msg.devices:
@@ -225,6 +221,18 @@ class Registry:
         return True
 
     # ------------------------------------------------------------- queries
+    def answer(self, msg: Message, broker: str) -> Message:
+        """The reply of broker ``broker`` to Hello or a listing request; raises ZdutError."""
+        return listing(
+            msg,
+            "broker",
+            broker,
+            devices=self.device_list,
+            commands=self.commands,
+            help_text=self.help_text,
+            agents=self.agent_list,
+        )
+
     def device_list(self) -> list[DeviceInfo]:
         """Every known device, sorted, offline ones included; expired reservations left out."""
         now = self.wall()
@@ -255,7 +263,7 @@ class Registry:
     def device(self, name: str) -> Device:
         dev = self.devices.get(name)
         if dev is None:
-            raise ZdutError(Code.NOT_FOUND, f'device "{name}": no such device')
+            raise no_such_device(name)
         return dev
 
     def route(self, name: str) -> Agent:
@@ -269,13 +277,11 @@ class Registry:
         self.route(name)
         return sorted(self.devices[name].commands)
 
-    def details(self, name: str, command: str, keyword: str) -> str:
-        if keyword != "help":
-            raise ZdutError(Code.INVALID_ARGUMENT, f'unknown keyword "{keyword}", possible values are: "help"')
+    def help_text(self, name: str, command: str) -> str:
         self.route(name)
         text = self.devices[name].commands.get(command)
         if text is None:
-            raise ZdutError(Code.NOT_FOUND, f'device "{name}", command "{command}": no such command')
+            raise no_such_command(name, command)
         return text
 
     def _changed(self) -> None:

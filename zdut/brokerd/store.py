@@ -151,7 +151,7 @@ class Store:
             for name, agent, commands in db.execute("SELECT name, agent, commands FROM devices ORDER BY name"):
                 record = agents.get(agent)
                 if record is not None:  # an orphan device row is ignored, never fatal
-                    record.devices.append(DeviceRecord(name, [tuple(c) for c in _commands_decoder.decode(commands)]))
+                    record.devices.append(DeviceRecord(name, _commands_decoder.decode(commands)))
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {_problem(exc)}") from None
         except msgspec.DecodeError as exc:
