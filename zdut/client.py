@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import getpass
-import hashlib
 import itertools
 import os
 import secrets
@@ -25,7 +25,6 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from zdut.protocol import (
-    CHUNK_SIZE,
     INITIAL_WINDOW,
     MAX_REPLY_BYTES,
     SESSION,
@@ -71,6 +70,7 @@ from zdut.protocol import (
     endpoint,
     version_drift,
 )
+from zdut.transport.files import FileReceiver, FileSender
 from zdut.transport.links import Pump, tune
 from zdut.transport.stream import Stream, keep_alive
 
@@ -208,7 +208,8 @@ class Run:
     def end(self, error: ZdutError | None) -> None:
         if self.finished.done():
             return
-        error = error or self._local_error
+        if error is None or error.code == Code.CANCELED:  # our own Cancel's answer: say why we cancelled
+            error = self._local_error or error
         self.stream.fail(error or ZdutError(Code.CANCELED, "session ended"))
         for task in self._tasks:
             task.cancel()
@@ -231,8 +232,9 @@ class Run:
     def _allowed_path(self, path: str) -> bool:
         return os.path.normpath(path) in self._allowed
 
-    # ------------------------------------------------------------- uploads (agent asks for our file)
+    # ------------------------------------------------------------- files
     async def _upload(self, req: FileRequest) -> None:
+        """The agent asks for one of our files."""
         path = req.path
         if not self._allowed_path(path):
             self._refuse(req.xfer, Code.PERMISSION_DENIED,
@@ -244,22 +246,15 @@ class Run:
             self._refuse(req.xfer, Code.NOT_FOUND, f'cannot read "{path}": {exc.strerror}')
             return
         with fh:
-            size = os.fstat(fh.fileno()).st_size
-            await self.stream.send_credited(FileOpen, xfer=req.xfer, path=path, size=size)
-            digest = hashlib.sha256()
-            offset = 0
-            while chunk := fh.read(CHUNK_SIZE):
-                digest.update(chunk)
-                await self.stream.send_credited(FileChunk, chunk, xfer=req.xfer, offset=offset)
-                offset += len(chunk)
-                self.handler.progress("sent", path, offset, size)
-            await self.stream.send_credited(FileEnd, xfer=req.xfer, sha256=digest.digest())
-        self.handler.transferred("sent", path, offset)
+            sent = await FileSender(self.stream, req.xfer, path).send(
+                fh, os.fstat(fh.fileno()).st_size, functools.partial(self.handler.progress, "sent", path))
+        self.handler.transferred("sent", path, sent)
 
-    # ------------------------------------------------------------- downloads (agent sends us a file)
     def _file_message(self, msg: FileOpen | FileChunk | FileEnd | FileAbort, payload: Any) -> None:
+        """A message of a file the agent sends us."""
+        self.stream.consumed(len(payload) if payload is not None else 0)
+        dl = self._download
         if isinstance(msg, FileOpen):
-            self.stream.consumed(0)
             if not self._allowed_path(msg.path):
                 self._refuse(msg.xfer, Code.PERMISSION_DENIED,
                              f'refusing to write "{msg.path}": the agent sent a file not named on the command line')
@@ -268,55 +263,45 @@ class Run:
                 self._download = _Download(msg.xfer, msg.path, msg.size)
             except OSError as exc:
                 self._refuse(msg.xfer, Code.PERMISSION_DENIED, f'cannot write "{msg.path}": {exc.strerror}')
-            return
-        dl = self._download
-        if isinstance(msg, FileAbort):
-            self.stream.consumed(0)
-            if dl is not None and dl.xfer == msg.xfer:
-                dl.discard()
-                self._download = None
-            return  # the agent's module reports the failure in Done
-        n = len(payload) if payload is not None else 0
-        self.stream.consumed(n)
-        if dl is None or dl.xfer != msg.xfer:
-            return  # a transfer we refused: drain it
-        if isinstance(msg, FileChunk):
+        elif dl is None or dl.xfer != msg.xfer:
+            pass  # a transfer we refused: drain it
+        elif isinstance(msg, FileChunk):
             dl.write(msg.offset, payload)
             self.handler.progress("received", dl.path, dl.received, dl.size)
-            return
-        self._download = None
-        try:
-            dl.finish(msg.sha256)
-        except ZdutError as exc:
-            self._local_error = exc
-            self.cancel()
-            return
-        self.handler.transferred("received", dl.path, dl.received)
+        elif isinstance(msg, FileAbort):
+            self._download = None
+            dl.discard()  # the agent's module reports the failure in Done
+        else:
+            self._download = None
+            try:
+                dl.finish(msg.sha256)
+            except ZdutError as exc:
+                self._local_error = exc
+                self.cancel()
+                return
+            self.handler.transferred("received", dl.path, dl.received)
 
 
-class _Download:
+class _Download(FileReceiver):
     """A file arriving from the agent, written beside its destination and renamed into place when verified."""
 
     def __init__(self, xfer: int, path: str, size: int) -> None:
-        self.xfer, self.path, self.size = xfer, path, size
+        super().__init__(xfer, path, size)
         directory = os.path.dirname(os.path.abspath(path))
         fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".zdut-part")
         self.fh = os.fdopen(fd, "wb")
-        self.digest = hashlib.sha256()
-        self.received = 0
 
     def write(self, offset: int, data: Any) -> None:
-        if offset != self.received:
-            raise ZdutError(Code.ABORTED, f'"{self.path}": chunk at offset {offset}, expected {self.received}')
+        self.chunk(offset, data)
         self.fh.write(data)
-        self.digest.update(data)
-        self.received += len(data)
 
     def finish(self, sha256: bytes) -> None:
         self.fh.close()
-        if sha256 != self.digest.digest():
+        try:
+            self.end(sha256)
+        except ZdutError:
             self.discard()
-            raise ZdutError(Code.ABORTED, f'"{self.path}": SHA-256 mismatch, file discarded')
+            raise
         os.chmod(self.tmp, 0o600)
         os.replace(self.tmp, self.path)
 

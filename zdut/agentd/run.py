@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -43,19 +41,18 @@ from zdut.protocol import (
     StdinEof,
     ZdutError,
 )
+from zdut.transport.files import FileReceiver, FileSender, Source
 from zdut.transport.stream import SendFrames, Stream
 
 log = logging.getLogger("zdut.session")
 
 
-class _Incoming:
+class _Incoming(FileReceiver):
     """A file arriving from the client, iterated by the module."""
 
     def __init__(self, run: AgentRun, xfer: int, path: str) -> None:
+        super().__init__(xfer, path)
         self._run = run
-        self.xfer = xfer
-        self.path = path
-        self.size = -1
         self.queue: asyncio.Queue[FileOpen | tuple[int, Any] | FileEnd | FileAbort] = asyncio.Queue()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -65,26 +62,17 @@ class _Incoming:
         run.transfer = self
         try:
             await run.stream.send_credited(FileRequest, xfer=self.xfer, path=self.path)
-            digest = hashlib.sha256()
-            received = 0
             while True:
                 item = await self.queue.get()
-                if isinstance(item, FileOpen):
-                    self.size = item.size
-                elif isinstance(item, tuple):
-                    offset, chunk = item
-                    if offset != received:
-                        raise ZdutError(Code.INVALID_ARGUMENT, f"{self.path!r}: chunk at {offset}, want {received}")
-                    data = bytes(chunk)
-                    digest.update(data)
-                    received += len(data)
+                if isinstance(item, tuple):
+                    data = bytes(item[1])
+                    self.chunk(item[0], data)
                     run.stream.consumed(len(data))
                     yield data
+                elif isinstance(item, FileOpen):
+                    self.size = item.size
                 elif isinstance(item, FileEnd):
-                    if item.sha256 != digest.digest():
-                        raise ZdutError(Code.ABORTED, f"file {self.path!r}: SHA-256 mismatch after {received} bytes")
-                    if 0 <= self.size != received:
-                        raise ZdutError(Code.ABORTED, f"file {self.path!r}: got {received} of {self.size} bytes")
+                    self.end(item.sha256)
                     return
                 else:
                     raise ZdutError(item.code or Code.ABORTED, item.message)
@@ -113,7 +101,7 @@ class AgentRun:
         self._stdin_buf = b""
         self._stdin_eof = False
         self._xfers = 0
-        self._aborted: dict[int, FileAbort] = {}
+        self._sending: dict[int, FileSender] = {}
         self._term: tuple[int, int] | None = None
         self._locker = locker
         self._on_close = on_close
@@ -216,7 +204,9 @@ class AgentRun:
         if not isinstance(msg, FileChunk):
             self.stream.consumed(0)  # control messages cost credit too; chunks return theirs when read
         if isinstance(msg, FileAbort) and (self.transfer is None or self.transfer.xfer != msg.xfer):
-            self._aborted[msg.xfer] = msg  # refusal of a file we are sending
+            sender = self._sending.get(msg.xfer)
+            if sender is not None:  # the client refused a file we are sending; an abort for no such file is dropped
+                sender.abort(msg)
             return
         if self.transfer is None or self.transfer.xfer != msg.xfer:
             raise ZdutError(Code.INVALID_ARGUMENT, f"unexpected file transfer {msg.xfer} from the client")
@@ -265,36 +255,15 @@ class AgentRun:
         self._xfers += 1
         return _Incoming(self, self._xfers, name)
 
-    async def send_file(self, name: str, source: Any, size: int = -1) -> None:
+    async def send_file(self, name: str, source: Source, size: int = -1) -> None:
         self._xfers += 1
-        xfer = self._xfers
-        if isinstance(source, (str, os.PathLike)):
-            size = os.path.getsize(source) if size < 0 else size
-            source = _read_chunks(source)
-        await self.stream.send_credited(FileOpen, xfer=xfer, path=name, size=size)
-        digest = hashlib.sha256()
-        offset = 0
-        async for chunk in source:
-            for i in range(0, len(chunk), CHUNK_SIZE):
-                piece = chunk[i : i + CHUNK_SIZE]
-                self._check_abort(xfer, name)
-                digest.update(piece)
-                await self.stream.send_credited(FileChunk, piece, xfer=xfer, offset=offset)
-                offset += len(piece)
-        self._check_abort(xfer, name)
-        await self.stream.send_credited(FileEnd, xfer=xfer, sha256=digest.digest())
-
-    def _check_abort(self, xfer: int, name: str) -> None:
-        abort = self._aborted.pop(xfer, None)
-        if abort is not None:
-            raise ZdutError(abort.code or Code.ABORTED, f"sending {name!r}: {abort.message}")
+        sender = self._sending[self._xfers] = FileSender(self.stream, self._xfers, name)
+        try:
+            await sender.send(source, size)
+        finally:
+            del self._sending[sender.xfer]
 
     @property
     def terminal_size(self) -> tuple[int, int] | None:
         return self._term
 
-
-async def _read_chunks(path: str | os.PathLike[str]) -> AsyncIterator[bytes]:
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK_SIZE):
-            yield chunk
