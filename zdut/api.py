@@ -17,14 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any, TypeVar
 
 from zdut.client import Client, RunHandler
 from zdut.common.durations import parse_duration
 from zdut.protocol import PRINT, STDERR, STDOUT, AgentInfo, Code, DeviceInfo, LockState, ZdutError
 
 __all__ = ["Lab", "RunResult", "ZdutError"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,7 +71,7 @@ class Lab:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _call(self, coro):  # type: ignore[no-untyped-def]
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(coro)
 
     def close(self) -> None:
@@ -77,20 +81,20 @@ class Lab:
 
     # ------------------------------------------------------------- calls
     def devices(self) -> list[DeviceInfo]:
-        return self._call(self._client.list())  # type: ignore[no-any-return]
+        return self._call(self._client.list())
 
     def agents(self) -> list[AgentInfo]:
-        return self._call(self._client.agents())  # type: ignore[no-any-return]
+        return self._call(self._client.agents())
 
     def commands(self, device: str) -> list[str]:
-        return self._call(self._client.commands(device))  # type: ignore[no-any-return]
+        return self._call(self._client.commands(device))
 
     def help(self, device: str, command: str) -> str:
-        return self._call(self._client.details(device, command))  # type: ignore[no-any-return]
+        return self._call(self._client.details(device, command))
 
     def lock(self, device: str, duration: str | float = 0) -> LockState:
         seconds = parse_duration(duration) if isinstance(duration, str) else duration
-        return self._call(self._client.lock(device, int(seconds)))  # type: ignore[no-any-return]
+        return self._call(self._client.lock(device, int(seconds)))
 
     def unlock(self, device: str, force: bool = False) -> None:
         self._call(self._client.unlock(device, force))
@@ -100,7 +104,7 @@ class Lab:
         """Run a command to its end.  ``stdin`` is sent then closed (EOF reaches the module).
 
         With ``check`` (default) a failed command raises ZdutError; otherwise it is in ``result.error``."""
-        return self._call(self._run(device, command, list(args), stdin, check, timeout))  # type: ignore[no-any-return]
+        return self._call(self._run(device, command, list(args), stdin, check, timeout))
 
     async def _run(self, device: str, command: str, args: list[str], stdin: bytes | None, check: bool,
                    timeout: float | None) -> RunResult:

@@ -9,6 +9,7 @@ synchronous scripts.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import functools
 import getpass
@@ -16,13 +17,10 @@ import itertools
 import os
 import secrets
 import socket
-import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from zdut.protocol import (
     INITIAL_WINDOW,
@@ -65,14 +63,16 @@ from zdut.protocol import (
     RunStarted,
     StdinEof,
     Unlock,
+    Welcome,
     ZdutError,
     encode,
     endpoint,
     version_drift,
 )
-from zdut.transport.files import FileReceiver, FileSender
+from zdut.transport.files import FileSender, FileWriter
 from zdut.transport.links import Pump, tune
-from zdut.transport.stream import Stream, keep_alive
+from zdut.transport.monitor import ConnectionMonitor
+from zdut.transport.stream import SessionMessage, Stream, Watched, keep_alive
 
 CONNECT_TIMEOUT_S = 10.0
 #: Console input goes out in pieces well under the stdin window (a piece must always fit in it).
@@ -142,7 +142,7 @@ class Run:
         self.started: asyncio.Future[bool] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()
         self._allowed = allowed_paths(args)
-        self._download: _Download | None = None
+        self._download: FileWriter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._local_error: ZdutError | None = None
 
@@ -174,15 +174,15 @@ class Run:
         await asyncio.shield(self.finished)
 
     # ------------------------------------------------------------- incoming
-    def deliver(self, msg: Message, payload: Any) -> None:
+    def deliver(self, msg: SessionMessage, payload: Any) -> None:
         try:
-            self.stream.received(msg.seq)  # type: ignore[union-attr]
+            self.stream.received(msg.seq)
             self._deliver(msg, payload)
         except ZdutError as exc:
             self.cancel()
             self.end(exc)
 
-    def _deliver(self, msg: Message, payload: Any) -> None:
+    def _deliver(self, msg: SessionMessage, payload: Any) -> None:
         match msg:
             case Data():
                 n = len(payload)
@@ -260,7 +260,7 @@ class Run:
                              f'refusing to write "{msg.path}": the agent sent a file not named on the command line')
                 return
             try:
-                self._download = _Download(msg.xfer, msg.path, msg.size)
+                self._download = FileWriter(msg.xfer, msg.path, msg.size)
             except OSError as exc:
                 self._refuse(msg.xfer, Code.PERMISSION_DENIED, f'cannot write "{msg.path}": {exc.strerror}')
         elif dl is None or dl.xfer != msg.xfer:
@@ -282,35 +282,6 @@ class Run:
             self.handler.transferred("received", dl.path, dl.received)
 
 
-class _Download(FileReceiver):
-    """A file arriving from the agent, written beside its destination and renamed into place when verified."""
-
-    def __init__(self, xfer: int, path: str, size: int) -> None:
-        super().__init__(xfer, path, size)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".zdut-part")
-        self.fh = os.fdopen(fd, "wb")
-
-    def write(self, offset: int, data: Any) -> None:
-        self.chunk(offset, data)
-        self.fh.write(data)
-
-    def finish(self, sha256: bytes) -> None:
-        self.fh.close()
-        try:
-            self.end(sha256)
-        except ZdutError:
-            self.discard()
-            raise
-        os.chmod(self.tmp, 0o600)
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        self.fh.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
-
-
 class Client:
     """One connection to a zdut server (broker or agent)."""
 
@@ -325,8 +296,7 @@ class Client:
         self.server_name = ""
         self.warnings: list[str] = []
         self._ctx: zmq.Context[Any] | None = None
-        self._raw: zmq.Socket[Any] | None = None
-        self._pump: Pump
+        self._pump: Pump | None = None
         self._rids = itertools.count(1)
         self._sids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[Message]] = {}
@@ -353,25 +323,22 @@ class Client:
         sock = self._ctx.socket(zmq.DEALER)
         tune(sock)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # fail fast instead of queueing towards nobody
-        self._pump = Pump(sock, with_peer=False, limit=MAX_REPLY_BYTES)
-        self._raw = self._pump.sock
-        monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
-        )
+        pump = self._pump = Pump(sock, with_peer=False, limit=MAX_REPLY_BYTES)
+        monitor = ConnectionMonitor(sock, self._up, self._down, REFUSED_GRACE_S)
         sock.connect(ep)
-        refused = asyncio.get_running_loop().create_future()
-        self._tasks.append(asyncio.create_task(self._watch(monitor, refused)))
-        self._tasks.append(asyncio.create_task(self._pump.run(lambda _, msg, payload: self._dispatch(msg, payload))))
+        self._tasks.append(asyncio.create_task(monitor.run()))
+        self._tasks.append(asyncio.create_task(pump.run(lambda _, msg, payload: self._dispatch(msg, payload))))
         self._tasks.append(asyncio.create_task(keep_alive(self._watched)))
         waiter = asyncio.ensure_future(self._connected.wait())
-        done, _ = await asyncio.wait({waiter, refused}, timeout=self.connect_timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {waiter, monitor.refused}
+        done, _ = await asyncio.wait(either, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if not self._connected.is_set():
-            why = "connection refused" if refused in done else f"no connection within {self.connect_timeout:g}s"
+            why = "connection refused" if monitor.refused in done else f"no connection within {self.connect_timeout:g}s"
             raise self._unreachable(why)
         reply = await self._call(lambda rid: Hello(rid, VERSION, self.user))
-        self.server_version, self.server_role, self.server_name = reply.version, reply.role, reply.name  # type: ignore[union-attr]
+        assert isinstance(reply, Welcome)
+        self.server_version, self.server_role, self.server_name = reply.version, reply.role, reply.name
         drift = version_drift(VERSION, self.server_role, self.server_version)
         if drift:
             self.warnings.append(drift)
@@ -387,46 +354,22 @@ class Client:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        self._pump = None
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
 
-    async def _watch(self, monitor: zmq.Socket[Any], refused: asyncio.Future[None]) -> None:
-        """Connection events: fail fast when refused, fail everything in flight when the link drops."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[int] = asyncio.Queue()
+    def _up(self) -> None:
+        self._connected.set()
+        if self.on_connection:
+            self.on_connection(True)
 
-        def ready() -> None:
-            while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                events.put_nowait(parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"])
-
-        fd = monitor.getsockopt(zmq.FD)
-        loop.add_reader(fd, ready)
-        ready()
-        try:
-            await self._on_events(events, refused)
-        finally:
-            loop.remove_reader(fd)
-
-    async def _on_events(self, events: asyncio.Queue[int], refused: asyncio.Future[None]) -> None:
-        first_retry: float | None = None
-        while True:
-            event = await events.get()
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                first_retry = None
-                self._connected.set()
-                if self.on_connection:
-                    self.on_connection(True)
-            elif event == zmq.EVENT_DISCONNECTED:
-                self._connected.clear()
-                self._fail_all(ZdutError(Code.UNAVAILABLE, f"lost connection to zdut server at {self.address}"))
-                if self.on_connection:
-                    self.on_connection(False)
-            elif event == zmq.EVENT_CONNECT_RETRIED and not self._connected.is_set():
-                now = time.monotonic()
-                first_retry = first_retry or now
-                if now - first_retry >= REFUSED_GRACE_S and not refused.done():
-                    refused.set_result(None)
+    def _down(self) -> None:
+        """The link dropped: everything in flight fails."""
+        self._connected.clear()
+        self._fail_all(ZdutError(Code.UNAVAILABLE, f"lost connection to zdut server at {self.address}"))
+        if self.on_connection:
+            self.on_connection(False)
 
     def _fail_all(self, error: ZdutError) -> None:
         for fut in self._calls.values():
@@ -441,7 +384,7 @@ class Client:
 
     # ------------------------------------------------------------- frames
     def _send(self, header: bytes, payload: Any = None) -> None:
-        if self._raw is None:
+        if self._pump is None:
             raise ZdutError(Code.UNAVAILABLE, "client is closed")
         try:
             self._pump.send_frames(header, payload)
@@ -450,7 +393,7 @@ class Client:
 
     def _dispatch(self, msg: Message, payload: Any) -> None:
         if isinstance(msg, SESSION):
-            run = self._runs.get(msg.sid)  # type: ignore[union-attr]
+            run = self._runs.get(msg.sid)
             if run is not None:
                 run.deliver(msg, payload)
             return
@@ -458,11 +401,12 @@ class Client:
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
-    def _watched(self) -> list[tuple[Stream, Callable[[ZdutError], None]]]:
+    def _watched(self) -> Watched:
         """Sessions for keep_alive: a silent server ends the run with Unavailable."""
-        return [(run.stream, lambda error, run=run: run.end(ZdutError(
-            Code.UNAVAILABLE, f"lost contact with the session at {self.address} ({error.message})")))
-            for run in self._runs.values()]
+        return [(run.stream, functools.partial(self._lost, run)) for run in self._runs.values()]
+
+    def _lost(self, run: Run, error: ZdutError) -> None:
+        run.end(ZdutError(Code.UNAVAILABLE, f"lost contact with the session at {self.address} ({error.message})"))
 
     # ------------------------------------------------------------- unary calls
     async def _call(self, make: Callable[[int], Message]) -> Message:
@@ -488,7 +432,7 @@ class Client:
         assert isinstance(reply, DeviceList)
         return reply.devices
 
-    async def commands(self, device: str) -> list[str]:
+    async def commands(self, device: str) -> builtins.list[str]:
         reply = await self._call(lambda rid: ListCommands(rid, VERSION, self.user, device))
         assert isinstance(reply, CommandList)
         return reply.commands
@@ -506,13 +450,13 @@ class Client:
     async def unlock(self, device: str, force: bool = False) -> None:
         await self._call(lambda rid: Unlock(rid, VERSION, self.user, device, force))
 
-    async def agents(self) -> list[AgentInfo]:
+    async def agents(self) -> builtins.list[AgentInfo]:
         reply = await self._call(lambda rid: ListAgents(rid, VERSION, self.user))
         assert isinstance(reply, AgentList)
         return reply.agents
 
     # ------------------------------------------------------------- Run
-    def run(self, device: str, command: str, args: list[str] | None = None,
+    def run(self, device: str, command: str, args: builtins.list[str] | None = None,
             handler: RunHandler | None = None) -> Run:
         """Open a Run session; await ``run.wait()`` for its end."""
         args = list(args or [])

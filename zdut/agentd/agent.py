@@ -110,13 +110,13 @@ class Agent:
     # ------------------------------------------------------------- message entry point
     def handle(self, link: Link, peer: bytes, msg: Message, payload: Any) -> None:
         if isinstance(msg, SESSION):
-            run = self.runs.get((id(link), peer, msg.sid))  # type: ignore[union-attr]
+            run = self.runs.get((id(link), peer, msg.sid))
             if run is None:
                 return  # late message of a finished session
             try:
                 run.deliver(msg, payload)
             except ZdutError as exc:
-                log.warning("session %s aborted: %s", msg.sid, exc)  # type: ignore[union-attr]
+                log.warning("session %s aborted: %s", msg.sid, exc)
                 run.cancel(exc)
             return
         if isinstance(msg, RunOpen):

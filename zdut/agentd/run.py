@@ -34,7 +34,6 @@ from zdut.protocol import (
     FileEnd,
     FileOpen,
     FileRequest,
-    Message,
     Ping,
     Resize,
     RunStarted,
@@ -42,7 +41,7 @@ from zdut.protocol import (
     ZdutError,
 )
 from zdut.transport.files import FileReceiver, FileSender, Source
-from zdut.transport.stream import SendFrames, Stream
+from zdut.transport.stream import SendFrames, SessionMessage, Stream
 
 log = logging.getLogger("zdut.session")
 
@@ -179,9 +178,9 @@ class AgentRun:
             self.task.cancel()
 
     # ------------------------------------------------------------- incoming
-    def deliver(self, msg: Message, payload: Any) -> None:
+    def deliver(self, msg: SessionMessage, payload: Any) -> None:
         """Handle one message from the client; called from the receive loop, never blocks."""
-        self.stream.received(msg.seq)  # type: ignore[union-attr]
+        self.stream.received(msg.seq)
         match msg:
             case Data() if msg.stream == STDIN:
                 self._stdin.put_nowait(bytes(payload))

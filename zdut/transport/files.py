@@ -4,15 +4,16 @@ The agent sends files to the client and the client uploads files the agent asks 
 same messages, so one sender and one receiver serve both.  The sender cuts a file (a path, an open binary
 file or an async iterator of bytes) into ``CHUNK_SIZE`` chunks, each waiting for credit on the session's
 stream, and ends with the SHA-256 of everything it sent.  The receiver checks that chunks arrive in order,
-that no more and no fewer bytes arrive than announced, and that the digest matches.  Neither touches the
-disk on the receiving side: the owner does something with the bytes (the agent hands them to a module, the
-client writes them beside their destination).
+that no more and no fewer bytes arrive than announced, and that the digest matches; the agent hands what it
+receives to a module, the client writes it to disk with ``FileWriter``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
 from collections.abc import AsyncIterable, Callable
 from typing import Any, BinaryIO
 
@@ -106,3 +107,32 @@ class FileReceiver:
             raise ZdutError(Code.ABORTED, f'file "{self.path}": SHA-256 mismatch after {self.received} bytes')
         if 0 <= self.size != self.received:
             raise ZdutError(Code.ABORTED, f'file "{self.path}": got {self.received} of {self.size} bytes')
+
+
+class FileWriter(FileReceiver):
+    """A received file written beside its destination (``.NAME.*.zdut-part``), renamed into place once verified."""
+
+    def __init__(self, xfer: int, path: str, size: int) -> None:
+        super().__init__(xfer, path, size)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".zdut-part")
+        self.fh = os.fdopen(fd, "wb")
+
+    def write(self, offset: int, data: Any) -> None:
+        self.chunk(offset, data)
+        self.fh.write(data)
+
+    def finish(self, sha256: bytes) -> None:
+        self.fh.close()
+        try:
+            self.end(sha256)
+        except ZdutError:
+            self.discard()
+            raise
+        os.chmod(self.tmp, 0o600)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
