@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zdut.agentd.config import AgentConfig, Command
 from zdut.agentd.locker import Locker
@@ -42,6 +42,9 @@ from zdut.protocol import (
 )
 from zdut.transport.links import Link
 
+if TYPE_CHECKING:
+    from zdut.agentd.uplink import Uplink
+
 log = logging.getLogger("zdut.agent")
 
 INIT_TIMEOUT_S = 300.0
@@ -60,7 +63,7 @@ class Agent:
         self.name = name
         self.address = address
         self.started = time.time()
-        self.uplinks: list[Any] = []  # zdut.agentd.uplink.Uplink, each told about lock changes
+        self.uplinks: list[Uplink] = []  # each told about lock changes
         self.locker = Locker(set(config.devices), state_path, on_change=self._lock_changed)
         self.runs: dict[tuple[int, bytes, int], AgentRun] = {}
 

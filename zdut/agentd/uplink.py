@@ -13,13 +13,15 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import zmq
 
+from zdut.agentd.locker import Locker
 from zdut.common.backoff import Backoff
 from zdut.protocol import (
     VERSION,
+    DeviceEntry,
     Heartbeat,
     Message,
     Refused,
@@ -33,9 +35,6 @@ from zdut.protocol import (
 )
 from zdut.transport.links import Link, tune
 
-if TYPE_CHECKING:
-    from zdut.agentd.agent import Agent
-
 log = logging.getLogger("zdut.agentd.uplink")
 
 LIVENESS = 3
@@ -44,8 +43,26 @@ DEFAULT_HEARTBEAT_S = 1.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 5.0
 
 
+class Served(Protocol):
+    """What an uplink needs of the agent it connects to a broker."""
+
+    name: str
+    address: str
+
+    @property
+    def locker(self) -> Locker: ...
+
+    def device_entries(self) -> list[DeviceEntry]: ...
+
+    def handle(self, link: Link, peer: bytes, msg: Message, payload: Any) -> None: ...
+
+    def drop_link_sessions(self, link: Link, reason: str) -> None: ...
+
+    def session_gone(self, link: Link, peer: bytes, sid: int) -> None: ...
+
+
 class Uplink:
-    def __init__(self, agent: Agent, ctx: zmq.Context[Any], address: str) -> None:
+    def __init__(self, agent: Served, ctx: zmq.Context[Any], address: str) -> None:
         self.agent = agent
         self.ctx = ctx
         self.address = address
@@ -139,7 +156,7 @@ class Uplink:
                 self.heartbeat_s = max(msg.heartbeat_ms / 1000, 0.05)
                 self._last_refusal = ""
                 log.info("registered with broker %s (%s) as %s: %d devices", self.address, msg.broker,
-                         self.agent.name, len(self.agent.config.devices))
+                         self.agent.name, len(self.agent.device_entries()))
             case Refused():
                 if msg.message != self._last_refusal:
                     log.error("broker %s refused registration: %s", self.address, msg.message)
