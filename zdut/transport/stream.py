@@ -13,26 +13,16 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from zdut import protocol as wire
 from zdut.protocol import (
     INITIAL_WINDOW,
     MESSAGE_COST,
     SESSION_PING_S,
     SESSION_TIMEOUT_S,
     WINDOW_MAIN,
-    Cancel,
     Code,
     Credit,
-    Data,
-    Done,
-    FileAbort,
-    FileChunk,
-    FileEnd,
-    FileOpen,
-    FileRequest,
     Ping,
-    Resize,
-    RunStarted,
-    StdinEof,
     ZdutError,
     encode,
 )
@@ -41,8 +31,8 @@ from zdut.protocol import (
 SendFrames = Callable[[bytes, Any], None]
 
 #: What a Stream sends: the messages of a Run session after RunOpen, each carrying sid and seq.
-SessionMessage = (RunStarted | Data | StdinEof | FileRequest | FileOpen | FileChunk | FileEnd | FileAbort | Credit
-                  | Ping | Cancel | Resize | Done)
+SessionMessage = (wire.RunStarted | wire.Data | wire.StdinEof | wire.FileRequest | wire.FileOpen | wire.FileChunk
+                  | wire.FileEnd | wire.FileAbort | wire.Credit | wire.Ping | wire.Cancel | wire.Resize | wire.Done)
 
 
 class _Window:
