@@ -12,6 +12,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 
 from conftest import Lab, wait_for
@@ -75,8 +76,16 @@ def _busy(addr: str) -> Any:
     return asyncio.run(listing())
 
 
-def test_open_and_vanish_never_leaves_the_device_in_use(lab: Lab, ctx: zmq.Context[Any]) -> None:
-    agent, addr = lab.agent(_config(lab.tmp))
+@pytest.mark.parametrize("via", ["direct", "broker"])
+def test_open_and_vanish_never_leaves_the_device_in_use(lab: Lab, ctx: zmq.Context[Any], via: str) -> None:
+    """Direct, the agent finds the client gone when it sends; through a broker, the broker tells it (SessionGone)
+    or the session's keepalive runs out."""
+    config = _config(lab.tmp)
+    if via == "direct":
+        agent, addr = lab.agent(config)
+    else:
+        _, addr = lab.broker()
+        agent = lab.brokered_agent(config, addr)
     ep = p.endpoint(addr)
     for i in range(ATTEMPTS):
         _open_and_vanish(ctx, ep, i + 1, VARIANTS[i % len(VARIANTS)])

@@ -214,8 +214,10 @@ class Agent:
         return [(run.stream, lambda error, run=run: self._client_lost(run, error)) for run in self.runs.values()]
 
     def _client_lost(self, run: AgentRun, error: ZdutError) -> None:
-        log.warning("cancelling run device=%s user=%s: client lost (%s)", run.device, run.user, error)
-        run.cancel(ZdutError(Code.UNAVAILABLE, f"client lost: {error.message}"))
+        """Called every keepalive tick while the run exists: only the first call logs and cancels."""
+        if not run.cancelled:
+            log.warning("cancelling run device=%s user=%s: client lost (%s)", run.device, run.user, error)
+            run.cancel(ZdutError(Code.UNAVAILABLE, f"client lost: {error.message}"))
 
     async def cancel_all(self, reason: str, wait_s: float) -> None:
         runs = list(self.runs.values())

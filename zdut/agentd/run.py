@@ -166,6 +166,11 @@ class AgentRun:
                 self.stream.send(Done, code=code, message=message)
             self.stream.fail(ZdutError(Code.CANCELED, "session ended"))
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether the run was told to stop (it may still be cleaning up)."""
+        return self._reason is not None
+
     def cancel(self, reason: ZdutError) -> None:
         """End the session now (client cancelled or vanished); Done carries the first reason.
 
