@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import zmq
 
@@ -145,47 +146,76 @@ def test_the_agent_reports_a_bad_upload_digest_and_drops_aborts_for_unknown_tran
     assert [e.message for e in asyncio.run(main())] == ['file "in.bin": SHA-256 mismatch after 3 bytes']
 
 
-def test_the_client_discards_a_download_with_a_bad_digest_and_says_so(tmp_path: Path,
-                                                                      ctx: zmq.Context[Any]) -> None:
-    """A stand-in agent (a raw ROUTER) sends a file whose digest is wrong: the client cancels, keeps no file and
-    reports the mismatch, not the Canceled that answers its own Cancel."""
+def _standin(ctx: zmq.Context[Any], answer: Callable[[p.Message], list[Any]]) -> tuple[str, Callable[[], Any]]:
+    """A stand-in agent on a raw ROUTER: answers Hello itself and every other message with ``answer(msg)``
+    (messages, or (message, payload) pairs; seq numbers are stamped here) until it has sent a Done.
+    Returns its address and the function that serves (run it in a thread); that returns what it received."""
     server = ctx.socket(zmq.ROUTER)
     server.linger = 0
     port = free_port()
     server.bind(f"tcp://127.0.0.1:{port}")
-    dest = tmp_path / "out.bin"
 
-    def serve_one() -> None:
+    def serve() -> list[p.Message]:
+        got: list[p.Message] = []
+        seq = 0
         while True:
-            assert server.poll(5000), "the client went quiet"
+            assert server.poll(5000), f"the client went quiet; got {got}"
             peer, header, *_ = server.recv_multipart()
             msg = p.decode(header)
+            got.append(msg)
             if isinstance(msg, p.Hello):
-                replies: list[Any] = [p.Welcome(msg.rid, p.VERSION, "agent", "standin")]
-            elif isinstance(msg, p.RunOpen):
-                replies = [p.RunStarted(msg.sid, 1, False), p.FileOpen(msg.sid, 2, 1, str(dest), 3),
-                           (p.FileChunk(msg.sid, 3, 1, 0), b"abc"),
-                           p.FileEnd(msg.sid, 4, 1, hashlib.sha256(b"xyz").digest())]
-            elif isinstance(msg, p.Cancel):
-                done = p.Done(msg.sid, 5, p.Code.CANCELED, "module execution aborted: canceled by the client")
-                server.send_multipart([peer, p.encode(done)])
-                return
-            else:
+                server.send_multipart([peer, p.encode(p.Welcome(msg.rid, p.VERSION, "agent", "standin"))])
                 continue
-            for reply in replies:
+            for reply in answer(msg):
                 m, *payload = reply if isinstance(reply, tuple) else (reply,)
-                server.send_multipart([peer, p.encode(m), *payload])
+                seq += 1
+                server.send_multipart([peer, p.encode(msgspec.structs.replace(m, seq=seq)), *payload])
+                if isinstance(m, p.Done):
+                    return got
 
-    async def main() -> p.ZdutError:
-        loop = asyncio.get_running_loop()
-        serving = loop.run_in_executor(None, serve_one)
-        async with Client(f"127.0.0.1:{port}", "tester") as client:
-            run = client.run("dev", "get", [str(dest)])
+    return f"127.0.0.1:{port}", serve
+
+
+def _run_against(addr: str, serve: Callable[[], Any], command: str, args: list[str]) -> tuple[p.ZdutError, Any]:
+    async def main() -> tuple[p.ZdutError, Any]:
+        serving = asyncio.get_running_loop().run_in_executor(None, serve)
+        async with Client(addr, "tester") as client:
             with pytest.raises(p.ZdutError) as info:
-                await asyncio.wait_for(run.wait(), 10)
-        await serving
-        return info.value
+                await asyncio.wait_for(client.run("dev", command, args).wait(), 10)
+        return info.value, await serving
 
-    error = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_the_client_discards_a_download_with_a_bad_digest_and_says_so(tmp_path: Path,
+                                                                      ctx: zmq.Context[Any]) -> None:
+    """The client cancels, keeps no file and reports the mismatch, not the Canceled that answers its Cancel."""
+    dest = tmp_path / "out.bin"
+
+    def answer(msg: p.Message) -> list[Any]:
+        if isinstance(msg, p.RunOpen):
+            return [p.RunStarted(msg.sid, 0, False), p.FileOpen(msg.sid, 0, 1, str(dest), 3),
+                    (p.FileChunk(msg.sid, 0, 1, 0), b"abc"), p.FileEnd(msg.sid, 0, 1, hashlib.sha256(b"xyz").digest())]
+        if isinstance(msg, p.Cancel):
+            return [p.Done(msg.sid, 0, p.Code.CANCELED, "module execution aborted: canceled by the client")]
+        return []
+
+    error, _ = _run_against(*_standin(ctx, answer), "get", [str(dest)])
     assert error.message == f'file "{dest}": SHA-256 mismatch after 3 bytes'
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_error_mid_upload_aborts_the_transfer(ctx: zmq.Context[Any]) -> None:
+    """The agent's module would otherwise wait for the rest of the file for ever."""
+    unreadable = "/proc/self/mem"  # opens, then every read at offset 0 fails with EIO
+
+    def answer(msg: p.Message) -> list[Any]:
+        if isinstance(msg, p.RunOpen):
+            return [p.RunStarted(msg.sid, 0, False), p.FileRequest(msg.sid, 0, 1, unreadable)]
+        if isinstance(msg, p.FileAbort):
+            return [p.Done(msg.sid, 0, msg.code, f"module failed: {msg.message}")]
+        return []
+
+    error, got = _run_against(*_standin(ctx, answer), "put", [unreadable])
+    assert error.message == f'module failed: cannot read "{unreadable}": Input/output error'
+    assert [type(m) for m in got if isinstance(m, p.FileOpen | p.FileChunk | p.FileAbort)] == [p.FileOpen, p.FileAbort]

@@ -246,8 +246,14 @@ class Run:
             self._refuse(req.xfer, Code.NOT_FOUND, f'cannot read "{path}": {exc.strerror}')
             return
         with fh:
-            sent = await FileSender(self.stream, req.xfer, path).send(
-                fh, os.fstat(fh.fileno()).st_size, functools.partial(self.handler.progress, "sent", path))
+            try:
+                sent = await FileSender(self.stream, req.xfer, path).send(
+                    fh, os.fstat(fh.fileno()).st_size, functools.partial(self.handler.progress, "sent", path))
+            except OSError as exc:  # the agent's module must not wait for the rest for ever
+                self._refuse(req.xfer, Code.ABORTED, f'cannot read "{path}": {exc.strerror}')
+                return
+            except ZdutError:
+                return  # the session ended; end() reports why
         self.handler.transferred("sent", path, sent)
 
     def _file_message(self, msg: FileOpen | FileChunk | FileEnd | FileAbort, payload: Any) -> None:
