@@ -11,8 +11,8 @@ import pytest
 import zmq
 
 from zdut import broker as B
-from zdut.brokerd import outbox
 from zdut import protocol as P
+from zdut.brokerd import outbox
 
 USER = "tester"
 

@@ -90,7 +90,11 @@ def test_errors_match_the_agent(reg: Registry) -> None:
             Code.INVALID_ARGUMENT,
             'unknown keyword "usage", possible values are: "help"',
         ),
-        (lambda: reg.answer(Lock(1, VERSION, "u", "dev1", 0), "b"), Code.UNIMPLEMENTED, "Lock is not served by the broker"),
+        (
+            lambda: reg.answer(Lock(1, VERSION, "u", "dev1", 0), "b"),
+            Code.UNIMPLEMENTED,
+            "Lock is not served by the broker",
+        ),
     ]
     for call, code, message in cases:
         with pytest.raises(ZdutError) as err:
