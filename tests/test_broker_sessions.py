@@ -10,7 +10,7 @@ import pytest
 from zdut import protocol as P
 from zdut.brokerd.registry import Agent
 from zdut.brokerd.sessions import Sessions
-from zdut.brokerd.timers import Timers
+from zdut.brokerd.timers import Coalesced, Timers
 
 
 class Wire:
@@ -135,3 +135,18 @@ def test_a_repeating_timer_counts_from_when_it_ran() -> None:
     timers.run_due(4.0)
     timers.run_due(4.5)
     assert ticks == [1.0, 3.5, 4.5]
+
+
+def test_coalesced_requests_make_one_run_until_it_has_run() -> None:
+    timers = Timers(0.0)
+    runs: list[float] = []
+    soon = Coalesced(timers, 0.2, lambda: runs.append(timers.now))
+    soon.request()
+    timers.run_due(0.1)
+    soon.request()  # already due: no second run, and no later deadline
+    timers.run_due(0.2)
+    timers.run_due(1.0)
+    assert runs == [0.2]
+    soon.request()  # after the run, a new request is a new run
+    timers.run_due(1.2)
+    assert runs == [0.2, 1.2]

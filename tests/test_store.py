@@ -1,16 +1,24 @@
-"""The broker's SQLite state file: round trip, moves, and clear one-line errors for unusable files."""
+"""The broker's SQLite state file: round trip, moves, clear one-line errors for unusable files, and the
+broker's autosave keeping it in step (coalesced writes, a failed write kept and retried)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
+from zdut import protocol as P
+from zdut.brokerd.autosave import FLUSH_S, SAVE_DELAY_S, AutoSave
+from zdut.brokerd.registry import Registry
 from zdut.brokerd.store import AgentRecord, DeviceRecord, Store, StoreError, default_state_path
+from zdut.brokerd.timers import Timers
+from zdut.common.logs import Throttle
 
 
 def agent(name: str, *devices: str, last_seen: float = 100.0) -> AgentRecord:
@@ -155,3 +163,44 @@ def test_broker_exits_1_with_one_line(tmp_path: Path, content: bytes | None) -> 
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"zdut-broker: {path}: ")
     assert "Traceback" not in proc.stderr
+
+
+class FailingStore(Store):
+    """A real state file whose next ``failures`` writes fail as a full disk would."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failures = 0
+        self.writes = 0
+
+    def save(self, agents: Iterable[AgentRecord] = (), deleted: Iterable[str] = ()) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError(f"{self.path}: disk full")
+        self.writes += 1
+        super().save(agents, deleted)
+
+
+def register(reg: Registry, name: str, device: str) -> None:
+    reg.register(name.encode(), P.Register(P.VERSION, name, "i", "", [P.DeviceEntry(device, [])], {}))
+
+
+def test_autosave_coalesces_and_retries_a_failed_write(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = FailingStore(tmp_path / "broker.sqlite3")
+    timers = Timers(0.0)
+    reg = Registry(1.0, lambda: 1e9 + timers.now, lambda: timers.now)
+    save = AutoSave(reg, store, timers, Throttle(logging.getLogger("zdut.broker")))
+    register(reg, "a", "dev1")
+    save.schedule()
+    register(reg, "b", "dev2")
+    save.schedule()  # the same write
+    store.failures = 1
+    timers.run_due(SAVE_DELAY_S)
+    assert store.writes == 0 and "disk full (the registry stays in memory; retrying)" in caplog.text
+    assert reg.dirty == {"a", "b"}  # nothing is lost
+    timers.run_due(SAVE_DELAY_S + FLUSH_S)  # the retry asks for a save ...
+    assert store.writes == 0
+    timers.run_due(SAVE_DELAY_S + FLUSH_S + SAVE_DELAY_S)  # ... which comes as coalesced as any other
+    assert store.writes == 1 and not reg.dirty
+    save.close()
+    assert [a.name for a in Store(tmp_path / "broker.sqlite3").load()] == ["a", "b"]

@@ -11,7 +11,7 @@ import logging
 
 from zdut.brokerd.registry import Registry
 from zdut.brokerd.store import Store, StoreError
-from zdut.brokerd.timers import Timers
+from zdut.brokerd.timers import Coalesced, Timers
 from zdut.common.logs import Throttle
 
 #: Coalescing of registry writes, and the coarse last-seen flush.
@@ -25,17 +25,11 @@ class AutoSave:
         self._store = store
         self._timers = timers
         self._throttle = throttle
-        self._due = False
+        #: The registry changed: save it soon (changes meanwhile go into the same write).
+        self.schedule = Coalesced(timers, SAVE_DELAY_S, self.save).request
         timers.every(FLUSH_S, self.flush_last_seen)
 
-    def schedule(self) -> None:
-        """The registry changed: save it soon."""
-        if not self._due:
-            self._due = True
-            self._timers.after(SAVE_DELAY_S, self.save)
-
     def save(self) -> None:
-        self._due = False
         reg = self._registry
         records, deleted = reg.take_dirty()
         if not records and not deleted:

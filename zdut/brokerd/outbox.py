@@ -21,7 +21,7 @@ from typing import Any
 
 import zmq
 
-from zdut.brokerd.timers import Timers
+from zdut.brokerd.timers import Coalesced, Timers
 from zdut.common.logs import hex_id
 from zdut.protocol import CHUNK_SIZE, INITIAL_WINDOW, MAX_HEADER_BYTES, STDIN_WINDOW
 
@@ -124,7 +124,7 @@ class Outbox:
         #: What a peer may have parked: park_limit, plus per_session for each of its sessions.
         self.park_limit = PARK_LIMIT
         self.per_session = INITIAL_WINDOW + STDIN_WINDOW
-        self._retry_due = False
+        self._retry_soon = Coalesced(timers, PARK_RETRY_S, self._retry_tick)
 
     def send(self, rid: bytes, a: Any, b: Any = None, c: Any = None) -> None:
         """Send without ever blocking: park on EAGAIN, mark lost on EHOSTUNREACH."""
@@ -155,7 +155,7 @@ class Outbox:
         q = self.parked.get(rid)
         if q is None:
             q = self.parked[rid] = Parked(self._timers.now)
-            self._schedule_retry()
+            self._retry_soon.request()
         q.items.append(frames)
         q.nbytes += _size(frames)
         self._stats["parked"] += 1
@@ -164,16 +164,10 @@ class Outbox:
             # a peer that respects credit never has more than its sessions' windows queued.
             self._congested(rid, f"{q.nbytes >> 20} MiB queued, more than its sessions' credit allows")
 
-    def _schedule_retry(self) -> None:
-        if not self._retry_due:
-            self._retry_due = True
-            self._timers.after(PARK_RETRY_S, self._retry_tick)
-
     def _retry_tick(self) -> None:
-        self._retry_due = False
         self.retry()
         if self.parked:
-            self._schedule_retry()
+            self._retry_soon.request()
 
     def retry(self) -> None:
         """Send what the parked queues can now take; give up on peers that made no progress for too long."""

@@ -45,3 +45,22 @@ class Timers:
         heap = self._heap
         while heap and heap[0][0] <= now:
             heapq.heappop(heap)[2]()
+
+
+class Coalesced:
+    """``fn`` run once, ``delay_s`` after it was first asked for; asking again meanwhile changes nothing."""
+
+    def __init__(self, timers: Timers, delay_s: float, fn: Callable[[], None]) -> None:
+        self._timers = timers
+        self._delay_s = delay_s
+        self._fn = fn
+        self._due = False
+
+    def request(self) -> None:
+        if not self._due:
+            self._due = True
+            self._timers.after(self._delay_s, self._run)
+
+    def _run(self) -> None:
+        self._due = False
+        self._fn()
