@@ -1,1 +1,2 @@
-"""Internals of ``zdut-broker`` (entry point ``zdut.broker``): registry, SQLite store, session tables, outbox."""
+"""Internals of ``zdut-broker`` (entry point ``zdut.broker``, which dispatches): inbox, outbox, sessions,
+registry, membership, timers, autosave and the SQLite store, one room each."""
