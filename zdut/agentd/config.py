@@ -9,7 +9,6 @@ is an error (the module's options Struct forbids it).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from zdut import devices as registry
+from zdut.common.flags import go_quote
 from zdut.devices.base import Module, decode_options
 from zdut.protocol import Code, ZdutError
 
@@ -51,11 +51,6 @@ _BOOL = "tag:yaml.org,2002:bool"
 _MERGE = "tag:yaml.org,2002:merge"
 
 
-def _q(text: str) -> str:
-    """A double-quoted string, as Go's %q renders names in dutctl's messages."""
-    return json.dumps(text, ensure_ascii=False)
-
-
 class ConfigError(Exception):
     """An invalid configuration, rendered ``device "D": command "C": line N: <message>`` (known parts only)."""
 
@@ -80,9 +75,9 @@ class ConfigError(Exception):
     def __str__(self) -> str:
         parts = []
         if self.device is not None:
-            parts.append(f"device {_q(self.device)}: ")
+            parts.append(f"device {go_quote(self.device)}: ")
         if self.command is not None:
-            parts.append(f"command {_q(self.command)}: ")
+            parts.append(f"command {go_quote(self.command)}: ")
         if self.line:
             parts.append(f"line {self.line}: ")
         return "".join(parts) + self.message
@@ -262,7 +257,7 @@ def _check_unique(node: MappingNode, where: _Where, fold: bool = False) -> None:
         name = key.value.lower() if fold else key.value
         if name in seen:
             raise where.error(
-                "yaml", f"mapping key {_q(key.value)} already defined at line {_line(seen[name])}", _line(key)
+                "yaml", f"mapping key {go_quote(key.value)} already defined at line {_line(seen[name])}", _line(key)
             )
         seen[name] = key
 
@@ -424,8 +419,8 @@ def _command(key: ScalarNode, node: Node, where: _Where) -> Command:
                 if ref not in names:
                     raise where.error(
                         "undefined_argument",
-                        f"undefined argument reference: module {_q(step.module_id)} references undefined argument "
-                        f"{_q(ref)} (available: [{' '.join(names)}])",
+                        f"undefined argument reference: module {go_quote(step.module_id)} references "
+                        f"undefined argument {go_quote(ref)} (available: [{' '.join(names)}])",
                         line,
                     )
     return Command(key.value, desc, decls, steps, _line(key))
@@ -465,17 +460,17 @@ def _step(node: Node, where: _Where) -> Step:
     try:
         module_cls = registry.get(module_id)
     except Exception as exc:  # a registered module whose code cannot be imported: say which one
-        raise where.error("module_load", f"module {_q(module_id)} cannot be loaded: {exc}", line) from exc
+        raise where.error("module_load", f"module {go_quote(module_id)} cannot be loaded: {exc}", line) from exc
     if module_cls is None:
         raise where.error(
-            "module_not_found", f"module {_q(module_id)} not found, maybe not registered, see {MODULES_DOC}", line
+            "module_not_found", f"module {go_quote(module_id)} not found, maybe not registered, see {MODULES_DOC}", line
         )
     try:
         options = decode_options(module_cls, _with_options(with_node, where))
     except ValueError as exc:
-        raise where.error("validation", f"module {_q(module_id)}: {exc}", line) from None
+        raise where.error("validation", f"module {go_quote(module_id)}: {exc}", line) from None
     try:
         module = module_cls(options)
     except Exception as exc:  # a module constructor refusing its options is a config error, not a crash
-        raise where.error("validation", f"module {_q(module_id)}: {exc}", line) from exc
+        raise where.error("validation", f"module {go_quote(module_id)}: {exc}", line) from exc
     return Step(module_id, passthrough, args, options, module, line)
