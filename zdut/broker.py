@@ -327,11 +327,6 @@ class Broker:
         if self._sessions.take_reply(cid, rid, agent):
             self._send(cid, header)
             return
-        sess = self._sessions.get((cid, msg.rid)) if isinstance(msg, Error) else None
-        if sess is not None and sess.agent is agent:  # an agent may answer a RunOpen with Error
-            self._send(cid, header)
-            self._sessions.end(sess)
-            return
         self._late(cid, msg)
 
     def _agent_control(self, agent: Agent, msg: Any) -> None:

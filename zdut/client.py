@@ -61,6 +61,7 @@ from zdut.protocol import (
     Resize,
     RunOpen,
     RunStarted,
+    SessionMessage,
     StdinEof,
     Unlock,
     Welcome,
@@ -72,7 +73,7 @@ from zdut.protocol import (
 from zdut.transport.files import FileSender, FileWriter
 from zdut.transport.links import Pump, tune
 from zdut.transport.monitor import ConnectionMonitor
-from zdut.transport.stream import SessionMessage, Stream, Watched, keep_alive
+from zdut.transport.stream import Stream, Watched, keep_alive
 
 CONNECT_TIMEOUT_S = 10.0
 #: Console input goes out in pieces well under the stdin window (a piece must always fit in it).

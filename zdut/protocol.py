@@ -19,7 +19,7 @@ It imports nothing from zdut but the package version.
 from __future__ import annotations
 
 import re
-from typing import Union
+from typing import Union, get_args
 
 import msgspec
 
@@ -395,9 +395,10 @@ Message = Union[
 WITH_PAYLOAD = (Data, FileChunk)
 #: Requests a server answers with one reply carrying the same rid.
 UNARY_REQUESTS = (Hello, ListDevices, ListCommands, GetDetails, Lock, Unlock, ListAgents)
-#: Messages of a Run session after RunOpen (everything that carries sid and seq).
-SESSION = (RunStarted, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
-           Credit, Ping, Cancel, Resize, Done)
+#: Messages of a Run session after RunOpen (everything that carries sid and seq), as a type and a tuple.
+SessionMessage = Union[RunStarted, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
+                       Credit, Ping, Cancel, Resize, Done]
+SESSION: tuple[type[SessionMessage], ...] = get_args(SessionMessage)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -446,9 +447,6 @@ def check_version(server_role: str, server_version: str, peer_version: str, peer
             f"incompatible zdut versions: {server_role} {server_version}, {peer_role} {peer_version} ({reason})",
         )
 
-
-#: The same function under its former name (zdut/agentd/agent.py's Run path still calls it so).
-check_client_version = check_version
 
 
 def version_drift(client_version: str, server_role: str, server_version: str) -> str | None:

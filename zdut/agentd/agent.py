@@ -36,7 +36,6 @@ from zdut.protocol import (
     Unlock,
     Unlocked,
     ZdutError,
-    check_client_version,
     check_version,
     encode,
 )
@@ -177,7 +176,7 @@ class Agent:
         try:
             if key in self.runs:
                 raise ZdutError(Code.ALREADY_EXISTS, f"session {msg.sid} is already open")
-            check_client_version("agent", VERSION, msg.version)
+            check_version("agent", VERSION, msg.version)
             command = self._command(msg.device, msg.command)
             step_args = command.resolve(list(msg.args))
         except ZdutError as exc:

@@ -37,11 +37,12 @@ from zdut.protocol import (
     Ping,
     Resize,
     RunStarted,
+    SessionMessage,
     StdinEof,
     ZdutError,
 )
 from zdut.transport.files import FileReceiver, FileSender, Source
-from zdut.transport.stream import SendFrames, SessionMessage, Stream
+from zdut.transport.stream import SendFrames, Stream
 
 log = logging.getLogger("zdut.session")
 

@@ -30,9 +30,6 @@ from zdut.protocol import (
 #: send_frames(header_bytes, payload_or_None) -> None; raises ZdutError if the peer is gone.
 SendFrames = Callable[[bytes, Any], None]
 
-#: What a Stream sends: the messages of a Run session after RunOpen, each carrying sid and seq.
-SessionMessage = (wire.RunStarted | wire.Data | wire.StdinEof | wire.FileRequest | wire.FileOpen | wire.FileChunk
-                  | wire.FileEnd | wire.FileAbort | wire.Credit | wire.Ping | wire.Cancel | wire.Resize | wire.Done)
 
 
 class _Window:
@@ -81,7 +78,7 @@ class Stream:
         self.closed: ZdutError | None = None
 
     # ------------------------------------------------------------- sending
-    def send(self, cls: type[SessionMessage], payload: Any = None, **fields: Any) -> None:
+    def send(self, cls: type[wire.SessionMessage], payload: Any = None, **fields: Any) -> None:
         """Send a message that needs no credit (control, or credit already taken)."""
         if self.closed is not None:
             raise self.closed
@@ -91,7 +88,7 @@ class Stream:
         self._send_frames(header, payload)
 
     async def send_credited(
-        self, cls: type[SessionMessage], payload: Any = None, window: int = WINDOW_MAIN, **fields: Any
+        self, cls: type[wire.SessionMessage], payload: Any = None, window: int = WINDOW_MAIN, **fields: Any
     ) -> None:
         """Wait for credit, then send a flow-controlled message."""
         if self.closed is not None:
@@ -99,7 +96,7 @@ class Stream:
         await self._windows[window].take(MESSAGE_COST + (len(payload) if payload is not None else 0))
         self.send(cls, payload, **fields)
 
-    def try_send_credited(self, cls: type[SessionMessage], payload: Any = None, window: int = WINDOW_MAIN,
+    def try_send_credited(self, cls: type[wire.SessionMessage], payload: Any = None, window: int = WINDOW_MAIN,
                           **fields: Any) -> bool:
         """Send a flow-controlled message at once if its credit is there and nobody waits before it."""
         w = self._windows[window]
