@@ -16,6 +16,7 @@ from typing import Any
 
 from zdut.agentd.locker import Locker
 from zdut.devices.base import ModuleError
+from zdut.devices.stdin import StdinBuffer
 from zdut.protocol import (
     CHUNK_SIZE,
     PRINT,
@@ -97,9 +98,7 @@ class AgentRun:
         self.stream = Stream(sid, send_frames)
         self.task: asyncio.Task[tuple[str, str]] | None = None
         self.transfer: _Incoming | None = None
-        self._stdin: asyncio.Queue[bytes] = asyncio.Queue()
-        self._stdin_buf = b""
-        self._stdin_eof = False
+        self._stdin = StdinBuffer(lambda nbytes: self.stream.consumed(nbytes, WINDOW_STDIN, STDIN_WINDOW))
         self._xfers = 0
         self._sending: dict[int, FileSender] = {}
         self._term: tuple[int, int] | None = None
@@ -189,9 +188,9 @@ class AgentRun:
         self.stream.received(msg.seq)
         match msg:
             case Data() if msg.stream == STDIN:
-                self._stdin.put_nowait(bytes(payload))
+                self._stdin.feed(bytes(payload))
             case StdinEof():
-                self._stdin.put_nowait(b"")
+                self._stdin.close()
             case Credit():
                 self.stream.granted(msg.nbytes, msg.window)
             case FileOpen() | FileEnd() | FileAbort() | FileChunk():
@@ -234,27 +233,10 @@ class AgentRun:
             await self.stream.send_credited(Data, data[i : i + CHUNK_SIZE], stream=stream)
 
     async def read_stdin(self) -> bytes:
-        if self._stdin_buf:
-            data, self._stdin_buf = self._stdin_buf, b""
-            return data
-        if self._stdin_eof:
-            return b""
-        data = await self._stdin.get()
-        if not data:
-            self._stdin_eof = True
-        self.stream.consumed(len(data), WINDOW_STDIN, STDIN_WINDOW)
-        return data
+        return await self._stdin.read()
 
     async def readline(self) -> bytes:
-        while b"\n" not in self._stdin_buf and not self._stdin_eof:
-            chunk = await self._stdin.get()
-            self.stream.consumed(len(chunk), WINDOW_STDIN, STDIN_WINDOW)
-            if not chunk:
-                self._stdin_eof = True
-                break
-            self._stdin_buf += chunk
-        line, sep, self._stdin_buf = self._stdin_buf.partition(b"\n")
-        return line + sep
+        return await self._stdin.readline()
 
     def request_file(self, name: str) -> _Incoming:
         self._xfers += 1

@@ -8,11 +8,11 @@ tests that run the real agent; this is for fast, focused module tests.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from zdut.devices.stdin import StdinBuffer
 from zdut.protocol import CHUNK_SIZE, Code, ZdutError
 
 
@@ -47,20 +47,18 @@ class LocalSession:
         #: Every output event in order: ("print"|"stdout"|"stderr", bytes)
         self.events: list[tuple[str, bytes]] = []
         self.sent_files: dict[str, bytes] = {}
-        self._stdin = asyncio.Queue[bytes]()
-        self._stdin_buf = b""
-        self._eof = False
+        self._stdin = StdinBuffer()
         if stdin:
-            self._stdin.put_nowait(stdin)
+            self._stdin.feed(stdin)
         self._files_dir = Path(files_dir) if files_dir else None
         self._terminal_size = terminal_size
 
     # -- feeding the module
     def feed_stdin(self, data: bytes) -> None:
-        self._stdin.put_nowait(data)
+        self._stdin.feed(data)
 
     def close_stdin(self) -> None:
-        self._stdin.put_nowait(b"")
+        self._stdin.close()
 
     @property
     def text(self) -> str:
@@ -81,26 +79,10 @@ class LocalSession:
         self.events.append(("stderr", bytes(data)))
 
     async def read_stdin(self) -> bytes:
-        if self._stdin_buf:
-            data, self._stdin_buf = self._stdin_buf, b""
-            return data
-        if self._eof:
-            return b""
-        data = await self._stdin.get()
-        if not data:
-            self._eof = True
-        return data
+        return await self._stdin.read()
 
     async def readline(self) -> bytes:
-        while b"\n" not in self._stdin_buf and not self._eof:
-            chunk = await self._stdin.get()
-            if not chunk:
-                self._eof = True
-                break
-            self._stdin_buf += chunk
-        line, sep, rest = self._stdin_buf.partition(b"\n")
-        self._stdin_buf = rest
-        return line + sep
+        return await self._stdin.readline()
 
     def request_file(self, name: str) -> _LocalIncoming:
         if self._files_dir is None:
