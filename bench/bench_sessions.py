@@ -251,14 +251,19 @@ def start_lab(tmp: Path, files: Path) -> tuple[list[subprocess.Popen[bytes]], st
 
 def zdut_echo(addr: str, n: int) -> list[float]:
     """Round trip of one line through `zdut ADDR device2 repeat` driven through pipes."""
-    proc = subprocess.Popen([str(BIN / "zdut"), "-s", addr, "device2", "repeat"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, bufsize=0)
+    return pipe_echo([str(BIN / "zdut"), "-s", addr, "device2", "repeat"], n, greeting_lines=2,
+                     farewell=b"two words\n")
+
+
+def pipe_echo(argv: list[str], n: int, greeting_lines: int = 0, farewell: bytes = b"") -> list[float]:
+    """Round trips of one line written to a process's stdin and read back from its stdout."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     assert proc.stdin and proc.stdout
     # Buffered on our side: an unbuffered readline() costs one read syscall per byte, which would be
-    # charged to zdut (the raw baseline reads whole messages).
+    # charged to the process measured (the raw baselines read whole messages).
     out = io.BufferedReader(proc.stdout)  # type: ignore[arg-type]
-    out.readline()
-    out.readline()
+    for _ in range(greeting_lines):
+        out.readline()
     samples = []
     for i in range(n + 50):
         line = b"word%d\n" % i
@@ -269,9 +274,66 @@ def zdut_echo(addr: str, n: int) -> list[float]:
         assert got == line, (got, line)
         if i >= 50:  # warm-up
             samples.append(dt)
-    proc.stdin.write(b"two words\n")
+    if farewell:
+        proc.stdin.write(farewell)
+    proc.stdin.close()
     proc.wait(10)
     return samples
+
+
+# The same shape as a brokered console, in minimal pyzmq programs: a client process forwarding its stdin to a
+# ROUTER relay, an echoing DEALER that connected out to the relay (as an agent does), the echo back to stdout.
+CHAIN_RELAY = """
+import sys, zmq
+ctx = zmq.Context(); r = ctx.socket(zmq.ROUTER); r.bind(sys.argv[1])
+agent = r.recv(); r.recv(); r.send(agent, zmq.SNDMORE); r.send(b"ok")
+while True:
+    rid = r.recv()
+    if rid == agent:
+        cid = r.recv(); msg = r.recv(); r.send(cid, zmq.SNDMORE); r.send(msg)
+    else:
+        msg = r.recv()
+        if msg == b"quit": sys.exit(0)
+        r.send(agent, zmq.SNDMORE); r.send(rid, zmq.SNDMORE); r.send(msg)
+"""
+
+CHAIN_ECHO = """
+import sys, zmq
+ctx = zmq.Context(); d = ctx.socket(zmq.DEALER); d.connect(sys.argv[1]); d.send(b"hello"); d.recv()
+print("ready", flush=True)
+while True:
+    cid = d.recv(); msg = d.recv(); d.send(cid, zmq.SNDMORE); d.send(msg)
+"""
+
+CHAIN_CLIENT = """
+import os, sys, zmq
+ctx = zmq.Context(); d = ctx.socket(zmq.DEALER); d.connect(sys.argv[1])
+poller = zmq.Poller(); poller.register(0, zmq.POLLIN); poller.register(d, zmq.POLLIN)
+while True:
+    for sock, _ in poller.poll():
+        if sock == 0:
+            data = os.read(0, 65536)
+            if not data:
+                d.send(b"quit"); ctx.destroy(linger=1000); sys.exit(0)
+            d.send(data)
+        else:
+            os.write(1, d.recv())
+"""
+
+
+def raw_chain_baseline(n: int) -> list[float]:
+    """Echo through four minimal processes of the brokered console's shape: the floor zdut is held to."""
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    relay = subprocess.Popen([sys.executable, "-c", CHAIN_RELAY, ep])
+    echo = subprocess.Popen([sys.executable, "-c", CHAIN_ECHO, ep], stdout=subprocess.PIPE)
+    assert echo.stdout
+    echo.stdout.readline()  # registered with the relay
+    try:
+        return pipe_echo([sys.executable, "-c", CHAIN_CLIENT, ep], n)
+    finally:
+        relay.wait(5)
+        echo.kill()
+        echo.wait(5)
 
 
 class _Lines(RunHandler):
@@ -404,6 +466,7 @@ def main() -> None:
             print(f"  raw pyzmq DEALER/ROUTER round trip  : {percentiles(raw_echo_baseline(args.lines))}")
             print(f"  zdut direct to agent                : {percentiles(zdut_echo(agent, args.lines))}")
             print(f"  raw pyzmq through a minimal relay   : {percentiles(raw_relay_baseline(args.lines))}")
+            print(f"  raw pyzmq 4-process chain, same shape: {percentiles(raw_chain_baseline(args.lines))}")
             print(f"  zdut through the broker             : {percentiles(zdut_echo(broker, args.lines))}")
             print("  the same through the client library (no CLI process, no pipes):")
             print(f"  zdut library direct to agent        : {percentiles(library_echo(agent, args.lines))}")
