@@ -49,12 +49,15 @@ def reg(clock: Clock) -> Registry:
 
 
 def register(
-    name: str, *devices: str, instance: str = "i1", version: str = VERSION, locks: dict[str, LockState] | None = None
+    name: str, *devices: str, instance: str = "i1", version: str = VERSION, locks: dict[str, LockState] | None = None,
+    busy: dict[str, LockState] | None = None, failed: dict[str, str] | None = None,
 ) -> Register:
     entries = [
-        DeviceEntry(d, [CommandInfo("status", f"status of {d}"), CommandInfo("on", "power on")]) for d in devices
+        DeviceEntry(d, [CommandInfo("status", f"status of {d}"), CommandInfo("on", "power on")], *extra)
+        for d in devices
+        for extra in [[failed[d]] if failed and d in failed else []]
     ]
-    return Register(version, name, instance, f"{name}:1024", entries, locks or {})
+    return Register(version, name, instance, f"{name}:1024", entries, locks or {}, *([busy] if busy else []))
 
 
 def refusal(reg: Registry, rid: bytes, msg: Register) -> ZdutError:
@@ -273,3 +276,74 @@ def test_persistence_round_trip_lists_devices_offline(reg: Registry, clock: Cloc
     back = fresh.register(b"r9", register("a", "dev1", "dev2", instance="i2"))
     assert back.restarted and back.replaced_rid is None
     assert fresh.commands("dev1") == ["on", "status"]
+
+
+# ------------------------------------------------------------------ issue 10: locks stay true
+
+
+def test_device_locked_at_an_offline_agent_is_not_claimed_until_the_lock_expires(reg: Registry, clock: Clock) -> None:
+    now = int(clock.wall())
+    a = reg.register(b"r1", register("a", "dev1", "dev2", locks={"dev2": LockState("alice", now, now + 600)})).agent
+    reg.offline(a)
+    err = refusal(reg, b"r2", register("b", "dev2"))
+    assert err.code == Code.FAILED_PRECONDITION
+    assert err.message == (
+        'device "dev2" is locked by "alice" at offline agent "a" (expires in 10m, at 1970-01-12T13:56:40Z); '
+        'it can move once the lock expires or after "zdut forget a"'
+    )
+    assert reg.devices["dev2"].agent is a and a.devices == ["dev1", "dev2"]  # nothing moved
+    assert reg.register(b"r3", register("c", "dev1")).moved == [("dev1", "a")]  # unlocked devices still move
+    clock.advance(600)
+    assert reg.register(b"r2", register("b", "dev2")).moved == [("dev2", "a")]
+    assert "a" not in reg.agents
+
+
+def test_busy_hold_at_an_offline_agent_keeps_its_device(reg: Registry) -> None:
+    now = int(reg.wall())
+    a = reg.register(b"r1", register("a", "dev1", locks={"dev1": LockState("bob", now, 0)})).agent
+    reg.offline(a)
+    err = refusal(reg, b"r2", register("b", "dev1"))
+    assert err.message == (
+        'device "dev1" is in use by "bob" at offline agent "a" (a session holds it, no expiry); it can move once '
+        'that agent releases it or after "zdut forget a"'
+    )
+    again = reg.register(b"r3", register("a", "dev1", instance="i2"))  # the same agent is always welcome back
+    assert again.restarted and reg.devices["dev1"].lock is None
+
+
+def test_a_busy_hold_under_an_expired_reservation_is_listed(reg: Registry, clock: Clock) -> None:
+    now = int(clock.wall())
+    reserved, busy = LockState("alice", now, now + 60), LockState("alice", now + 1, 0)
+    a = reg.register(b"r1", register("a", "dev1", "dev2", locks={"dev1": reserved}, busy={"dev1": busy})).agent
+    assert reg.device_list()[0].lock == reserved
+    clock.advance(60)
+    assert reg.device_list()[0].lock == busy  # not free: alice's session still runs
+    assert reg.lock_changed(a, "dev2", reserved, busy)
+    assert reg.lock_changed(a, "dev2", reserved, None)  # the session ended under the reservation
+    clock.advance(60)
+    assert reg.device_list()[1].lock is None
+
+
+def test_forget_drops_an_offline_agent_and_its_devices(reg: Registry) -> None:
+    a = reg.register(b"r1", register("a", "dev1", "dev2")).agent
+    reg.register(b"r2", register("b", "dev3"))
+    reg.take_dirty()
+    for name, code, message in [
+        ("zz", Code.NOT_FOUND, 'agent "zz": no such agent'),
+        ("a", Code.FAILED_PRECONDITION, 'agent "a" is online; only an offline agent can be forgotten'),
+    ]:
+        with pytest.raises(ZdutError) as err:
+            reg.forget(name)
+        assert (err.value.code, err.value.message) == (code, message)
+    reg.offline(a)
+    assert reg.forget("a") == ["dev1", "dev2"]
+    assert [d.name for d in reg.device_list()] == ["dev3"] and [i.name for i in reg.agent_list()] == ["b"]
+    assert reg.take_dirty() == ([], ["a"])  # deleted from the state file too
+    assert reg.register(b"r1", register("a", "dev1")).agent is not a  # a stranger now
+
+
+def test_failed_devices_are_listed_with_their_reason(reg: Registry) -> None:
+    reg.register(b"r1", register("a", "dev1", "dev2", failed={"dev2": "module x: no port"}))
+    assert reg.device_list() == [DeviceInfo("dev1", None, "a", True), DeviceInfo("dev2", None, "a", True,
+                                                                                 "module x: no port")]
+    assert reg.agent_list()[0].failed == {"dev2": "module x: no port"}

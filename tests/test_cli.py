@@ -307,7 +307,7 @@ def test_lock_unlock_between_identities(demo: tuple[Lab, str]) -> None:
     r = z(demo, "-u", "alice", "device1", "lock", "20m")  # same owner extends
     assert "for 20m" in r.stdout
     r = z(demo, "-u", "bob", "device1", "unlock", "force")
-    assert r.returncode == 0 and r.stdout.strip() == '✓ Device "device1" unlocked'
+    assert r.returncode == 0 and r.stdout.strip() == '✓ Device "device1" unlocked: broke the lock of "alice"'
     assert plain(z(demo, "list").stdout).startswith("- device1\n")
     r = z(demo, "-u", "alice", "device1", "unlock")
     assert r.returncode == 1 and "device is not locked" in r.stderr

@@ -405,7 +405,7 @@ def test_passthrough_and_args_declaration() -> None:
 # ---------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize("name", ["list", "version", "shell", "agents"])
+@pytest.mark.parametrize("name", ["list", "version", "shell", "agents", "forget"])
 def test_reserved_device_names(name: str) -> None:
     err = error(
         f"""

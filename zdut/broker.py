@@ -58,6 +58,7 @@ from zdut.protocol import (
     FileEnd,
     FileOpen,
     FileRequest,
+    Forget,
     GetDetails,
     Heartbeat,
     Hello,
@@ -152,6 +153,7 @@ class Broker:
             ListAgents: self._c_local,
             Lock: self._c_forward,
             Unlock: self._c_forward,
+            Forget: lambda rid, msg, header: self._send(rid, encode(self._members.forget(msg))),
             RunOpen: self._c_run,
         }
         every = self._timers.every
@@ -333,7 +335,7 @@ class Broker:
         if isinstance(msg, Heartbeat):
             return  # last_rx is already stamped
         if isinstance(msg, LockChanged):
-            self.registry.lock_changed(agent, msg.device, msg.lock)
+            self.registry.lock_changed(agent, msg.device, msg.lock, msg.busy)
         elif isinstance(msg, Register):
             assert agent.rid is not None
             self._members.register(agent.rid, msg)

@@ -48,6 +48,8 @@ from zdut.protocol import (
     FileEnd,
     FileOpen,
     FileRequest,
+    Forget,
+    Forgotten,
     GetDetails,
     Hello,
     ListAgents,
@@ -64,6 +66,7 @@ from zdut.protocol import (
     SessionMessage,
     StdinEof,
     Unlock,
+    Unlocked,
     Welcome,
     ZdutError,
     encode,
@@ -454,8 +457,17 @@ class Client:
         assert isinstance(reply, LockResult)
         return reply.lock
 
-    async def unlock(self, device: str, force: bool = False) -> None:
-        await self._call(lambda rid: Unlock(rid, VERSION, self.user, device, force))
+    async def unlock(self, device: str, force: bool = False) -> Unlocked:
+        """The reply says whose lock a forced unlock broke, and how many of their sessions it cancelled."""
+        reply = await self._call(lambda rid: Unlock(rid, VERSION, self.user, device, force))
+        assert isinstance(reply, Unlocked)
+        return reply
+
+    async def forget(self, agent: str) -> builtins.list[str]:
+        """Drop an offline agent and its devices from a broker; returns those devices."""
+        reply = await self._call(lambda rid: Forget(rid, VERSION, self.user, agent))
+        assert isinstance(reply, Forgotten)
+        return reply.devices
 
     async def agents(self) -> builtins.list[AgentInfo]:
         reply = await self._call(lambda rid: ListAgents(rid, VERSION, self.user))

@@ -104,6 +104,7 @@ class DeviceInfo(msgspec.Struct, array_like=True, frozen=True):
     lock: LockState | None = None
     agent: str = ""
     online: bool = True
+    failed: str = ""  # why its modules failed to initialise; "" = healthy
 
 
 class CommandInfo(msgspec.Struct, array_like=True, frozen=True):
@@ -114,6 +115,7 @@ class CommandInfo(msgspec.Struct, array_like=True, frozen=True):
 class DeviceEntry(msgspec.Struct, array_like=True, frozen=True):
     name: str
     commands: list[CommandInfo]
+    failed: str = ""  # as DeviceInfo.failed
 
 
 class AgentInfo(msgspec.Struct, array_like=True, frozen=True):
@@ -123,6 +125,7 @@ class AgentInfo(msgspec.Struct, array_like=True, frozen=True):
     last_seen: float  # unix seconds
     version: str
     address: str = ""
+    failed: dict[str, str] = msgspec.field(default_factory=dict)  # device -> why it failed to initialise
 
 
 # ---------------------------------------------------------------- unary calls
@@ -205,6 +208,8 @@ class Unlock(_Msg, tag="unlock", frozen=True):
 
 class Unlocked(_Msg, tag="unlocked", frozen=True):
     rid: int
+    broke: str = ""  # a forced unlock: the owner whose lock (reservation or busy hold) it broke
+    cancelled: int = 0  # ... and how many of that owner's running sessions it cancelled
 
 
 class ListAgents(_Msg, tag="agents", frozen=True):
@@ -216,6 +221,19 @@ class ListAgents(_Msg, tag="agents", frozen=True):
 class AgentList(_Msg, tag="agentlist", frozen=True):
     rid: int
     agents: list[AgentInfo]
+
+
+class Forget(_Msg, tag="forget", frozen=True):
+    rid: int
+    version: str
+    user: str
+    agent: str  # an offline agent for a broker to drop, with its devices (``zdut forget``)
+
+
+class Forgotten(_Msg, tag="forgotten", frozen=True):
+    rid: int
+    agent: str
+    devices: list[str]
 
 
 class Error(_Msg, tag="error", frozen=True):
@@ -349,7 +367,8 @@ class Register(_Msg, tag="register", frozen=True):
     instance: str  # random per agent process
     address: str  # the agent's own direct address, informative only
     devices: list[DeviceEntry]
-    locks: dict[str, LockState]
+    locks: dict[str, LockState]  # the effective hold of each held device (a reservation shadows a busy hold)
+    busy: dict[str, LockState] = msgspec.field(default_factory=dict)  # busy holds shadowed by a reservation
 
 
 class Registered(_Msg, tag="registered", frozen=True):
@@ -373,7 +392,8 @@ class Reregister(_Msg, tag="rereg", frozen=True):
 
 class LockChanged(_Msg, tag="lockchg", frozen=True):
     device: str
-    lock: LockState | None
+    lock: LockState | None  # the effective hold, as listed
+    busy: LockState | None = None  # a busy hold under that reservation: listed once the reservation expires
 
 
 class SessionGone(_Msg, tag="gone", frozen=True):
@@ -385,7 +405,7 @@ class SessionGone(_Msg, tag="gone", frozen=True):
 
 Message = Union[
     Hello, Welcome, ListDevices, DeviceList, ListCommands, CommandList, GetDetails, Details,
-    Lock, LockResult, Unlock, Unlocked, ListAgents, AgentList, Error,
+    Lock, LockResult, Unlock, Unlocked, ListAgents, AgentList, Forget, Forgotten, Error,
     RunOpen, RunStarted, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
     Credit, Ping, Cancel, Resize, Done,
     Register, Registered, Refused, Heartbeat, Reregister, LockChanged, SessionGone,
@@ -394,7 +414,7 @@ Message = Union[
 #: Messages followed by exactly one payload frame.
 WITH_PAYLOAD = (Data, FileChunk)
 #: Requests a server answers with one reply carrying the same rid.
-UNARY_REQUESTS = (Hello, ListDevices, ListCommands, GetDetails, Lock, Unlock, ListAgents)
+UNARY_REQUESTS = (Hello, ListDevices, ListCommands, GetDetails, Lock, Unlock, ListAgents, Forget)
 #: Messages of a Run session after RunOpen (everything that carries sid and seq), as a type and a tuple.
 SessionMessage = Union[RunStarted, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
                        Credit, Ping, Cancel, Resize, Done]
@@ -446,7 +466,6 @@ def check_version(server_role: str, server_version: str, peer_version: str, peer
             Code.FAILED_PRECONDITION,
             f"incompatible zdut versions: {server_role} {server_version}, {peer_role} {peer_version} ({reason})",
         )
-
 
 
 def version_drift(client_version: str, server_role: str, server_version: str) -> str | None:

@@ -42,6 +42,7 @@ HELP = """\
 The one-shot CLI's grammar, without flags:
   list                      devices and their locks
   agents                    agents behind a broker
+  forget AGENT              drop an offline agent and its devices from the broker
   DEV                       commands of a device
   DEV CMD [args...]         run a command (Ctrl-C cancels it; Ctrl-] leaves an interactive console)
   DEV CMD help              usage of a command

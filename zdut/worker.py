@@ -109,8 +109,14 @@ async def _serve(agent: Agent, args: argparse.Namespace) -> int:
         for line in problems:
             log.error("%s", line)
             print(f"zdut-agent: {line}", file=sys.stderr)
-        await agent.deinit_modules()
-        return 1
+        total = len(agent.config.devices)
+        if args.dry_run or len(agent.failed) == total:  # --dry-run is strict; nothing left to serve is fatal
+            if not args.dry_run:
+                print("zdut-agent: every device failed to initialise; exiting", file=sys.stderr)
+            await agent.deinit_modules()
+            return 1
+        log.error("%d of %d devices failed to initialise (%s): they are listed as failed, the others serve on",
+                  len(agent.failed), total, ", ".join(sorted(agent.failed)))
     if args.dry_run:
         problems = await agent.deinit_modules()
         for line in problems:

@@ -27,6 +27,7 @@ from zdut.protocol import (
     DeviceEntry,
     DeviceInfo,
     Error,
+    Forget,
     Lock,
     LockChanged,
     LockResult,
@@ -48,6 +49,8 @@ log = logging.getLogger("zdut.agent")
 
 INIT_TIMEOUT_S = 300.0
 DEINIT_TIMEOUT_S = 15.0
+#: How long a forced unlock waits for the runs it cancelled to close before it answers anyway.
+FORCE_WAIT_S = 5.0
 
 
 def anonymous() -> str:
@@ -65,6 +68,9 @@ class Agent:
         self.uplinks: list[Uplink] = []  # each told about lock changes
         self.locker = Locker(set(config.devices), state_path, on_change=self._lock_changed)
         self.runs: dict[tuple[int, bytes, int], AgentRun] = {}
+        #: Devices whose modules failed to initialise -> why; listed as failed, their runs refused.
+        self.failed: dict[str, str] = {}
+        self._deferred: set[asyncio.Task[None]] = set()  # replies that wait for cancelled runs to close
 
     # ------------------------------------------------------------- module lifecycle
     def _steps(self) -> list[tuple[str, str, Any]]:
@@ -72,22 +78,33 @@ class Agent:
                 for step in c.steps]
 
     async def init_modules(self) -> list[str]:
-        """Init every module instance; return one line per failure (all are tried)."""
+        """Init every module instance, all at once; return one line per failure.
 
-        async def one(device: str, command: str, step: Any) -> str | None:
-            try:
-                await step.module.init()
-            except Exception as exc:  # collected, reported together
-                return f'device "{device}": command "{command}": module "{step.module_id}": {exc}'
-            return None
-
-        try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(one(d, c, s) for d, c, s in self._steps())), INIT_TIMEOUT_S
-            )
-        except TimeoutError:
-            return [f"module initialization did not finish within {INIT_TIMEOUT_S:g}s"]
-        return [r for r in results if r]
+        A device with a module that fails (or does not finish within INIT_TIMEOUT_S) is marked failed in
+        ``self.failed`` with the reason: it is listed so and its runs are refused, while the others serve."""
+        steps = self._steps()
+        tasks = [asyncio.ensure_future(step.module.init()) for _, _, step in steps]
+        pending: set[asyncio.Future[Any]] = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=INIT_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=DEINIT_TIMEOUT_S)
+        problems = []
+        for (device, command, step), task in zip(steps, tasks, strict=True):
+            if task in pending:
+                why = f"init did not finish within {INIT_TIMEOUT_S:g}s"
+            elif task.cancelled():
+                why = "init was cancelled"
+            elif (exc := task.exception()) is not None:
+                why = str(exc) or type(exc).__name__
+            else:
+                continue
+            line = f'command "{command}": module "{step.module_id}": {why}'
+            self.failed[device] = f"{self.failed[device]}; {line}" if device in self.failed else line
+            problems.append(f'device "{device}": {line}')
+        return problems
 
     async def deinit_modules(self) -> list[str]:
         problems = []
@@ -101,13 +118,14 @@ class Agent:
     # ------------------------------------------------------------- registration data
     def device_entries(self) -> list[DeviceEntry]:
         return [
-            DeviceEntry(d.name, [CommandInfo(c.name, c.help_text()) for _, c in sorted(d.commands.items())])
+            DeviceEntry(d.name, [CommandInfo(c.name, c.help_text()) for _, c in sorted(d.commands.items())],
+                        self.failed.get(d.name, ""))
             for _, d in sorted(self.config.devices.items())
         ]
 
-    def _lock_changed(self, device: str, state: LockState | None) -> None:
+    def _lock_changed(self, device: str, state: LockState | None, shadowed: LockState | None) -> None:
         for uplink in self.uplinks:
-            uplink.send_control(LockChanged(device, state))
+            uplink.send_control(LockChanged(device, state, shadowed))
 
     # ------------------------------------------------------------- message entry point
     def handle(self, link: Link, peer: bytes, msg: Message, payload: Any) -> None:
@@ -125,34 +143,75 @@ class Agent:
             self._open_run(link, peer, msg)
             return
         if isinstance(msg, UNARY_REQUESTS):
+            closing: list[asyncio.Task[Any]] = []
             try:
                 check_version("agent", VERSION, msg.version)
-                reply = self._unary(msg)
+                reply = self._unlock(msg, closing) if isinstance(msg, Unlock) else self._unary(msg)
             except ZdutError as exc:
                 if exc.code == Code.FAILED_PRECONDITION and "incompatible" in exc.message:
                     log.warning("refused %s from %s: %s", type(msg).__name__, msg.user, exc.message)
                 reply = Error(msg.rid, exc.code, exc.message)
-            try:
-                link.send(peer, encode(reply))
-            except ZdutError as exc:
-                log.info("could not reply to %s: %s", msg.user, exc)
+            except Exception as exc:  # a bug costs this request an answer, never a 30 s silence
+                log.exception("internal error answering %s", type(msg).__name__)
+                reply = Error(msg.rid, Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            if closing:
+                self._reply_when_closed(link, peer, msg.user, reply, closing)
+            else:
+                self._reply(link, peer, msg.user, reply)
             return
         log.debug("ignored %s", type(msg).__name__)
+
+    @staticmethod
+    def _reply(link: Link, peer: bytes, user: str, reply: Message) -> None:
+        try:
+            link.send(peer, encode(reply))
+        except ZdutError as exc:
+            log.info("could not reply to %s: %s", user, exc)
+
+    def _reply_when_closed(self, link: Link, peer: bytes, user: str, reply: Message,
+                           closing: list[asyncio.Task[Any]]) -> None:
+        """Answer once the runs a forced unlock cancelled have closed (their busy hold released, brokers
+        told), or after FORCE_WAIT_S if a module's clean-up takes longer."""
+
+        async def later() -> None:
+            await asyncio.wait(closing, timeout=FORCE_WAIT_S)
+            self._reply(link, peer, user, reply)
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._deferred.add(task)
+        task.add_done_callback(self._deferred.discard)
+
+    def _unlock(self, msg: Unlock, closing: list[asyncio.Task[Any]]) -> Message:
+        """Unlock; a forced one by another user also cancels the broken owner's runs on the device (their
+        tasks go to ``closing``) and tells both sides who broke whose lock."""
+        user = msg.user or ("" if not msg.force else anonymous())
+        broke = self.locker.unlock(msg.device, user, msg.force)
+        if not broke:
+            return Unlocked(msg.rid)
+        why = ZdutError(Code.ABORTED, f'lock on "{msg.device}" broken by "{user}"')
+        runs = [r for r in self.runs.values() if r.device == msg.device and r.user == broke]
+        for run in runs:
+            run.cancel(why)
+        closing.extend(r.task for r in runs if r.task is not None and not r.task.done())
+        log.warning('device %s: lock of "%s" broken by "%s"; %d running sessions cancelled', msg.device, broke,
+                    user, len(runs))
+        return Unlocked(msg.rid, broke, len(runs))
 
     def _unary(self, msg: Message) -> Message:
         match msg:
             case Lock():
                 return LockResult(msg.rid, msg.device, self.locker.lock(msg.device, msg.user, msg.duration_s))
-            case Unlock():
-                self.locker.unlock(msg.device, msg.user or ("" if not msg.force else anonymous()), msg.force)
-                return Unlocked(msg.rid)
-        devices = self.config.devices
+            case Forget():
+                raise ZdutError(Code.UNIMPLEMENTED, "forget is served by a broker, not by an agent")
+        devices, failed = self.config.devices, self.failed
         return listing(
             msg, "agent", self.name,
-            devices=lambda: [DeviceInfo(n, self.locker.state(n), self.name, True) for n in sorted(devices)],
+            devices=lambda: [DeviceInfo(n, self.locker.state(n), self.name, True, failed.get(n, ""))
+                             for n in sorted(devices)],
             commands=lambda device: sorted(self._device(device).commands),
             help_text=lambda device, command: self._command(device, command).help_text(),
-            agents=lambda: [AgentInfo(self.name, sorted(devices), True, time.time(), VERSION, self.address)],
+            agents=lambda: [AgentInfo(self.name, sorted(devices), True, time.time(), VERSION, self.address,
+                                      dict(sorted(failed.items())))],
         )
 
     def _device(self, name: str) -> Any:
@@ -178,6 +237,9 @@ class Agent:
                 raise ZdutError(Code.ALREADY_EXISTS, f"session {msg.sid} is already open")
             check_version("agent", VERSION, msg.version)
             command = self._command(msg.device, msg.command)
+            if msg.device in self.failed:
+                raise ZdutError(Code.FAILED_PRECONDITION,
+                                f'device "{msg.device}" failed to initialise: {self.failed[msg.device]}')
             step_args = command.resolve(list(msg.args))
         except ZdutError as exc:
             run.refuse(exc)

@@ -24,8 +24,8 @@ from zdut.common.flags import go_quote
 from zdut.devices.base import Module, decode_options
 from zdut.protocol import Code, ZdutError
 
-# dutctl reserves list/version (devices) and lock/unlock/help (commands); zdut's CLI also takes shell/agents.
-RESERVED_DEVICES = frozenset({"list", "version", "shell", "agents"})
+# dutctl reserves list/version (devices) and lock/unlock/help (commands); zdut's CLI also takes shell/agents/forget.
+RESERVED_DEVICES = frozenset({"list", "version", "shell", "agents", "forget"})
 RESERVED_COMMANDS = frozenset({"lock", "unlock", "help"})
 MODULES_DOC = "docs/modules.md"
 

@@ -5,10 +5,17 @@ expiry) and a *busy* hold (taken for the length of each Run).  Unlike dutctl,
 reservations survive an agent restart (a small JSON state file, rewritten
 atomically on change) and the busy hold counts runs, so a user's second
 concurrent run does not lose its hold when the first one ends.
+
+A reservation changes only once the state file holds it: a write that fails
+leaves memory, file and brokers as they were and answers the request with the
+error.  A busy hold lasts exactly as long as its runs: ``unlock force`` ends the
+reservation and says whose hold it broke, so that the agent cancels that owner's
+runs, whose own close steps then release the busy hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,7 +46,7 @@ class Locker:
         self,
         devices: set[str],
         state_path: Path | None = None,
-        on_change: Callable[[str, LockState | None], None] | None = None,
+        on_change: Callable[[str, LockState | None, LockState | None], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._devices = devices
@@ -57,8 +64,18 @@ class Locker:
         hold = self._reservation(device) or self._busy.get(device)
         return LockState(hold.owner, hold.locked_at, hold.expires_at) if hold else None
 
+    def shadowed(self, device: str) -> LockState | None:
+        """A busy hold under a reservation: what brokers list once that reservation expires."""
+        busy = self._busy.get(device)
+        if busy is None or self._reservation(device) is None:
+            return None
+        return LockState(busy.owner, busy.locked_at, busy.expires_at)
+
     def states(self) -> dict[str, LockState]:
         return {d: s for d in sorted(self._devices) if (s := self.state(d)) is not None}
+
+    def shadowed_states(self) -> dict[str, LockState]:
+        return {d: s for d in sorted(self._devices) if (s := self.shadowed(d)) is not None}
 
     def check_access(self, device: str, user: str) -> None:
         """Raise FailedPrecondition if another owner holds the device."""
@@ -82,7 +99,7 @@ class Locker:
     def release_busy(self, device: str, user: str) -> None:
         hold = self._busy.get(device)
         if hold is None or hold.owner != user:
-            return  # force-unlocked meanwhile
+            return  # not this run's hold (defensive: runs release only what they acquired)
         hold.runs -= 1
         if hold.runs <= 0:
             del self._busy[device]
@@ -101,23 +118,25 @@ class Locker:
         expires = now + (duration_s or DEFAULT_LOCK_S)
         current = self._reservation(device)
         if current is not None:  # same owner: extend, never shrink
-            current.expires_at = max(current.expires_at, expires)
-            hold = current
+            hold = _Hold(user, current.locked_at, max(current.expires_at, expires))
         else:
-            hold = self._reserved[device] = _Hold(user, now, expires)
-        self._save()
-        self._changed(device)
+            hold = _Hold(user, now, expires)
+        self._commit(device, hold)
         return LockState(hold.owner, hold.locked_at, hold.expires_at)
 
-    def unlock(self, device: str, user: str, force: bool) -> None:
+    def unlock(self, device: str, user: str, force: bool) -> str:
+        """End ``user``'s reservation; with ``force``, anyone's.  Returns the other owner whose hold a forced
+        unlock broke ("" if none): the caller cancels that owner's runs on the device, and their close steps
+        release the busy hold."""
         if force:
-            previous = self._reserved.pop(device, None) or self._busy.get(device)
-            self._busy.pop(device, None)
-            if previous is not None:
-                log.warning("device %s force-unlocked by %s (was held by %s)", device, user, previous.owner)
-                self._save()
-                self._changed(device)
-            return
+            reserved = self._reservation(device)
+            previous = reserved or self._busy.get(device)
+            if previous is None:
+                return ""
+            if reserved is not None:
+                self._commit(device, None)
+            log.warning("device %s force-unlocked by %s (was held by %s)", device, user, previous.owner)
+            return previous.owner if previous.owner != user else ""
         if not user:
             raise ZdutError(Code.UNAUTHENTICATED, "operation requires an identified caller; set the user with -u")
         current = self._reservation(device)
@@ -128,24 +147,38 @@ class Locker:
                 Code.PERMISSION_DENIED,
                 f'device "{device}" is locked by "{current.owner}"; use "unlock force" to break it',
             )
-        del self._reserved[device]
-        self._save()
-        self._changed(device)
+        self._commit(device, None)
+        return ""
 
     # ------------------------------------------------------------- internals
+    def _commit(self, device: str, hold: _Hold | None) -> None:
+        """Write the reservations with ``device`` set to ``hold`` (None: removed), then apply and announce
+        them; a failed write raises and changes nothing."""
+        reserved = dict(self._reserved)
+        if hold is None:
+            reserved.pop(device, None)
+        else:
+            reserved[device] = hold
+        self._save(reserved)
+        self._reserved = reserved
+        self._changed(device)
+
     def _reservation(self, device: str) -> _Hold | None:
         hold = self._reserved.get(device)
         if hold is not None and hold.expires_at <= self._clock():
             log.info("reservation expired device=%s owner=%s", device, hold.owner)
             del self._reserved[device]
-            self._save()
+            try:  # an expired entry left in the file is harmless: loading skips it
+                self._save(self._reserved)
+            except ZdutError as exc:
+                log.warning("%s", exc.message)
             self._changed(device)
             return None
         return hold
 
     def _changed(self, device: str) -> None:
         if self._on_change is not None:
-            self._on_change(device, self.state(device))
+            self._on_change(device, self.state(device), self.shadowed(device))
 
     def _load(self) -> None:
         assert self._path is not None
@@ -159,13 +192,28 @@ class Locker:
             if device in self._devices and h["expires_at"] > self._clock():
                 self._reserved[device] = _Hold(h["owner"], h["locked_at"], h["expires_at"])
 
-    def _save(self) -> None:
+    def _save(self, reserved: dict[str, _Hold]) -> None:
+        """Replace the state file atomically (written, synced, renamed); ZdutError if that fails."""
         if self._path is None:
             return
         data = {"reserved": {d: {"owner": h.owner, "locked_at": h.locked_at, "expires_at": h.expires_at}
-                             for d, h in self._reserved.items()}}
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".locks-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, self._path)
+                             for d, h in reserved.items()}}
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".locks-")
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(data, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self._path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            log.error("cannot write the lock state file %s: %s", self._path, exc)
+            raise ZdutError(
+                Code.INTERNAL,
+                f"cannot write the lock state file {self._path}: {exc.strerror or exc}; the lock is unchanged",
+            ) from None

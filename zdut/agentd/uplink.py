@@ -87,8 +87,9 @@ class Uplink:
 
     def _register(self) -> None:
         assert self.link is not None
+        locker = self.agent.locker
         msg = Register(VERSION, self.agent.name, self.instance, self.agent.address, self.agent.device_entries(),
-                       self.agent.locker.states())
+                       locker.states(), locker.shadowed_states())
         try:
             self.link.send(b"", encode(msg))
         except ZdutError as exc:

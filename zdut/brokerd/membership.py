@@ -19,7 +19,20 @@ from zdut.brokerd.registry import Agent, Registration, Registry
 from zdut.brokerd.sessions import Sessions
 from zdut.brokerd.timers import Timers
 from zdut.common.logs import Throttle, hex_id
-from zdut.protocol import VERSION, Heartbeat, Refused, Register, Registered, Reregister, ZdutError, encode
+from zdut.protocol import (
+    VERSION,
+    Error,
+    Forget,
+    Forgotten,
+    Heartbeat,
+    Refused,
+    Register,
+    Registered,
+    Reregister,
+    ZdutError,
+    check_version,
+    encode,
+)
 
 log = logging.getLogger("zdut.broker")
 
@@ -103,6 +116,18 @@ class Membership:
             log.info('device "%s" moves from offline agent "%s" to agent "%s"', device, previous, agent.name)
         if reg.removed:
             log.info('agent "%s" no longer serves %s', agent.name, ", ".join(reg.removed))
+
+    def forget(self, msg: Forget) -> Forgotten | Error:
+        """An operator drops an offline agent and its devices (``zdut forget``): the reply to ``msg``."""
+        try:
+            check_version("broker", VERSION, msg.version)
+            devices = self._registry.forget(msg.agent)
+        except ZdutError as exc:
+            return Error(msg.rid, exc.code, exc.message)
+        self._takeovers.pop(msg.agent, None)
+        log.warning('agent "%s" forgotten by "%s", with its devices: %s', msg.agent, msg.user, ", ".join(devices))
+        self._changed()
+        return Forgotten(msg.rid, msg.agent, devices)
 
     def _check_flapping(self, name: str) -> None:
         """Two live processes with one agent name take the registration from each other over and over."""

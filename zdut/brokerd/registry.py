@@ -8,6 +8,7 @@ sessions; it stamps ``Agent.last_rx``/``last_tx`` itself on the hot path.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from zdut.brokerd.store import AgentRecord, DeviceRecord
 from zdut.common.answers import listing, no_such_command, no_such_device
+from zdut.common.durations import format_minutes
 from zdut.protocol import (
     VERSION,
     AgentInfo,
@@ -55,7 +57,9 @@ class Device:
     name: str
     agent: Agent
     commands: dict[str, str]  # command -> help
-    lock: LockState | None = None
+    lock: LockState | None = None  # the agent's effective hold
+    busy: LockState | None = None  # a busy hold under that reservation: listed once the reservation expires
+    failed: str = ""  # why its modules failed to initialise at the agent
 
 
 @dataclass(slots=True)
@@ -141,7 +145,12 @@ class Registry:
                 result.moved.append((entry.name, dev.agent.name))
                 self._drop_device(dev)
             self.devices[entry.name] = Device(
-                entry.name, agent, {c.name: c.help for c in entry.commands}, msg.locks.get(entry.name)
+                entry.name,
+                agent,
+                {c.name: c.help for c in entry.commands},
+                msg.locks.get(entry.name),
+                msg.busy.get(entry.name),
+                entry.failed,
             )
         agent.version, agent.instance, agent.address = msg.version, msg.instance, msg.address
         agent.devices = new_names
@@ -156,6 +165,8 @@ class Registry:
         return result
 
     def _validate(self, rid: bytes, msg: Register) -> None:
+        """Refuse a registration that is malformed, or that claims a device another agent serves: online, or
+        offline with a lock on it (the lock holds until it expires or that agent is forgotten)."""
         check_version("broker", VERSION, msg.version, "agent")
         if not msg.agent:
             raise ZdutError(Code.INVALID_ARGUMENT, "agent name is not set")
@@ -169,12 +180,37 @@ class Registry:
                 raise ZdutError(Code.INVALID_ARGUMENT, f'device "{entry.name}" is listed twice')
             seen.add(entry.name)
             holder = self.devices.get(entry.name)
-            other = holder.agent if holder is not None else None
-            if other is not None and other.name != msg.agent and other.rid is not None and other.rid != rid:
+            if holder is None or holder.agent.name == msg.agent:
+                continue
+            other = holder.agent
+            if other.rid is None:
+                self._check_unlocked(holder)
+            elif other.rid != rid:
                 raise ZdutError(
                     Code.ALREADY_EXISTS,
                     f'device "{entry.name}" is already registered by agent "{other.name}" (online)',
                 )
+
+    def _check_unlocked(self, dev: Device) -> None:
+        """A device held at its offline agent stays there."""
+        now = self.wall()
+        lock = self._current_lock(dev, now)
+        if lock is None:
+            return
+        where = f'"{lock.owner}" at offline agent "{dev.agent.name}"'
+        escape = f'after "zdut forget {dev.agent.name}"'
+        if lock.expires_at:
+            at = dt.datetime.fromtimestamp(lock.expires_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            raise ZdutError(
+                Code.FAILED_PRECONDITION,
+                f'device "{dev.name}" is locked by {where} (expires in {format_minutes(lock.expires_at - now)}, '
+                f"at {at}); it can move once the lock expires or {escape}",
+            )
+        raise ZdutError(
+            Code.FAILED_PRECONDITION,
+            f'device "{dev.name}" is in use by {where} (a session holds it, no expiry); it can move once that '
+            f"agent releases it or {escape}",
+        )
 
     def _drop_device(self, dev: Device) -> None:
         """Take a device away from an offline agent; forget that agent once it serves nothing."""
@@ -186,6 +222,23 @@ class Registry:
             del self.agents[prev.name]
             self.dirty.discard(prev.name)
             self.deleted.add(prev.name)
+
+    def forget(self, name: str) -> list[str]:
+        """Drop offline agent ``name`` and its devices (from the store too); returns those devices."""
+        agent = self.agents.get(name)
+        if agent is None:
+            raise ZdutError(Code.NOT_FOUND, f'agent "{name}": no such agent')
+        if agent.online:
+            raise ZdutError(
+                Code.FAILED_PRECONDITION, f'agent "{name}" is online; only an offline agent can be forgotten'
+            )
+        for device in agent.devices:
+            del self.devices[device]
+        del self.agents[name]
+        self.dirty.discard(name)
+        self.deleted.add(name)
+        self._changed()
+        return list(agent.devices)
 
     # ------------------------------------------------------------- liveness
     def offline(self, agent: Agent) -> bytes | None:
@@ -212,13 +265,23 @@ class Registry:
         return self.wall() - max(0.0, self.mono() - agent.last_rx)
 
     # ------------------------------------------------------------- locks
-    def lock_changed(self, agent: Agent, device: str, lock: LockState | None) -> bool:
+    def lock_changed(self, agent: Agent, device: str, lock: LockState | None, busy: LockState | None = None) -> bool:
         dev = self.devices.get(device)
         if dev is None or dev.agent is not agent:
             return False  # only the owning agent speaks for a device
-        dev.lock = lock
+        dev.lock, dev.busy = lock, busy
         self._changed()
         return True
+
+    @staticmethod
+    def _current_lock(dev: Device, now: float) -> LockState | None:
+        """The device's hold at ``now``: an expired reservation gives way to the busy hold under it, lazily,
+        as at the agent."""
+        lock = dev.lock
+        if lock is not None and lock.expires_at and lock.expires_at <= now:
+            lock = dev.lock = dev.busy
+            dev.busy = None
+        return lock
 
     # ------------------------------------------------------------- queries
     def answer(self, msg: Message, broker: str) -> Message:
@@ -245,18 +308,17 @@ class Registry:
         valid_until = float("inf")
         for name in sorted(self.devices):
             dev = self.devices[name]
-            lock = dev.lock
+            lock = self._current_lock(dev, now)
             if lock is not None and lock.expires_at:
-                if lock.expires_at <= now:
-                    lock = dev.lock = None  # lazily expired, as the agent does
-                else:
-                    valid_until = min(valid_until, lock.expires_at)
-            out.append(DeviceInfo(name, lock, dev.agent.name, dev.agent.rid is not None))
+                valid_until = min(valid_until, lock.expires_at)
+            out.append(DeviceInfo(name, lock, dev.agent.name, dev.agent.rid is not None, dev.failed))
         return out, valid_until
 
     def agent_list(self) -> list[AgentInfo]:
+        devices = self.devices
         return [
-            AgentInfo(a.name, list(a.devices), a.online, self.last_seen(a), a.version, a.address)
+            AgentInfo(a.name, list(a.devices), a.online, self.last_seen(a), a.version, a.address,
+                      {d: devices[d].failed for d in a.devices if devices[d].failed})
             for _, a in sorted(self.agents.items())
         ]
 

@@ -52,6 +52,7 @@ Action = Callable[[Client], Awaitable[int]]
 SYNOPSIS = """SYNOPSIS
     zdut [options] [list]
     zdut [options] agents
+    zdut [options] forget <agent>
     zdut [options] <device>
     zdut [options] <device> <command> [args...]
     zdut [options] <device> <command> help
@@ -77,11 +78,14 @@ HELP = f"""zdut - reach lab devices (serial consoles, power, flashers, GPIO, IPM
 {SYNOPSIS}
 DESCRIPTION
     Without arguments, or with `list`, lists the devices the server knows and their locks.
-    `agents` lists the agents behind a broker. With a device, lists its commands; with a
+    `agents` lists the agents behind a broker; `forget` drops an offline agent and its devices
+    from a broker (and its state file), so that a device locked there can move to another agent.
+    With a device, lists its commands; with a
     command, runs it: output streams as it arrives, stdin is forwarded (raw mode on a terminal
     for interactive commands; Ctrl-] detaches), and files the command names are transferred.
     `help` after a command shows its usage. `lock` reserves a device (default 30m, Go duration
-    syntax such as 1h30m); `unlock force` breaks anyone's lock. Flags go before the device.
+    syntax such as 1h30m); `unlock force` breaks anyone's lock and cancels their sessions on
+    the device. Flags go before the device.
     Exit status: 0 success, 1 error, 2 bad flag, 130 interrupted.
 
 {OPTIONS}"""
@@ -323,6 +327,10 @@ class Cli:
             if len(words) > 1:
                 raise UsageError("agents takes no arguments")
             return self._agents
+        if words[0] == "forget":
+            if len(words) != 2:
+                raise UsageError("forget takes one argument: the name of an offline agent")
+            return lambda c: self._forget(c, words[1])
         device, rest = words[0], words[1:]
         if not rest:
             return lambda c: self._commands(c, device)
@@ -352,6 +360,15 @@ class Cli:
         agents = await client.agents()
         self.out.emit(Content(AGENT_LIST, agents, False, self.meta("Agents Response")))
         return EXIT_OK
+
+    async def _forget(self, client: Client, agent: str) -> int:
+        devices = await client.forget(agent)
+        text = f'✓ Agent "{agent}" forgotten, with its devices: {", ".join(devices) or "none"}'
+        self.out.emit(Content(GENERAL, self._green(text), False, self.meta("Forget Response", agent=agent)))
+        return EXIT_OK
+
+    def _green(self, text: str) -> str:
+        return f"\x1b[32m{text}\x1b[0m" if self.out.color and self.out.fmt == "text" else text
 
     async def _commands(self, client: Client, device: str) -> int:
         cmds = await client.commands(device)
@@ -385,10 +402,13 @@ class Cli:
         return EXIT_OK
 
     async def _unlock(self, client: Client, device: str, force: bool) -> int:
-        await client.unlock(device, force)
-        self.out.emit(Content(GENERAL, f'\x1b[32m✓ Device "{device}" unlocked\x1b[0m' if self.out.color and
-                              self.out.fmt == "text" else f'✓ Device "{device}" unlocked', False,
-                              self.meta("Unlock Response", device=device)))
+        reply = await client.unlock(device, force)
+        text = f'✓ Device "{device}" unlocked'
+        if reply.broke:
+            text += f': broke the lock of "{reply.broke}"'
+            if reply.cancelled:
+                text += f", cancelled {reply.cancelled} running session{'s' if reply.cancelled != 1 else ''}"
+        self.out.emit(Content(GENERAL, self._green(text), False, self.meta("Unlock Response", device=device)))
         return EXIT_OK
 
     # ------------------------------------------------------------- Run

@@ -57,6 +57,8 @@ def device_record(d: DeviceInfo, with_agent: bool) -> dict[str, Any]:
     if with_agent:
         rec["Agent"] = d.agent
         rec["Online"] = d.online
+    if d.failed:
+        rec["Failed"] = d.failed
     return rec
 
 
@@ -65,8 +67,11 @@ def lock_record(device: str, lock: LockState) -> dict[str, Any]:
 
 
 def agent_record(a: AgentInfo) -> dict[str, Any]:
-    return {"Name": a.name, "Devices": list(a.devices), "Online": a.online, "LastSeen": int(a.last_seen),
-            "Version": a.version, "Address": a.address}
+    rec = {"Name": a.name, "Devices": list(a.devices), "Online": a.online, "LastSeen": int(a.last_seen),
+           "Version": a.version, "Address": a.address}
+    if a.failed:
+        rec["Failed"] = dict(a.failed)
+    return rec
 
 
 class Output:
@@ -159,6 +164,8 @@ class Output:
     def _device_line(self, entry: tuple[DeviceInfo, bool]) -> str:
         d, with_agent = entry
         line = f"- {d.name}"
+        if d.failed:
+            line += " " + self._paint(_RED, f"[FAILED: {d.failed}]")
         notes = []
         if d.lock is not None:
             if d.lock.expires_at:
@@ -175,7 +182,9 @@ class Output:
     def _agent_line(self, a: AgentInfo) -> str:
         state = self._paint(_GREEN, "online") if a.online else self._paint(_RED, "offline")
         ago = max(0, int(time.time() - a.last_seen))
-        devices = ", ".join(a.devices) or "no devices"
+        devices = ", ".join(
+            self._paint(_RED, f"{d} (FAILED: {a.failed[d]})") if d in a.failed else d for d in a.devices
+        ) or "no devices"
         return f"- {a.name} {state} (last seen {ago}s ago, version {a.version or '?'}): {devices}\n"
 
     # ------------------------------------------------------------- structured
@@ -215,7 +224,7 @@ class Output:
         elif c.type == FILE_TRANSFER:
             data = f"{data['direction']} {data['bytes']} {data['path']}"
         elif c.type == AGENT_LIST:
-            data = "|".join(f"{a.name}={'online' if a.online else 'offline'}" for a in c.data)
+            data = "|".join(_agent_token(a) for a in c.data)
         elif isinstance(data, list):
             data = "|".join(str(x) for x in data)
         fields.append(str(data))
@@ -223,9 +232,20 @@ class Output:
 
 
 def _device_token(d: DeviceInfo) -> str:
-    if d.lock is None:
-        return d.name
-    return f"{d.name}={'locked' if d.lock.expires_at else 'in-use'}:{d.lock.owner}"
+    states = [f"{'locked' if d.lock.expires_at else 'in-use'}:{d.lock.owner}"] if d.lock is not None else []
+    if d.failed:
+        states.append(f"failed:{_token_text(d.failed)}")
+    return f"{d.name}={';'.join(states)}" if states else d.name
+
+
+def _agent_token(a: AgentInfo) -> str:
+    token = f"{a.name}={'online' if a.online else 'offline'}"
+    return token + f";failed:{'+'.join(sorted(a.failed))}" if a.failed else token
+
+
+def _token_text(text: str) -> str:
+    """Free text inside a ``|``-joined oneline list: no separator, one line."""
+    return " ".join(text.replace("|", "/").split())
 
 
 def _csv_field(text: str) -> str:

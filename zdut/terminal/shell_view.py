@@ -33,8 +33,9 @@ FILE_WORDS = re.compile(r"\b(files?|paths?|images?|firmware|src|dst)\b", re.IGNO
 ARGS_SECTION = re.compile(r"arguments?:[^\n]*(?:\n[ \t]+[^\n]*)*", re.IGNORECASE)
 #: Words the shell itself takes in first position; everything else is the one-shot CLI's grammar.
 KEYWORDS = ("list", "agents", "use", "..", "help", "format", "version", "exit", "quit")
-#: Words that mean the same thing with or without a device in use.
-GLOBAL_WORDS = frozenset(KEYWORDS)
+#: Words that mean the same thing with or without a device in use (``forget``, an operator's rare word, is
+#: not completed: it would shadow ``format``).
+GLOBAL_WORDS = frozenset({*KEYWORDS, "forget"})
 
 CONNECTING, CONNECTED, DISCONNECTED = "connecting", "connected", "disconnected"
 
