@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
+import subprocess
+import time
 from collections.abc import Awaitable, Iterator
 
 import pytest
 from modhelpers import make_module, until
 
+import conftest
 from zdut.devices import serial as serial_mod
 from zdut.devices.base import ModuleError, decode_options
 from zdut.devices.serial import Serial
@@ -221,15 +225,23 @@ def test_console_escape_policy_keeps_display_sequences() -> None:
     assert out == b"\x1b[1;32mgreen\x1b[0m\x1b[2J."
 
 
+async def quiet(deadline: float | None) -> None:
+    """A port with nothing to say: until ``deadline`` (loop time), or for ever."""
+    if deadline is None:
+        await asyncio.Event().wait()
+    await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+
+
 def test_match_window_is_bounded() -> None:
     class FakePort:
         def __init__(self, gap: int) -> None:
             data = b"START" + b"a" * gap + b"END"
             self.chunks = [data[i : i + 4096] for i in range(0, len(data), 4096)]
 
-        async def read(self) -> bytes:
+        async def read(self, deadline: float | None = None) -> bytes:
             if not self.chunks:
-                await asyncio.Event().wait()  # a quiet port
+                await quiet(deadline)
+                return b""
             return self.chunks.pop(0)
 
     async def expect(gap: int) -> bool:
@@ -244,6 +256,60 @@ def test_match_window_is_bounded() -> None:
 
     assert run(expect(60_000))
     assert not run(expect(70_000))  # START fell out of the 64 KiB window before END arrived
+
+
+class ChunkedPort:
+    """A port that delivers ``data`` in the given chunk sizes (cycled), then stays quiet."""
+
+    def __init__(self, data: bytes, sizes: list[int]) -> None:
+        self.chunks: list[bytes] = []
+        pos, i = 0, 0
+        while pos < len(data):
+            self.chunks.append(data[pos : pos + sizes[i % len(sizes)]])
+            pos += sizes[i % len(sizes)]
+            i += 1
+        self.chunks.reverse()
+
+    async def read(self, deadline: float | None = None) -> bytes:
+        if not self.chunks:
+            await quiet(deadline)
+            return b""
+        return self.chunks.pop()
+
+
+def test_expect_matches_across_chunk_boundaries_and_window_cuts() -> None:
+    """A prompt split over many reads, after far more output than the window holds, is still found, once."""
+    noise = b"x" * (5 * 64 * 1024 + 123)  # cut back several times before the prompt arrives
+
+    async def expect(sizes: list[int]) -> tuple[str, str]:
+        port = ChunkedPort(noise + b"login: " + b"after", sizes)
+        engine = Engine(port, PrintWriter(LocalSession()), False)  # type: ignore[arg-type]
+        async with asyncio.timeout(5):
+            await engine.read_until(re.compile(r"(?<=x)login: "))  # the look-behind sees the older output
+            rest = engine.buf
+            await engine.read_until(re.compile("after"))
+        return rest, engine.buf
+
+    for sizes in ([1], [3, 7, 4096], [len(noise) + 3, 1], [65535, 2]):
+        rest, after = run(expect(sizes))  # type: ignore[misc]
+        assert "login" not in rest and after == ""
+
+
+def test_monitor_keeps_nothing_it_forwarded() -> None:
+    """Monitor mode forwards every byte and keeps none of it (a console that talks for days costs no memory)."""
+    data = (b"[ 1.000000] a kernel line\r\n" * 40_000)[: 1 << 20]
+
+    async def main() -> tuple[Engine, LocalSession]:
+        session = LocalSession()
+        engine = Engine(ChunkedPort(data * 8, [4096]), PrintWriter(session), False)  # type: ignore[arg-type]
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await engine.pump()
+        return engine, session
+
+    engine, session = run(main())  # type: ignore[misc]
+    assert len(session.text) == 8 * len(data)
+    assert engine.buf == ""
 
 
 # ---------------------------------------------------------------- monitor
@@ -412,3 +478,61 @@ def test_help_documents_modes() -> None:
     assert 'Configured COM port is "/dev/ttyUSB0" with baud rate 115200' in text
     for word in ("console", "-keep-escapes", "send-raw", "64 KiB", "busy"):
         assert word in text
+
+
+# ---------------------------------------------------------------- a console that runs for days
+
+
+def _read_until(fd: int, needle: bytes, timeout: float) -> int:
+    """Read the client's output until ``needle`` went by; the number of bytes read."""
+    deadline = time.monotonic() + timeout
+    tail, seen = b"", 0
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 20)
+        assert chunk, "the client ended early"
+        seen += len(chunk)
+        if needle in tail + chunk:
+            return seen
+        tail = chunk[-len(needle) :]
+    raise AssertionError(f"{needle!r} not seen after {seen} bytes and {timeout}s")
+
+
+def _through_monitor(board: Bootloader, client_out: int, size: int, timeout: float) -> float:
+    """Flood ``size`` bytes through a running monitor session; seconds until all of it left the client."""
+    marker = f"\r\n=== {size} bytes done ===\r\n".encode()
+    start = time.monotonic()
+    board.flood(size, marker)
+    seen = _read_until(client_out, marker, timeout)
+    assert seen >= size
+    return time.monotonic() - start
+
+
+def test_monitor_streams_200mb_in_linear_time_and_bounded_memory(lab, board: Bootloader) -> None:
+    """A chatty console at full pty speed through a real agent and client: the agent keeps nothing beyond what
+    it forwards, so 200 MB take about four times as long as 50 MB and the agent stays small."""
+    cfg = lab.tmp / "serial.yaml"
+    cfg.write_text(
+        "version: 0.1.0\ndevices:\n  board:\n    cmds:\n      serial:\n        uses:\n"
+        f"          - module: serial\n            passthrough: true\n            with: {{port: {board.path}}}\n"
+    )
+    agent, addr = lab.agent(cfg)
+    read_fd, write_fd = os.pipe()
+    client = subprocess.Popen([conftest.exe("zdut"), "-s", addr, "board", "serial"], stdin=subprocess.DEVNULL,
+                              stdout=write_fd, stderr=subprocess.STDOUT, env=lab.env, cwd=lab.tmp)
+    os.close(write_fd)
+    try:
+        _read_until(read_fd, b"--- Connected to", 10)  # the port is open (opening drops what was waiting)
+        small = _through_monitor(board, read_fd, 50_000_000, 30)
+        large = _through_monitor(board, read_fd, 200_000_000, 60)
+        rss = conftest.peak_rss_mb(agent.pid)
+    finally:
+        client.kill()
+        client.wait(5)
+        os.close(read_fd)
+    print(f"monitor: 50 MB in {small:.2f}s, 200 MB in {large:.2f}s (ratio {large / small:.1f}), "
+          f"agent peak RSS {rss:.0f} MB")
+    assert rss < 100, f"agent peak RSS {rss:.0f} MB"
+    assert large / small < 8, f"50 MB in {small:.2f}s but 200 MB in {large:.2f}s: not linear"

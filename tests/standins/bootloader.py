@@ -57,6 +57,12 @@ class Bootloader:
         """Make the board print ``data`` unprompted."""
         self._post("say:" + data.hex())
 
+    def flood(self, total: int, marker: bytes) -> None:
+        """Make the board print ``total`` bytes of kernel-log lines as fast as the pty takes them, then ``marker``.
+
+        Unlike everything else the board prints, the flood is not kept in ``sent``."""
+        self._post(f"flood:{total}:{marker.hex()}")
+
     def close(self) -> None:
         self._stop = True
         os.write(self._wake_w, b"x")
@@ -83,6 +89,9 @@ class Bootloader:
     # -- the board
     def _out(self, data: bytes) -> None:
         self.sent += data
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             try:
@@ -132,6 +141,16 @@ class Bootloader:
                 self._power_on()
             elif action.startswith("say:"):
                 self._out(bytes.fromhex(action[4:]))
+            elif action.startswith("flood:"):
+                _, total, marker = action.split(":")
+                self._flood(int(total), bytes.fromhex(marker))
+
+    def _flood(self, total: int, marker: bytes) -> None:
+        line = b"[ 1234.567890] kernel: a chatty driver says something at 115200 baud, again and again\r\n"
+        block = line * (65536 // len(line))
+        for _ in range(total // len(block)):
+            self._write(block)
+        self._write(block[: total % len(block)] + marker)
 
     def _tick(self) -> None:
         self._countdown -= 1

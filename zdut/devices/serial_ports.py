@@ -20,7 +20,8 @@ import serial as pyserial
 from zdut.devices.base import ModuleError
 from zdut.protocol import Code
 
-READ_CHUNK = 4096
+#: Bytes per read: a chatty console at full speed costs one event-loop round per this much output.
+READ_CHUNK = 64 * 1024
 
 _registry_lock = threading.Lock()
 _open_ports: set[str] = set()
@@ -66,9 +67,9 @@ def _open_serial(path: str, baud: int) -> pyserial.Serial:
     return port
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
+def _resolve(fut: asyncio.Future[bool], ready: bool = True) -> None:
     if not fut.done():
-        fut.set_result(None)
+        fut.set_result(ready)
 
 
 def os_text(exc: OSError) -> str:
@@ -92,30 +93,45 @@ class Port:
             task.add_done_callback(lambda t: t.cancelled() or t.exception() or t.result().close())
             raise
 
-    async def _ready(self, writing: bool) -> None:
+    async def _ready(self, writing: bool, deadline: float | None = None) -> bool:
+        """Wait until the fd is ready (True) or the loop time ``deadline`` passed (False)."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[bool] = loop.create_future()
         if writing:
             loop.add_writer(self.fd, _resolve, fut)
         else:
             loop.add_reader(self.fd, _resolve, fut)
+        timer = loop.call_at(deadline, _resolve, fut, False) if deadline is not None else None
         try:
-            await fut
+            return await fut
         finally:
             (loop.remove_writer if writing else loop.remove_reader)(self.fd)
+            if timer is not None:
+                timer.cancel()
 
-    async def read(self) -> bytes:
-        """The next bytes from the port; OSError when the device is gone."""
+    async def read(self, deadline: float | None = None) -> bytes:
+        """The next bytes from the port; b"" once the loop time ``deadline`` passed without any; OSError when
+        the device is gone.
+
+        A port that has output waiting is read at once (a chatty console costs no readiness round trip
+        per read), yet every read gives the event loop a turn, so other sessions are never starved."""
+        waited = False
         while True:
-            await self._ready(writing=False)
             try:
-                data = os.read(self.fd, READ_CHUNK)
+                data = os.read(self.fd, READ_CHUNK)  # VMIN=0 (pyserial's timeout=0): b"" if nothing waits
             except BlockingIOError:
-                continue
-            if not data:
-                # Readable yet empty: the tty was hung up (adapter unplugged, pty closed).
-                raise OSError(errno.EIO, "device disconnected (end of file)")
-            return data
+                waited = False  # readiness that came to nothing: wait again
+            else:
+                if data:
+                    if not waited:
+                        await asyncio.sleep(0)
+                    return data
+                if waited:
+                    # Readable yet empty: the tty was hung up (adapter unplugged, pty closed).
+                    raise OSError(errno.EIO, "device disconnected (end of file)")
+            waited = await self._ready(writing=False, deadline=deadline)
+            if not waited:
+                return b""
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
