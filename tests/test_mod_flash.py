@@ -98,7 +98,7 @@ def test_write_then_read_back_with_flashrom_dummy(tmp_path: Path, client: Path) 
             await mod.run(wrote, ["write", "fw.bin"])
             read = LocalSession(files_dir=client)
             await mod.run(read, ["read", "back.bin"])
-            assert mod._workdir is None  # the work files go after each run
+            assert list(Path(tempfile.gettempdir()).iterdir()) == []  # the work files go after each run
             return wrote, read
         finally:
             await mod.deinit()
@@ -307,19 +307,19 @@ def test_flash_emulate_runs_em100_with_dutctls_arguments(fake_bin: Path, client:
     async def scenario() -> None:
         await mod.init()
         await mod.run(session, ["fw.rom"])
-        kept = mod._image
-        assert kept is not None and kept.read_bytes() == image  # kept until the next run or deinit
+        kept = mod._kept
+        assert kept is not None and (kept / "image").read_bytes() == image  # kept until the next run or deinit
         await mod.run(LocalSession(files_dir=client), ["fw.rom"])
         assert not kept.exists()
-        workdir = mod._workdir
+        workdir = mod._kept
         assert workdir is not None and workdir.is_dir()
         await mod.deinit()
-        assert mod._image is None and not workdir.exists()
+        assert mod._kept is None and not workdir.exists()
 
     run(scenario())
     argv = (record / "argv").read_text().splitlines()
     assert argv[:5] == ["--device", "2", "--stop", "--set", "W25Q128FV"]
-    assert argv[5] == "-d" and Path(argv[6]).name.startswith("flash-emulate-image-")
+    assert argv[5] == "-d" and Path(argv[6]).name == "image"
     assert argv[7:] == ["-v", "--start"]
     assert (record / "image").read_bytes() == image
     executing = session.prints[0]
@@ -359,7 +359,7 @@ def test_flash_emulate_tool_failure(
     with pytest.raises(ModuleError, match=rf"^emulation tool {ended}$"):
         run(mod.run(session, ["fw.rom"]))
     assert said in session.text  # the tool's output reached the client before the failure
-    assert mod._image is None and not any(mod._workdir.iterdir())  # the failed image is gone
+    assert mod._kept is None and list(Path(tempfile.gettempdir()).iterdir()) == []  # the failed image is gone
     assert "Emulation started successfully\n" not in session.prints
     run(mod.deinit())
 
@@ -398,3 +398,43 @@ def test_example_configs_decode(name: str, cls: type) -> None:
     assert steps and all(s["module"] == cls.id for s in steps)
     for step in steps:
         decode_options(cls, step.get("with"))
+
+
+# ------------------------------------------------------------------ concurrent runs, end to end
+
+#: A real flashrom behind a wrapper that waits (bounded) until two runs are inside the tool at once, then
+#: prints the SHA-256 of the image it is about to flash, so each client can see which image its run wrote.
+_OVERLAP = """\
+for a; do [ "$prev" = "-w" ] && img="$a"; prev="$a"; done
+touch "{barrier}/$$"
+i=0
+while [ "$(ls "{barrier}" | wc -l)" -lt 2 ] && [ "$i" -lt 1000 ]; do i=$((i + 1)); sleep 0.01; done
+echo "flashing image sha256 $(sha256sum "$img" | cut -d' ' -f1)"
+exec {flashrom} "$@"
+"""
+
+
+@needs_flashrom
+def test_two_concurrent_writes_each_flash_their_own_image(lab, tmp_path: Path) -> None:
+    """Two `flash write` of one module instance at once (same user) each write and verify their own image."""
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    tool = install(tmp_path / "wrap", "flashrom", _OVERLAP.format(barrier=barrier, flashrom=shutil.which("flashrom")))
+    cfg = tmp_path / "flash.yaml"
+    cfg.write_text(yaml.safe_dump({"version": "0.1.0", "devices": {"board": {"cmds": {"flash": {"uses": [{
+        "module": "flash", "passthrough": True,
+        "with": {"tool": str(tool), "programmer": f"dummy:emulate=M25P10.RES,image={tmp_path / 'chip.bin'}"},
+    }]}}}}}))
+    _, addr = lab.agent(cfg)
+    images = {name: os.urandom(CHIP_SIZE) for name in ("a.bin", "b.bin")}
+    for name, data in images.items():
+        (lab.tmp / name).write_bytes(data)
+    clients = {name: lab.zdut_bg("-s", addr, "board", "flash", "write", name, name=name) for name in images}
+    for proc in clients.values():
+        proc.popen.wait(60)
+    for name, proc in clients.items():
+        text = proc.text()
+        assert proc.popen.returncode == 0, text
+        assert f"flashing image sha256 {hashlib.sha256(images[name]).hexdigest()}" in text, text
+        assert "VERIFIED" in text and "Flash operation completed successfully" in text
+    assert len(list(barrier.iterdir())) == 2  # both runs really were in the tool at once

@@ -241,6 +241,36 @@ def test_third_party_backend_through_an_entry_point(
     drive_shelly("shelly")
 
 
+class _SlowOutlet:
+    """A backend without a toggle of its own whose reads take a while: one outlet, state in memory."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    def get_outlet(self, host: object, outlet: int) -> bool:
+        state = self.on
+        threading.Event().wait(0.05)  # the answer is on its way while the other run reads too
+        return state
+
+    def set_outlet(self, host: object, outlet: int, on: bool) -> None:
+        self.on = on
+
+
+def test_two_toggles_at_once_toggle_twice(forget_vendors: list[str]) -> None:
+    """Runs of one instance overlap: a toggle (read, then set the opposite) must not interleave with another,
+    or both read "off", both switch on, and the outlet ends on instead of back off."""
+    backend = _SlowOutlet()
+    pdu_backends.register("slowfake", backend)
+    forget_vendors.append("slowfake")
+    mod = pdu(vendor="slowfake", host="http://pdu", outlet=0)
+
+    async def both() -> None:
+        await asyncio.gather(mod.run(LocalSession(), ["toggle"]), mod.run(LocalSession(), ["toggle"]))
+
+    run(both())
+    assert backend.on is False
+
+
 def test_backend_must_have_set_and_get() -> None:
     with pytest.raises(TypeError, match="is not a PDU backend: it lacks set_outlet and get_outlet"):
         pdu_backends.register("empty", object())

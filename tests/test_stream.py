@@ -18,12 +18,32 @@ from zdut.transport.stream import Stream
 
 def test_sequence_gap_is_an_error() -> None:
     stream = Stream(7, lambda header, payload=None: None)
-    stream.received(1)
-    stream.received(2)
+    stream.received(p.Ping(7, 1))
+    stream.received(p.Ping(7, 2))
     with pytest.raises(p.ZdutError) as info:
-        stream.received(4)
+        stream.received(p.Ping(7, 4))
     assert info.value.code == p.Code.ABORTED
     assert info.value.message == "session 7: sequence gap: expected message 3, got 4"
+
+
+def test_receiver_aborts_a_peer_past_its_window_and_counts_returned_credit() -> None:
+    """The receiver charges what the sender should have taken; credit it returns reopens the window."""
+    credits: list[p.Message] = []
+    window = 4 * (p.MESSAGE_COST + 1000)
+    stream = Stream(3, lambda header, payload=None: credits.append(p.decode(header)),
+                    granted={p.WINDOW_MAIN: p.INITIAL_WINDOW, p.WINDOW_STDIN: window})
+    seq = iter(range(1, 100))
+    for _ in range(4):
+        stream.received(p.Data(3, next(seq), p.STDIN), b"x" * 1000)
+    stream.received(p.FileOpen(3, next(seq), 1, "f", 0))  # another window: still fine
+    stream.received(p.Ping(3, next(seq)))  # free
+    stream.consumed(1000, p.WINDOW_STDIN)  # a quarter of the window: returned at once
+    assert [m.nbytes for m in credits if isinstance(m, p.Credit)] == [p.MESSAGE_COST + 1000]
+    stream.received(p.Data(3, next(seq), p.STDIN), b"x" * 1000)  # fits the returned credit
+    with pytest.raises(p.ZdutError) as info:
+        stream.received(p.StdinEof(3, next(seq)))
+    assert info.value.code == p.Code.ABORTED
+    assert "sent past its stdin credit window" in info.value.message
 
 
 def test_credit_blocks_the_sender_until_granted() -> None:

@@ -180,7 +180,7 @@ class Run:
     # ------------------------------------------------------------- incoming
     def deliver(self, msg: SessionMessage, payload: Any) -> None:
         try:
-            self.stream.received(msg.seq)
+            self.stream.received(msg, payload)  # sequence and credit: a peer past its window aborts
             self._deliver(msg, payload)
         except ZdutError as exc:
             self.cancel()

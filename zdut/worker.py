@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     except ZdutError as exc:
         print(f"zdut-agent: {exc}", file=sys.stderr)
         return 1
+    if not args.dry_run:
+        agent.claim_temp_area(state.with_suffix(".tmp"))  # sweeps what a killed predecessor left
     return asyncio.run(_serve(agent, args))
 
 

@@ -7,6 +7,7 @@ as ``(link, client-id, header, payload)``, so one set of handlers serves both.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import secrets
 import time
@@ -17,6 +18,7 @@ from zdut.agentd.config import AgentConfig, Command
 from zdut.agentd.locker import Locker
 from zdut.agentd.run import AgentRun
 from zdut.common.answers import listing, no_such_command, no_such_device
+from zdut.devices import scratch
 from zdut.protocol import (
     SESSION,
     UNARY_REQUESTS,
@@ -40,12 +42,14 @@ from zdut.protocol import (
     check_version,
     encode,
 )
-from zdut.transport.links import Link
+from zdut.transport.links import Link, LoopThrottle
 
 if TYPE_CHECKING:
     from zdut.agentd.uplink import Uplink
 
 log = logging.getLogger("zdut.agent")
+#: Lines a peer can cause once per message are rate-limited: a flood of them is a few lines and a summary.
+throttled = LoopThrottle(log)
 
 INIT_TIMEOUT_S = 300.0
 DEINIT_TIMEOUT_S = 15.0
@@ -106,6 +110,17 @@ class Agent:
             problems.append(f'device "{device}": {line}')
         return problems
 
+    @staticmethod
+    def claim_temp_area(root: Path) -> None:
+        """At start, before any module runs: remove the temp files a killed predecessor left under ``root``
+        and claim this process's own part of it (``devices.scratch``); released at exit."""
+        try:
+            scratch.claim(root)
+        except OSError as exc:
+            log.error("cannot use %s for temporary files (%s): using the system temp directory", root, exc)
+            return
+        atexit.register(scratch.release)
+
     async def deinit_modules(self) -> list[str]:
         problems = []
         for device, command, step in self._steps():
@@ -136,7 +151,7 @@ class Agent:
             try:
                 run.deliver(msg, payload)
             except ZdutError as exc:
-                log.warning("session %s aborted: %s", msg.sid, exc)
+                throttled(logging.WARNING, "session aborted", "session %s aborted: %s", msg.sid, exc)
                 run.cancel(exc)
             return
         if isinstance(msg, RunOpen):
@@ -149,7 +164,8 @@ class Agent:
                 reply = self._unlock(msg, closing) if isinstance(msg, Unlock) else self._unary(msg)
             except ZdutError as exc:
                 if exc.code == Code.FAILED_PRECONDITION and "incompatible" in exc.message:
-                    log.warning("refused %s from %s: %s", type(msg).__name__, msg.user, exc.message)
+                    throttled(logging.WARNING, "refused version", "refused %s from %s: %s", type(msg).__name__,
+                              msg.user, exc.message)
                 reply = Error(msg.rid, exc.code, exc.message)
             except Exception as exc:  # a bug costs this request an answer, never a 30 s silence
                 log.exception("internal error answering %s", type(msg).__name__)
@@ -159,14 +175,14 @@ class Agent:
             else:
                 self._reply(link, peer, msg.user, reply)
             return
-        log.debug("ignored %s", type(msg).__name__)
+        throttled(logging.DEBUG, "ignored", "ignored %s", type(msg).__name__)
 
     @staticmethod
     def _reply(link: Link, peer: bytes, user: str, reply: Message) -> None:
         try:
             link.send(peer, encode(reply))
         except ZdutError as exc:
-            log.info("could not reply to %s: %s", user, exc)
+            throttled(logging.INFO, "could not reply", "could not reply to %s: %s", user, exc)
 
     def _reply_when_closed(self, link: Link, peer: bytes, user: str, reply: Message,
                            closing: list[asyncio.Task[Any]]) -> None:

@@ -19,11 +19,13 @@ from zdut.devices.base import ModuleError
 from zdut.devices.stdin import StdinBuffer
 from zdut.protocol import (
     CHUNK_SIZE,
+    INITIAL_WINDOW,
     PRINT,
     STDERR,
     STDIN,
     STDIN_WINDOW,
     STDOUT,
+    WINDOW_MAIN,
     WINDOW_STDIN,
     Cancel,
     Code,
@@ -43,9 +45,12 @@ from zdut.protocol import (
     ZdutError,
 )
 from zdut.transport.files import FileReceiver, FileSender, Source
+from zdut.transport.links import LoopThrottle
 from zdut.transport.stream import SendFrames, Stream
 
 log = logging.getLogger("zdut.session")
+#: What peers make the agent log per message is rate-limited (a flood of bad messages is a few lines).
+throttled = LoopThrottle(log)
 
 
 class _Incoming(FileReceiver):
@@ -95,10 +100,10 @@ class AgentRun:
         on_close: Callable[[AgentRun], None],
     ) -> None:
         self.device, self.command, self.user = device, command, user
-        self.stream = Stream(sid, send_frames)
+        self.stream = Stream(sid, send_frames, granted={WINDOW_MAIN: INITIAL_WINDOW, WINDOW_STDIN: STDIN_WINDOW})
         self.task: asyncio.Task[tuple[str, str]] | None = None
         self.transfer: _Incoming | None = None
-        self._stdin = StdinBuffer(lambda nbytes: self.stream.consumed(nbytes, WINDOW_STDIN, STDIN_WINDOW))
+        self._stdin = StdinBuffer(lambda nbytes: self.stream.consumed(nbytes, WINDOW_STDIN))
         self._xfers = 0
         self._sending: dict[int, FileSender] = {}
         self._term: tuple[int, int] | None = None
@@ -159,8 +164,12 @@ class AgentRun:
             self._held = False
             self._locker.release_busy(self.device, self.user)
         self._on_close(self)
-        log.info("run ended device=%s command=%s user=%s: %s", self.device, self.command, self.user,
-                 f"{code}: {message}" if code else "ok")
+        how = f"{code}: {message}" if code else "ok"
+        if self.task is not None:
+            log.info("run ended device=%s command=%s user=%s: %s", self.device, self.command, self.user, how)
+        else:  # refused before it started: a line any peer can cause per message, so rate-limited
+            throttled(logging.INFO, "refused run", "run refused device=%s command=%s user=%s: %s", self.device,
+                      self.command, self.user, how)
         if self.stream.closed is None:
             with contextlib.suppress(ZdutError):  # the client may be gone: nothing more to tell it
                 self.stream.send(Done, code=code, message=message)
@@ -184,8 +193,16 @@ class AgentRun:
 
     # ------------------------------------------------------------- incoming
     def deliver(self, msg: SessionMessage, payload: Any) -> None:
-        """Handle one message from the client; called from the receive loop, never blocks."""
-        self.stream.received(msg.seq)
+        """Handle one message from the client; called from the receive loop, never blocks.
+
+        Raises ZdutError (Aborted) for a message that breaks the session's rules (a sequence gap, more than
+        the credit we granted); the caller cancels the run with it.  Once the run is cancelled only credit
+        still counts (a module cleaning up may print): input is dropped, never queued."""
+        if self._reason is not None or self._closed:
+            if isinstance(msg, Credit):
+                self.stream.granted(msg.nbytes, msg.window)
+            return
+        self.stream.received(msg, payload)
         match msg:
             case Data() if msg.stream == STDIN:
                 self._stdin.feed(bytes(payload))
@@ -202,7 +219,8 @@ class AgentRun:
             case Ping():
                 pass
             case _:
-                log.warning("unexpected %s in session %s", type(msg).__name__, self.stream.sid)
+                throttled(logging.WARNING, "unexpected in session", "unexpected %s in session %s",
+                          type(msg).__name__, self.stream.sid)
 
     def _deliver_file(self, msg: FileOpen | FileEnd | FileAbort | FileChunk, payload: Any) -> None:
         if not isinstance(msg, FileChunk):

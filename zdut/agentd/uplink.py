@@ -33,9 +33,10 @@ from zdut.protocol import (
     encode,
     endpoint,
 )
-from zdut.transport.links import Link, tune
+from zdut.transport.links import Link, LoopThrottle, tune
 
 log = logging.getLogger("zdut.agentd.uplink")
+throttled = LoopThrottle(log)  # lines a broker can cause once per message
 
 LIVENESS = 3
 #: Until the broker tells us its interval.
@@ -173,5 +174,5 @@ class Uplink:
             case Heartbeat():
                 pass
             case _:
-                log.debug("ignored %s from broker", type(msg).__name__)
+                throttled(logging.DEBUG, "ignored from broker", "ignored %s from broker", type(msg).__name__)
         return None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
+from zdut.devices import scratch
 from zdut.devices.base import Module, ModuleError, NoOptions, Session
 
 FT_SUFFIX = b"\n\nprocessed by dummy.FT module\n"
@@ -71,7 +71,7 @@ class DummyFT(Module[NoOptions]):
             raise ModuleError(f"expected 2 arguments, got {len(args)}")
         src, dst = args
         await session.print(f'Requesting file "{src}" passed in arg[0] as input\n')
-        with tempfile.TemporaryDirectory(prefix="dutagent-out") as tmp:
+        with scratch.run_dir("zdut-dummy-ft") as tmp:  # the run's own, removed on every way out
             path = os.path.join(tmp, os.path.basename(src) or "input")
             with open(path, "wb") as fh:
                 async for chunk in session.request_file(src):

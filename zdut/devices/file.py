@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-import tempfile
 
 import msgspec
 
 from zdut.common.flags import FlagError, parse_flags
+from zdut.devices import scratch
 from zdut.devices.base import Module, ModuleError, Session
 
 UPLOAD = "upload"
@@ -160,26 +160,24 @@ class File(Module[FileOptions]):
             os.makedirs(folder, DIR_MODE, exist_ok=True)
         except OSError as exc:
             raise ModuleError(f"failed to create parent directories for {dst!r}: {exc.strerror}") from None
+        # A temp file beside the destination, renamed at the end: a failed or cancelled upload never
+        # leaves a truncated file under the real name, and ``scratch.Beside`` removes the temp file on every
+        # way out (and notes it, so that the next agent removes it if this one is killed meanwhile).
         try:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dst)}.", suffix=".part")
+            staging = scratch.Beside(dst)
         except OSError as exc:
             raise ModuleError(f"failed to create destination file {dst!r}: {exc.strerror}") from None
-        # A temp file beside the destination, renamed at the end: a failed or
-        # cancelled upload never leaves a truncated file under the real name.
-        try:
-            written = 0
-            with os.fdopen(fd, "wb") as fh:
-                async for chunk in incoming:
-                    fh.write(chunk)  # local-disk writes of one chunk are short enough for the event loop
-                    written += len(chunk)
-            os.chmod(tmp, mode)
-            os.replace(tmp, dst)
-        except OSError as exc:
-            _remove(tmp)
-            raise ModuleError(f"failed to write {dst!r}: {exc.strerror or exc}") from None
-        except BaseException:
-            _remove(tmp)
-            raise
+        with staging:
+            tmp, written = staging.path, 0
+            try:
+                with os.fdopen(staging.fd, "wb") as fh:
+                    async for chunk in incoming:
+                        fh.write(chunk)  # local-disk writes of one chunk are short enough for the event loop
+                        written += len(chunk)
+                os.chmod(tmp, mode)
+                os.replace(tmp, dst)
+            except OSError as exc:
+                raise ModuleError(f"failed to write {dst!r}: {exc.strerror or exc}") from None
         await session.print(f"Upload complete: {src} -> {dst} ({written} bytes)\n")
 
     async def _download(self, session: Session, src: str, dst: str) -> None:
@@ -196,9 +194,3 @@ class File(Module[FileOptions]):
         await session.send_file(dst, src, info.st_size)
         await session.print(f"Download complete: {src} -> {dst} ({info.st_size} bytes)\n")
 
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -1,7 +1,8 @@
 """SPI flash modules: flash (flashrom, flashprog, dpcmd) and flash-emulate (em100).
 
-Both wrap a command-line tool on the agent.  Images stream in chunks through a
-per-module work directory; the tool's combined output streams to the client as
+Both wrap a command-line tool on the agent.  Images stream in chunks into a
+directory of the run's own (``scratch.run_dir``: runs of one instance overlap, and
+each works on its own image); the tool's combined output streams to the client as
 it arrives.  A cancelled run stops the tool's whole process group (see
 ``process.py``) with TERM_GRACE_S between SIGTERM and SIGKILL, as dutctl does
 for flashing: interrupting a write half-way is worse than waiting.
@@ -13,11 +14,11 @@ import codecs
 import os
 import shlex
 import shutil
-import tempfile
 from pathlib import Path
 
 import msgspec
 
+from zdut.devices import scratch
 from zdut.devices.base import Module, ModuleError, OptionsT, Session
 from zdut.devices.process import exit_message, run_streaming
 
@@ -64,35 +65,20 @@ async def run_tool(session: Session, argv: list[str], cwd: str, grace: float) ->
 
 
 async def receive_file(session: Session, name: str, path: Path) -> None:
-    """Stream the client's file ``name`` into ``path`` (removed again on any failure)."""
+    """Stream the client's file ``name`` into ``path`` (in the run's own directory, which goes with the run)."""
     try:
         with open(path, "wb") as fh:
             async for chunk in session.request_file(name):
                 fh.write(chunk)
     except OSError as exc:
-        path.unlink(missing_ok=True)
         raise ModuleError(f"saving image on the agent: {exc.strerror or exc}") from None
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
 
 
 class _ToolModule(Module[OptionsT]):
-    """A module that runs a tool in a private work directory, created by the first run."""
+    """A module that runs a tool in a directory of the run's own (its cwd, where the image goes)."""
 
     #: Seconds between SIGTERM and SIGKILL when a run is cancelled.
     TERM_GRACE_S = 10.0
-    _workdir: Path | None = None
-
-    def _work(self) -> Path:
-        if self._workdir is None or not self._workdir.is_dir():
-            self._workdir = Path(tempfile.mkdtemp(prefix=f"zdut-{self.id}-"))
-        return self._workdir
-
-    async def deinit(self) -> None:
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
 
     @staticmethod
     def _require_tool(tool: str, what: str) -> str:
@@ -161,9 +147,8 @@ class Flash(_ToolModule[FlashOptions]):
             raise ModuleError(f"expected 2 arguments (read|write <image>), got {len(args)}")
         tool = self._require_tool(self.options.tool, "flash tool")
         name = args[1]
-        work = self._work()
-        local = work / "image"
-        try:
+        with scratch.run_dir(f"zdut-{self.id}") as work:  # nothing is kept between runs: no stale image
+            local = work / "image"
             if op == "write":
                 await receive_file(session, name, local)
             argv = self.cmdline(tool, op, local)
@@ -180,8 +165,6 @@ class Flash(_ToolModule[FlashOptions]):
                 if not local.is_file():
                     raise ModuleError("the flash tool reported success but wrote no image")
                 await session.send_file(name, local, local.stat().st_size)
-        finally:
-            await self.deinit()  # nothing is kept between runs: no stale image can be sent later
 
 
 class FlashEmulateOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -194,7 +177,7 @@ class FlashEmulateOptions(msgspec.Struct, forbid_unknown_fields=True):
 class FlashEmulate(_ToolModule[FlashEmulateOptions]):
     id = "flash-emulate"
     Options = FlashEmulateOptions
-    _image: Path | None = None
+    _kept: Path | None = None  # the directory of the image loaded last
 
     def help(self) -> str:
         o = self.options
@@ -223,14 +206,14 @@ class FlashEmulate(_ToolModule[FlashEmulateOptions]):
             argv += ["--device", str(self.options.device)]
         return [*argv, "--stop", "--set", self.options.chip, "-d", str(image), "-v", "--start"]
 
-    def _drop_image(self) -> None:
-        if self._image is not None:
-            self._image.unlink(missing_ok=True)
-            self._image = None
+    def _keep(self, work: Path | None) -> None:
+        """``work`` (a successful run's directory) is now the one kept; the one kept before goes."""
+        old, self._kept = self._kept, work
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     async def deinit(self) -> None:
-        self._drop_image()
-        await super().deinit()
+        self._keep(None)
 
     async def run(self, session: Session, args: list[str]) -> None:
         if not args:
@@ -238,11 +221,10 @@ class FlashEmulate(_ToolModule[FlashEmulateOptions]):
         if len(args) > 1:
             raise ModuleError(f"expected 1 argument (<image>), got {len(args)}")
         tool = self._require_tool(self.options.tool, "emulation tool")
-        self._drop_image()  # the previous run's image is kept until now, as in dutctl
-        work = self._work()
-        fd, tmp = tempfile.mkstemp(dir=work, prefix="flash-emulate-image-")
-        os.close(fd)
-        image = Path(tmp)
+        # This run's own directory: the image loaded last is kept until a later run loaded another one (as
+        # in dutctl), but two runs at once never share a file.
+        work = scratch.mkdtemp(f"zdut-{self.id}")
+        image = work / "image"
         try:
             await receive_file(session, args[0], image)
             argv = self.cmdline(tool, image)
@@ -251,7 +233,7 @@ class FlashEmulate(_ToolModule[FlashEmulateOptions]):
             if code != 0:
                 raise ModuleError(exit_message("emulation tool", code))
         except BaseException:
-            image.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
             raise
-        self._image = image
+        self._keep(work)
         await session.print("Emulation started successfully\n")

@@ -12,6 +12,7 @@ wifisocket); pdu fails instead, gpio-switch reports its state.
 from __future__ import annotations
 
 import abc
+import asyncio
 from typing import ClassVar
 
 from zdut.devices.base import Module, OptionsT, Session
@@ -91,4 +92,13 @@ class PowerModule(Module[OptionsT]):
         elif verb == STATUS:
             await session.print(self.report(await self.read()))
         else:
-            await session.print(await self.switch(verb))
+            async with self._switching():  # toggle reads, then sets: two runs at once must not interleave
+                text = await self.switch(verb)
+            await session.print(text)
+
+    def _switching(self) -> asyncio.Lock:
+        """The lock that makes this instance's switch verbs one at a time (created on first use)."""
+        lock: asyncio.Lock | None = self.__dict__.get("_switch_lock")
+        if lock is None:
+            lock = self.__dict__["_switch_lock"] = asyncio.Lock()
+        return lock

@@ -19,10 +19,10 @@ import os
 import shutil
 import stat
 import struct
-import tempfile
 
 import msgspec
 
+from zdut.devices import scratch
 from zdut.devices.base import Module, ModuleError, Session
 from zdut.devices.process import TailBuffer, exit_message, run_streaming
 from zdut.devices.shell import TOO_MANY_ARGS
@@ -143,7 +143,7 @@ class SSH(Module[SSHOptions]):
             self._key = self._check_key(opts.privatekey)
         if opts.hostkey:
             self._key_type, blob = parse_hostkey(opts.hostkey)
-            self._tmpdir = tempfile.mkdtemp(prefix="zdut-ssh-")
+            self._tmpdir = str(scratch.mkdtemp("zdut-ssh"))  # the agent's own temp area: swept after a crash
             self._known_hosts = os.path.join(self._tmpdir, "known_hosts")
             with open(self._known_hosts, "w") as fh:
                 fh.write(f"{HOST_ALIAS} {self._key_type} {blob}\n")

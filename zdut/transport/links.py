@@ -12,14 +12,50 @@ import asyncio
 import errno
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
 import zmq
 
+from zdut.common.logs import Throttle
 from zdut.protocol import MAX_HEADER_BYTES, WITH_PAYLOAD, Code, Message, ProtocolError, ZdutError, decode
 
 log = logging.getLogger("zdut.link")
+
+
+class LoopThrottle(Throttle):
+    """``common.logs.Throttle`` whose "N similar messages suppressed" summary comes out even when the flood
+    stops: while lines go through it, a flush is kept scheduled on the running event loop."""
+
+    def __init__(self, logger: logging.Logger, period: float = 10.0) -> None:
+        super().__init__(logger, per_s=period)
+        self._period = period
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, level: int, key: str, fmt: str, *args: Any, exc_info: bool = False) -> None:
+        super().__call__(level, key, fmt, *args, exc_info=exc_info)
+        self._last = time.monotonic()
+        if self._timer is None:
+            self._schedule(self._period)
+
+    def _schedule(self, delay: float) -> None:
+        try:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+        except RuntimeError:  # no loop (a synchronous caller): summaries wait for the next line
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.flush()
+        due = self._last + self._period - time.monotonic()  # when the newest window ends
+        if due > 0:
+            self._schedule(due + 0.05)
+
+
+#: Lines about malformed input, rate-limited: a peer's flood of garbage is a few lines and a summary.
+dropped = LoopThrottle(log)
 
 # Peers send payloads with copy=True: a zero-copy send of a Python bytes object is only released through
 # pyzmq's GC thread, and for 256 KiB chunks the copy measured the same file throughput (~370 MB/s round
@@ -94,7 +130,8 @@ class Pump:
                 try:
                     handler(*item)
                 except Exception:  # one bad message must not stop the socket
-                    log.exception("error handling %s", type(item[1]).__name__)
+                    dropped(logging.ERROR, "handler error", "error handling %s", type(item[1]).__name__,
+                            exc_info=True)
 
     def send_frames(self, header: bytes, payload: Any = None, peer: bytes | None = None) -> None:
         """Send ``[peer][header][payload]`` without blocking; zmq errors propagate to the caller."""
@@ -144,7 +181,7 @@ def recv_message(
     """Read one message frame by frame; None (logged) if it is malformed.  Raises zmq.Again when empty."""
     peer = raw.recv(NOBLOCK) if with_peer else b""
     if with_peer and not raw.getsockopt(RCVMORE):
-        log.warning("dropped a message without a header frame")
+        dropped(logging.WARNING, "dropped: no header frame", "dropped a message without a header frame")
         return None
     header = raw.recv(NOBLOCK)
     payload = None
@@ -158,9 +195,10 @@ def recv_message(
     try:
         msg = decode(header, limit)
     except ProtocolError as exc:
-        log.warning("dropped an undecodable message: %s", exc)
+        dropped(logging.WARNING, "dropped: undecodable", "dropped an undecodable message: %s", exc)
         return None
     if extra or (payload is None) == isinstance(msg, WITH_PAYLOAD):
-        log.warning("dropped %s with a wrong number of frames", type(msg).__name__)
+        dropped(logging.WARNING, "dropped: wrong frame count", "dropped %s with a wrong number of frames",
+                type(msg).__name__)
         return None
     return peer, msg, payload

@@ -4,6 +4,11 @@ The agent and the client both own one ``Stream`` per session; it stamps outgoing
 messages with the next sequence number, makes flow-controlled messages wait for
 credit, checks incoming sequence numbers and returns credit as the owner
 consumes what it received.  It never touches a socket: ``send_frames`` does.
+
+Credit is enforced by the receiver too: every flow-controlled message that arrives is charged against the
+window this side granted the peer (the same cost the sender takes), and a peer that sends past it has its
+session aborted before the message is queued anywhere, so nothing a peer sends can grow memory beyond
+the windows.
 """
 
 from __future__ import annotations
@@ -19,16 +24,38 @@ from zdut.protocol import (
     MESSAGE_COST,
     SESSION_PING_S,
     SESSION_TIMEOUT_S,
+    STDIN,
     WINDOW_MAIN,
+    WINDOW_STDIN,
     Code,
     Credit,
+    Data,
+    FileChunk,
+    FileEnd,
+    FileOpen,
+    FileRequest,
     Ping,
+    StdinEof,
     ZdutError,
     encode,
 )
 
 #: send_frames(header_bytes, payload_or_None) -> None; raises ZdutError if the peer is gone.
 SendFrames = Callable[[bytes, Any], None]
+
+#: The messages a sender sends with ``send_credited`` (so the receiver charges them): what each costs is
+#: ``credit_cost``.  Everything else (Credit, Ping, Cancel, Resize, FileAbort, RunStarted, Done) is free.
+CREDITED = (Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd)
+_WINDOW_NAMES = {WINDOW_MAIN: "main", WINDOW_STDIN: "stdin"}
+
+
+def credit_cost(msg: wire.SessionMessage, payload: Any) -> tuple[int, int] | None:
+    """(window, bytes) a flow-controlled message costs, as its sender took them; None if it is free."""
+    if not isinstance(msg, CREDITED):
+        return None
+    window = WINDOW_STDIN if isinstance(msg, StdinEof) or (isinstance(msg, Data) and msg.stream == STDIN) \
+        else WINDOW_MAIN
+    return window, MESSAGE_COST + (len(payload) if payload is not None else 0)
 
 
 
@@ -67,12 +94,16 @@ class _Window:
 class Stream:
     """Sequence, credit and liveness bookkeeping for one session on one side."""
 
-    def __init__(self, sid: int, send_frames: SendFrames, windows: dict[int, int] | None = None) -> None:
+    def __init__(self, sid: int, send_frames: SendFrames, windows: dict[int, int] | None = None,
+                 granted: dict[int, int] | None = None) -> None:
+        """``windows``: the credit the peer gives us, per window; ``granted``: the credit we give the peer."""
         self.sid = sid
         self._send_frames = send_frames
         self._tx_seq = 0
         self._rx_seq = 0
         self._windows = {w: _Window(size) for w, size in (windows or {WINDOW_MAIN: INITIAL_WINDOW}).items()}
+        self._granted = dict(granted or {WINDOW_MAIN: INITIAL_WINDOW})
+        self._rx_credit = dict(self._granted)  # what the peer may still send us, per window
         self._consumed: dict[int, int] = {}
         self.last_rx = self.last_tx = time.monotonic()
         self.closed: ZdutError | None = None
@@ -115,14 +146,31 @@ class Stream:
                 w.fail(error)
 
     # ------------------------------------------------------------- receiving
-    def received(self, seq: int) -> None:
-        """Check an incoming message's sequence number (raises Aborted on a gap)."""
+    def received(self, msg: wire.SessionMessage, payload: Any = None) -> None:
+        """Check an incoming message: its sequence number and, if it is flow-controlled, that it fits the
+        credit we granted (raises Aborted on a gap or a peer past its window; the message must then be
+        dropped, not queued)."""
         self.last_rx = time.monotonic()
+        seq = msg.seq
         if seq != self._rx_seq + 1:
             raise ZdutError(
                 Code.ABORTED, f"session {self.sid}: sequence gap: expected message {self._rx_seq + 1}, got {seq}"
             )
         self._rx_seq = seq
+        cost = credit_cost(msg, payload)
+        if cost is None:
+            return
+        window, nbytes = cost
+        left = self._rx_credit.get(window, 0) - nbytes
+        if left < 0:
+            size = self._granted.get(window, 0)
+            raise ZdutError(
+                Code.ABORTED,
+                f"session {self.sid}: the peer sent past its {_WINDOW_NAMES.get(window, str(window))} credit "
+                f"window ({type(msg).__name__} of {nbytes} bytes with {nbytes + left} of {size} bytes of credit "
+                "left): it does not wait for credit",
+            )
+        self._rx_credit[window] = left
 
     def granted(self, nbytes: int, window: int) -> None:
         """The peer returned credit."""
@@ -130,13 +178,13 @@ class Stream:
         if w is not None:
             w.give(nbytes)
 
-    def consumed(self, nbytes: int, window: int = WINDOW_MAIN, peer_window: int = INITIAL_WINDOW) -> None:
+    def consumed(self, nbytes: int, window: int = WINDOW_MAIN) -> None:
         """We consumed a flow-controlled message: return its credit in batches of a quarter window."""
         total = self._consumed.get(window, 0) + nbytes + MESSAGE_COST
-        if total >= peer_window // 4:
+        if total >= self._granted.get(window, INITIAL_WINDOW) // 4:
             total_sent, total = total, 0
             if self.closed is None:
-                self.send(Credit, nbytes=total_sent, window=window)
+                self._grant(total_sent, window)
         self._consumed[window] = total
 
     def flush_credit(self) -> None:
@@ -144,7 +192,11 @@ class Stream:
         for window, total in self._consumed.items():
             if total and self.closed is None:
                 self._consumed[window] = 0
-                self.send(Credit, nbytes=total, window=window)
+                self._grant(total, window)
+
+    def _grant(self, nbytes: int, window: int) -> None:
+        self.send(Credit, nbytes=nbytes, window=window)
+        self._rx_credit[window] = self._rx_credit.get(window, 0) + nbytes
 
     # ------------------------------------------------------------- liveness
     def tick(self, now: float) -> ZdutError | None:
