@@ -31,7 +31,14 @@ _SERVED_BY = {"agent": "an agent", "broker": "the broker"}
 
 
 def no_such_device(device: str) -> ZdutError:
+    """What an agent says of a device it does not serve (dutctl's agent's words)."""
     return ZdutError(Code.NOT_FOUND, f'device "{device}": no such device')
+
+
+def device_not_found(device: str) -> ZdutError:
+    """What a broker says of a device no agent registered (dutctl's proxy's words, which differ from its
+    agents': ``device "X" not found``)."""
+    return ZdutError(Code.NOT_FOUND, f'device "{device}" not found')
 
 
 def no_such_command(device: str, command: str) -> ZdutError:
@@ -49,7 +56,8 @@ def listing(
     agents: Callable[[], list[AgentInfo]],
 ) -> Message:
     """The reply of server ``name`` (``role`` "agent" or "broker") to Hello or a listing request; the
-    lookups raise ZdutError (no_such_device, no_such_command, or anything else the server refuses)."""
+    lookups raise ZdutError (no_such_device or device_not_found, no_such_command, or anything else the server
+    refuses)."""
     match msg:
         case Hello():
             return Welcome(msg.rid, VERSION, role, name)

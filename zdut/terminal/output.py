@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -23,6 +24,7 @@ GENERAL, DEVICE_LIST, COMMAND_LIST, COMMAND_DETAIL = "general", "device-list", "
 MODULE_OUTPUT, VERSION_T, LOCK_RESULT, FILE_TRANSFER, AGENT_LIST = (
     "module-output", "version", "lock-result", "file-transfer", "agent-list")
 
+_C_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _RESET, _RED, _GREEN, _YELLOW, _CYAN, _GRAY = "\x1b[0m", "\x1b[31m", "\x1b[32m", "\x1b[33m", "\x1b[36m", "\x1b[90m"
 
 
@@ -47,7 +49,10 @@ def human_size(n: int) -> str:
 
 
 def rfc3339(ts: float | None = None) -> str:
-    return dt.datetime.fromtimestamp(ts if ts is not None else time.time()).astimezone().isoformat(timespec="seconds")
+    """Local time as Go's ``time.RFC3339`` writes it: whole seconds, ``Z`` for UTC, else ``+hh:mm``."""
+    when = dt.datetime.fromtimestamp(ts if ts is not None else time.time()).astimezone()
+    text = when.isoformat(timespec="seconds")
+    return text[:-6] + "Z" if when.utcoffset() == dt.timedelta(0) else text
 
 
 def device_record(d: DeviceInfo, with_agent: bool) -> dict[str, Any]:
@@ -62,8 +67,23 @@ def device_record(d: DeviceInfo, with_agent: bool) -> dict[str, Any]:
     return rec
 
 
-def lock_record(device: str, lock: LockState) -> dict[str, Any]:
-    return {"Name": device, "Locked": True, "Owner": lock.owner, "ExpiresAt": lock.expires_at}
+@dataclass(frozen=True)
+class Unlocked:
+    """A lock-result after an unlock: the device is free; ``broke`` names whose lock ``force`` broke."""
+
+    device: str
+    broke: str = ""
+    cancelled: int = 0
+
+
+def lock_record(device: str, lock: LockState | None, unlocked: Unlocked | None = None) -> dict[str, Any]:
+    """The device's lock after a lock or unlock, with the keys of a device-list record."""
+    rec: dict[str, Any] = {"Name": device, "Locked": lock is not None, "Owner": lock.owner if lock else "",
+                           "ExpiresAt": lock.expires_at if lock else 0}
+    if unlocked is not None and unlocked.broke:
+        rec["Broke"] = unlocked.broke
+        rec["Cancelled"] = unlocked.cancelled
+    return rec
 
 
 def agent_record(a: AgentInfo) -> dict[str, Any]:
@@ -91,13 +111,16 @@ class Output:
             stream.write(json.dumps(self._record(content), indent=2, ensure_ascii=False) + "\n")
         elif self.fmt == "yaml":
             rec = self._record(content)
-            if content.type in (DEVICE_LIST, LOCK_RESULT):
+            if content.type in (DEVICE_LIST, LOCK_RESULT, AGENT_LIST):
                 rec["data"] = _lower_keys(rec["data"])
-            stream.write("---\n" + yaml.safe_dump(rec, sort_keys=False, allow_unicode=True))
+            stream.write("---\n" + to_yaml(rec) + "\n")
         elif self.fmt == "oneline":
             stream.write(self._oneline(content) + "\n")
         else:
             self._meta_line(content, stream)
+            if content.type == MODULE_OUTPUT and isinstance(content.data, bytes):
+                self.raw(content.data, stream is self.err)  # as without -v: the bytes as they came
+                return
             stream.write(self._text(content))
         stream.flush()
 
@@ -111,8 +134,13 @@ class Output:
         """Module output in text mode: written as is."""
         stream = self.err if to_stderr else self.out
         stream.flush()
-        stream.buffer.write(data)
-        stream.buffer.flush()
+        buffer = getattr(stream, "buffer", None)
+        if buffer is None:  # a text-only stream (a test's StringIO)
+            stream.write(data.decode(errors="replace"))
+            stream.flush()
+            return
+        buffer.write(data)
+        buffer.flush()
 
     # ------------------------------------------------------------- text
     def _paint(self, code: str, text: str) -> str:
@@ -144,6 +172,8 @@ class Output:
             return "".join(f"- {name}\n" for name in c.data)
         if c.type == AGENT_LIST:
             return "".join(self._agent_line(a) for a in c.data)
+        if c.type == LOCK_RESULT and isinstance(c.data, Unlocked):
+            return self._paint(_GREEN, _unlocked_text(c.data)) + "\n"
         if c.type == LOCK_RESULT:
             device, lock = c.data
             if lock.expires_at:
@@ -191,6 +221,8 @@ class Output:
     def _data(self, c: Content) -> Any:
         if c.type == DEVICE_LIST:
             return [device_record(d, with_agent) for d, with_agent in c.data]
+        if c.type == LOCK_RESULT and isinstance(c.data, Unlocked):
+            return lock_record(c.data.device, None, c.data)
         if c.type == LOCK_RESULT:
             return lock_record(*c.data)
         if c.type == FILE_TRANSFER:
@@ -218,6 +250,8 @@ class Output:
         data = self._data(c)
         if c.type == DEVICE_LIST:
             data = "|".join(_device_token(d) for d, _ in c.data)
+        elif c.type == LOCK_RESULT and isinstance(c.data, Unlocked):
+            data = f"{c.data.device}=unlocked" + (f";broke:{c.data.broke}" if c.data.broke else "")
         elif c.type == LOCK_RESULT:
             device, lock = c.data
             data = f"{device}=locked:{lock.owner}" if lock.expires_at else f"{device}=in-use:{lock.owner}"
@@ -228,7 +262,27 @@ class Output:
         elif isinstance(data, list):
             data = "|".join(str(x) for x in data)
         fields.append(str(data))
-        return ",".join(_csv_field(f) for f in fields)
+        return ",".join(_csv_field(_one_line(f)) for f in fields)
+
+
+def _unlocked_text(u: Unlocked) -> str:
+    text = f'✓ Device "{u.device}" unlocked'
+    if u.broke:
+        text += f': broke the lock of "{u.broke}"'
+        if u.cancelled:
+            text += f", cancelled {u.cancelled} running session{'s' if u.cancelled != 1 else ''}"
+    return text
+
+
+def _one_line(text: str) -> str:
+    """A oneline field never breaks its line: backslash, line breaks, tabs and other controls escaped
+    as in C (``\\n``, ``\\x1b``), so one record stays one line whatever the data holds."""
+    return "".join(_C_ESCAPES.get(c) or (_yaml_code(c) if _is_control(c) else c) for c in text)
+
+
+def _is_control(c: str) -> bool:
+    o = ord(c)
+    return o < 0x20 or 0x7F <= o <= 0x9F or c in "\u2028\u2029"
 
 
 def _device_token(d: DeviceInfo) -> str:
@@ -260,3 +314,86 @@ def _lower_keys(data: Any) -> Any:
     if isinstance(data, dict):
         return {k.lower(): v for k, v in data.items()}
     return data
+
+
+# ------------------------------------------------------------------ YAML as Go's yaml.v3 writes it
+# dutctl marshals with yaml.v3: 4-space indent, a sequence indented under its key, plain scalars where they
+# read back as the same string, else double quotes; several lines as a literal block. PyYAML only decides
+# whether a string may stay plain (it quotes what YAML 1.1 would read as a bool, number, date or null).
+
+_YAML_INDENT = 4
+_DQ_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r", "\0": "\\0", "\x1b": "\\e"}
+
+
+def to_yaml(value: Any) -> str:
+    """One YAML document body (ending in a newline) for JSON-like data."""
+    if isinstance(value, (dict, list)) and value:
+        return "".join(_yaml_block(value, 0))
+    return "".join(_yaml_entry("", value, 0)).lstrip(" ")
+
+
+def _yaml_block(value: dict[Any, Any] | list[Any], indent: int) -> Iterator[str]:
+    pad = " " * indent
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _yaml_entry(f"{pad}{_yaml_scalar(str(key))}:", item, indent)
+        return
+    for item in value:
+        if isinstance(item, (dict, list)) and item:
+            first, *rest = _yaml_block(item, indent + 2)  # "- " then the item's first line, the rest aligned
+            yield f"{pad}- {first[indent + 2:]}"
+            yield from rest
+        else:
+            yield from _yaml_entry(f"{pad}-", item, indent)
+
+
+def _yaml_entry(head: str, value: Any, indent: int) -> Iterator[str]:
+    if isinstance(value, (dict, list)) and value:
+        yield head + "\n"
+        yield from _yaml_block(value, indent + _YAML_INDENT)
+    elif isinstance(value, str) and _yaml_literal_ok(value):
+        body = value[:-1] if value.endswith("\n") else value
+        chomp = "" if value.endswith("\n") and not value.endswith("\n\n") else ("+" if value.endswith("\n") else "-")
+        yield f"{head} |{chomp}\n"
+        pad = " " * (indent + _YAML_INDENT)
+        yield from (f"{pad}{line}\n" if line else "\n" for line in body.split("\n"))
+    else:
+        yield f"{head} {_yaml_scalar(value)}\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{}"
+    if isinstance(value, list):
+        return "[]"
+    text = str(value)
+    if text and all(_yaml_printable(c) for c in text) and not yaml.safe_dump(
+            text, allow_unicode=True, width=1 << 30).startswith(("'", '"', "|", ">")):
+        return text
+    return '"' + "".join(_DQ_ESCAPES.get(c) or (c if _yaml_printable(c) else _yaml_code(c)) for c in text) + '"'
+
+
+def _yaml_literal_ok(text: str) -> bool:
+    """A literal block keeps every byte without escapes: printable lines, none ending in a space, no
+    leading space (that would need an indentation indicator)."""
+    lines = text.split("\n")
+    return len(lines) > 1 and not text.startswith((" ", "\n")) and all(
+        not line.endswith(" ") and all(_yaml_printable(c) for c in line) for line in lines)
+
+
+def _yaml_printable(c: str) -> bool:
+    """libyaml's IS_PRINTABLE, less every line break (NEL, U+2028, U+2029 too): what may appear unescaped."""
+    o = ord(c)
+    return (0x20 <= o <= 0x7E or 0xA0 <= o <= 0x2027 or 0x202A <= o <= 0xD7FF or (0xE000 <= o <= 0xFFFD and o != 0xFEFF)
+            or 0x10000 <= o <= 0x10FFFF)
+
+
+def _yaml_code(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o <= 0xFF else (f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
