@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import Lab, exe, free_port
@@ -337,3 +338,15 @@ def test_timestamps_are_go_rfc3339() -> None:
     env["TZ"] = "Europe/Berlin"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout == "2026-12-01T21:17:44+01:00\n"
+
+
+@pytest.mark.xfail(strict=True, reason="zdut/terminal/commands.py Cli._unlock still emits a GENERAL sentence; it "
+                   "should emit Content(LOCK_RESULT, Unlocked(device, reply.broke, reply.cancelled), ...) (row 21)")
+def test_unlock_through_the_cli_is_a_record_in_json(lab: Lab) -> None:
+    _, addr = lab.agent(EXAMPLES / "config-1.yaml")
+    assert lab.zdut("-s", addr, "-u", "alice", "device1", "lock", "5m").returncode == 0
+    r = lab.zdut("-s", addr, "-u", "alice", "-f", "json", "device1", "unlock")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["contentType"] == LOCK_RESULT, doc
+    assert doc["data"] == {"Name": "device1", "Locked": False, "Owner": "", "ExpiresAt": 0}, doc
