@@ -286,6 +286,14 @@ def test_yaml_is_yaml_v3_shaped_and_reads_back() -> None:
             assert yaml.safe_load(emitted("yaml", c))["data"] in (s, [s, s]), repr(s)
 
 
+def test_json_is_go_shaped_and_reads_back() -> None:
+    """json.MarshalIndent's bytes: 2-space indent, UTF-8 as is, HTML characters and U+2028/9 escaped."""
+    text = emitted("json", Content(GENERAL, "<a> & b \u2028 é"))
+    assert '  "data": "\\u003ca\\u003e \\u0026 b \\u2028 é",\n' in text, text
+    for s in AWKWARD:
+        assert json.loads(emitted("json", Content(MODULE_OUTPUT, s.encode())))["data"] == s, repr(s)
+
+
 def test_yaml_uses_one_key_spelling_for_devices_agents_and_locks() -> None:
     """YAML lowercases the Go field names of every record type alike; JSON keeps them alike."""
     docs = [yaml.safe_load(emitted("yaml", c)) for c in (

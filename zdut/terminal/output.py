@@ -108,7 +108,7 @@ class Output:
     def emit(self, content: Content) -> None:
         stream = self.err if content.is_error else self.out
         if self.fmt == "json":
-            stream.write(json.dumps(self._record(content), indent=2, ensure_ascii=False) + "\n")
+            stream.write(to_json(self._record(content)) + "\n")
         elif self.fmt == "yaml":
             rec = self._record(content)
             if content.type in (DEVICE_LIST, LOCK_RESULT, AGENT_LIST):
@@ -314,6 +314,18 @@ def _lower_keys(data: Any) -> Any:
     if isinstance(data, dict):
         return {k.lower(): v for k, v in data.items()}
     return data
+
+
+# ------------------------------------------------------------------ JSON as Go's encoding/json writes it
+# dutctl uses json.MarshalIndent: 2-space indent, UTF-8 as is, but <, > and & (HTML) and the JavaScript line
+# separators escaped. These characters only ever occur inside strings, so replacing them is safe.
+
+_GO_JSON_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
+                                  "\u2029": "\\u2029"})
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False).translate(_GO_JSON_ESCAPES)
 
 
 # ------------------------------------------------------------------ YAML as Go's yaml.v3 writes it
