@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -255,8 +256,10 @@ def zdut_echo(addr: str, n: int) -> list[float]:
                      farewell=b"two words\n")
 
 
-def pipe_echo(argv: list[str], n: int, greeting_lines: int = 0, farewell: bytes = b"") -> list[float]:
-    """Round trips of one line written to a process's stdin and read back from its stdout."""
+def pipe_echo(argv: list[str], n: int, greeting_lines: int = 0, farewell: bytes = b"",
+              measure: Callable[[subprocess.Popen[bytes], bool], None] | None = None) -> list[float]:
+    """Round trips of one line written to a process's stdin and read back from its stdout.
+    ``measure(proc, starting)`` is called when the timed round trips start and when they end."""
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     assert proc.stdin and proc.stdout
     # Buffered on our side: an unbuffered readline() costs one read syscall per byte, which would be
@@ -274,6 +277,8 @@ def pipe_echo(argv: list[str], n: int, greeting_lines: int = 0, farewell: bytes 
         assert got == line, (got, line)
         if i >= 50:  # warm-up
             samples.append(dt)
+        if measure and i in (49, n + 49):
+            measure(proc, i == 49)
     if farewell:
         proc.stdin.write(farewell)
     proc.stdin.close()
