@@ -22,6 +22,7 @@ import zmq
 from zdut.agentd.agent import Agent
 from zdut.agentd.config import ConfigError, load_config
 from zdut.common import logs
+from zdut.common.limits import AGENT_MAX_FRAME, new_router
 from zdut.common.memtune import tune_malloc
 from zdut.common.paths import state_dir
 from zdut.protocol import (
@@ -42,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("-c", "--config", default="dutctl.yaml", help="agent config file (default %(default)s)")
-    p.add_argument("-a", "--address", metavar="ADDR",
+    p.add_argument("-a", "--address", metavar="ADDR", type=address,
                    help="serve clients directly on host:port or tcp://host:port (default localhost:1024 unless "
                         "--server is given, then no direct address)")
-    p.add_argument("--server", "-server", action="append", default=[], metavar="ADDR",
+    p.add_argument("--server", "-server", action="append", default=[], metavar="ADDR", type=address,
                    help="register with the zdut-broker at ADDR; repeat for several brokers")
     p.add_argument("--name", help="stable agent name brokers know it by (default HOST:PORT of -a, else HOST/CONFIG)")
     p.add_argument("--state", type=Path, help="lock state file (default $XDG_STATE_HOME/zdut/agent-NAME.json)")
@@ -59,6 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", "-log", default="info", help="debug|info|warn|error (default %(default)s)")
     p.add_argument("--log-json", "-log-json", action="store_true", help="log JSON lines")
     return p
+
+
+def address(value: str) -> str:
+    """An ``-a``/``--server`` value, checked when the flags are parsed so a typo is a usage error (exit 2,
+    naming the flag) before any module touches hardware: ``host:port`` or ``tcp://host:port``, port 1-65535."""
+    try:
+        ep = endpoint(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    scheme, _, rest = ep.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid address {value!r}: want host:port or tcp://host:port "
+                                         "with a port from 1 to 65535")
+    return value
 
 
 def agent_name(args: argparse.Namespace) -> str:
@@ -126,6 +142,25 @@ async def _serve(agent: Agent, args: argparse.Namespace) -> int:
         print(f"{args.config}: dry run OK")
         return 1 if problems else 0
 
+    try:
+        code = await _listen(agent, args)
+    finally:  # every way out once modules are up (a bind failure, a signal, a bug) de-initialises them
+        problems = await agent.deinit_modules()
+        for line in problems:
+            log.error("deinit failed: %s (system might be in an UNKNOWN STATE)", line)
+    return 1 if problems else code
+
+
+#: On exit, replies already queued (the Done telling a user the agent is shutting down) get this long to
+#: leave; a peer that does not read them never holds the exit up longer.
+EXIT_LINGER_MS = 500
+#: How long cancelled runs get for their modules' own clean-up (a tool's SIGTERM, then SIGKILL) at exit.
+CLEANUP_S = 5.0
+
+
+async def _listen(agent: Agent, args: argparse.Namespace) -> int:
+    """Serve on ``-a`` and through every ``--server`` until SIGINT/SIGTERM, then shut down (docs/architecture.md,
+    "Shutdown")."""
     from zdut.agentd.uplink import Uplink  # the broker link; imported here to keep --check-config light
 
     ctx = zmq.Context()
@@ -136,9 +171,8 @@ async def _serve(agent: Agent, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         if args.address:
-            sock = ctx.socket(zmq.ROUTER)
+            sock = new_router(ctx, AGENT_MAX_FRAME)  # ids no peer can predict, frames no peer can choose
             tune(sock)
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             try:
                 sock.bind(endpoint(args.address))
             except (zmq.ZMQError, ValueError) as exc:
@@ -153,22 +187,21 @@ async def _serve(agent: Agent, args: argparse.Namespace) -> int:
             tasks.append(asyncio.create_task(uplink.run()))
         tasks.append(asyncio.create_task(keep_alive(agent.watched)))
         await stop.wait()
-        log.info("shutting down: draining %d running commands (up to %gs)", len(agent.runs), args.drain)
+        consoles, running = agent.begin_shutdown(args.drain)
+        log.info("shutting down: %d console sessions ended, draining %d running commands (up to %gs)",
+                 consoles, running, args.drain)
         await _drain(agent, stop, args.drain)
-        await agent.cancel_all("agent shutting down", 5.0)
-        for uplink in agent.uplinks:
-            uplink.close()
+        await agent.cancel_all("agent shutting down", CLEANUP_S)
+        return 0
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        ctx.destroy(linger=0)
-    problems = await agent.deinit_modules()
-    if problems:
-        for line in problems:
-            log.error("deinit failed: %s (system might be in an UNKNOWN STATE)", line)
-        return 1
-    return 0
+        for uplink in agent.uplinks:
+            uplink.close(EXIT_LINGER_MS)
+        ctx.destroy(linger=EXIT_LINGER_MS)
 
 
 async def _drain(agent: Agent, stop: asyncio.Event, seconds: float) -> None:

@@ -75,6 +75,7 @@ class Agent:
         #: Devices whose modules failed to initialise -> why; listed as failed, their runs refused.
         self.failed: dict[str, str] = {}
         self._deferred: set[asyncio.Task[None]] = set()  # replies that wait for cancelled runs to close
+        self.closing = False  # shutting down: new runs are refused
 
     # ------------------------------------------------------------- module lifecycle
     def _steps(self) -> list[tuple[str, str, Any]]:
@@ -251,6 +252,8 @@ class Agent:
         try:
             if key in self.runs:
                 raise ZdutError(Code.ALREADY_EXISTS, f"session {msg.sid} is already open")
+            if self.closing:
+                raise ZdutError(Code.UNAVAILABLE, "agent shutting down")
             check_version("agent", VERSION, msg.version)
             command = self._command(msg.device, msg.command)
             if msg.device in self.failed:
@@ -295,6 +298,20 @@ class Agent:
         if not run.cancelled:
             log.warning("cancelling run device=%s user=%s: client lost (%s)", run.device, run.user, error)
             run.cancel(ZdutError(Code.UNAVAILABLE, f"client lost: {error.message}"))
+
+    def begin_shutdown(self, drain_s: float) -> tuple[int, int]:
+        """The drain policy (docs/architecture.md, "Shutdown"): from now on new runs are refused; console
+        sessions end at once (nobody finishes typing into a console for the agent's sake); every other run
+        is told it has ``drain_s`` to finish.  Returns (consoles ended, runs left to drain)."""
+        self.closing = True
+        consoles = [r for r in self.runs.values() if r.interactive]
+        for run in consoles:
+            run.cancel(ZdutError(Code.UNAVAILABLE, "agent shutting down"))
+        running = [r for r in self.runs.values() if not r.cancelled]
+        for run in running:
+            run.notify(f"zdut-agent {self.name} is shutting down: this command is cancelled unless it ends "
+                       f"within {drain_s:g}s\n")
+        return len(consoles), len(running)
 
     async def cancel_all(self, reason: str, wait_s: float) -> None:
         runs = list(self.runs.values())

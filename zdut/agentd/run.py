@@ -112,6 +112,7 @@ class AgentRun:
         self._reason: ZdutError | None = None
         self._held = False
         self._closed = False
+        self.interactive = False  # a console session (the client reads the user's keystrokes)
 
     # ------------------------------------------------------------- lifecycle
     def start(self, interactive: bool, body: Callable[[AgentRun], Any]) -> None:
@@ -126,6 +127,7 @@ class AgentRun:
             self.refuse(exc)
             return
         self._held = True
+        self.interactive = interactive
         self.task = asyncio.get_running_loop().create_task(self._main(interactive, body))
         self.task.add_done_callback(self._finished)
 
@@ -190,6 +192,12 @@ class AgentRun:
         self._reason = reason
         if self.task is not None:
             self.task.cancel()
+
+    def notify(self, text: str) -> None:
+        """A line for the user from the agent itself, on the run's stderr, if credit allows it now."""
+        if self.stream.closed is None and not self._closed:
+            with contextlib.suppress(ZdutError):
+                self.stream.try_send_credited(Data, text.encode(), stream=STDERR)
 
     # ------------------------------------------------------------- incoming
     def deliver(self, msg: SessionMessage, payload: Any) -> None:

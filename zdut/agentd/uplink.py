@@ -20,6 +20,7 @@ import zmq
 from zdut.agentd.locker import Locker
 from zdut.common.backoff import Backoff
 from zdut.protocol import (
+    MAX_HEADER_BYTES,
     VERSION,
     DeviceEntry,
     Heartbeat,
@@ -42,6 +43,9 @@ LIVENESS = 3
 #: Until the broker tells us its interval.
 DEFAULT_HEARTBEAT_S = 1.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.25, 5.0
+#: Largest frame taken from a broker: what a broker relays at most (its own cap, ``brokerd.outbox.MAX_FRAME``,
+#: the same 4 MiB + header), so no client frame the broker let through can cut the agent's link to it.
+MAX_FRAME = 4 * 1024 * 1024 + MAX_HEADER_BYTES
 
 
 class Served(Protocol):
@@ -96,9 +100,9 @@ class Uplink:
         except ZdutError as exc:
             log.debug("register to %s not sent: %s", self.address, exc)
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
         if self.link is not None:
-            self.link.sock.close(linger=0)
+            self.link.sock.close(linger=linger_ms)
             self.link = None
 
     # ------------------------------------------------------------- connection loop
@@ -118,6 +122,7 @@ class Uplink:
         """One socket's life: returns why it ended."""
         sock = self.ctx.socket(zmq.DEALER)
         tune(sock)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)  # a larger frame drops the connection before it is allocated
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing towards a broker that is not there
         sock.connect(endpoint(self.address))
         link = self.link = Link(sock, f"broker {self.address}")

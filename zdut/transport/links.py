@@ -9,6 +9,7 @@ ZdutError for the session that tried, never a stall.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
@@ -16,10 +17,24 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+import msgspec
 import zmq
 
 from zdut.common.logs import Throttle
-from zdut.protocol import MAX_HEADER_BYTES, WITH_PAYLOAD, Code, Message, ProtocolError, ZdutError, decode
+from zdut.protocol import (
+    MAX_HEADER_BYTES,
+    UNARY_REQUESTS,
+    WITH_PAYLOAD,
+    Code,
+    Done,
+    Error,
+    Message,
+    ProtocolError,
+    RunOpen,
+    ZdutError,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("zdut.link")
 
@@ -70,6 +85,9 @@ EVENTS, RCVMORE, POLLIN = int(zmq.EVENTS), int(zmq.RCVMORE), int(zmq.POLLIN)
 
 #: handler(peer, message, payload)
 Handler = Callable[[bytes, Message, Any], None]
+#: Messages one wake-up handles before it yields to the loop (signals, timers, other sockets): a peer that
+#: keeps the socket full can slow the others down, never hold up a SIGTERM or a keepalive.
+BATCH = 256
 
 
 def int_option(sock: zmq.Socket[Any]) -> Callable[[int], int]:
@@ -121,9 +139,11 @@ class Pump:
         handler, raw, with_peer, option = self.handler, self.sock, self.with_peer, self._option
         if handler is None or raw.closed:
             return
-        while option(EVENTS) & POLLIN:
+        for _ in range(BATCH):
+            if not option(EVENTS) & POLLIN:
+                return
             try:
-                item = recv_message(raw, with_peer, self.limit)
+                item = recv_message(raw, with_peer, self.limit, self.oversize)
             except zmq.Again:
                 return
             if item is not None:
@@ -132,6 +152,14 @@ class Pump:
                 except Exception:  # one bad message must not stop the socket
                     dropped(logging.ERROR, "handler error", "error handling %s", type(item[1]).__name__,
                             exc_info=True)
+        if not raw.closed:  # more waiting: go on after whatever else the loop has to do (ZMQ_FD will not tell)
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.drain)
+
+    def oversize(self, peer: bytes, header: bytes) -> None:
+        """A header over ``limit`` (the frame itself is capped by ZMQ_MAXMSGSIZE): dropped, logged."""
+        dropped(logging.WARNING, "dropped: undecodable", "dropped an undecodable message: header of %d bytes "
+                "exceeds %d", len(header), self.limit)
 
     def send_frames(self, header: bytes, payload: Any = None, peer: bytes | None = None) -> None:
         """Send ``[peer][header][payload]`` without blocking; zmq errors propagate to the caller."""
@@ -174,11 +202,53 @@ class Link(Pump):
         """A send function bound to one peer (what a session's Stream uses)."""
         return functools.partial(self.send, peer)
 
+    def oversize(self, peer: bytes, header: bytes) -> None:
+        """A request whose header is over the limit is answered at once (an Error, or the Done of the Run it
+        tried to open), never left to time out; anything else is dropped as the base class does."""
+        why = f"request header of {len(header)} bytes exceeds the limit of {self.limit}"
+        try:
+            head = _peek(header)
+        except (msgspec.DecodeError, ValueError):
+            head = _Head("", 0)
+        reply = _ANSWERS.get(head.tag)
+        if reply is None:
+            super().oversize(peer, header)
+            return
+        dropped(logging.WARNING, "refused: oversize", "refused a %s request from %s: %s", head.tag, peer.hex(), why)
+        with contextlib.suppress(ZdutError):
+            self.send(peer, encode(reply(head.id, why)))
+
+
+class _Head(msgspec.Struct, array_like=True):
+    """The first two fields of any protocol message (its tag, then its rid or sid), read from a header too
+    long to decode whole: what an answer to it needs.  Not a message of its own; see ``protocol.Message``."""
+
+    tag: str
+    id: int
+
+
+def _refused_request(rid: int, why: str) -> Message:
+    return Error(rid, Code.INVALID_ARGUMENT, why)
+
+
+def _refused_run(sid: int, why: str) -> Message:
+    return Done(sid, 1, Code.INVALID_ARGUMENT, why)  # a refused run's Done is its first message
+
+
+_peek = msgspec.msgpack.Decoder(_Head).decode
+#: tag of a request -> its answer when the header is too long.
+_ANSWERS: dict[object, Callable[[int, str], Message]] = {
+    **{cls.__struct_config__.tag: _refused_request for cls in UNARY_REQUESTS},
+    RunOpen.__struct_config__.tag: _refused_run,
+}
+
 
 def recv_message(
-    raw: zmq.Socket[Any], with_peer: bool, limit: int = MAX_HEADER_BYTES
+    raw: zmq.Socket[Any], with_peer: bool, limit: int = MAX_HEADER_BYTES,
+    oversize: Callable[[bytes, bytes], None] | None = None,
 ) -> tuple[bytes, Message, Any] | None:
-    """Read one message frame by frame; None (logged) if it is malformed.  Raises zmq.Again when empty."""
+    """Read one message frame by frame; None (logged, or given to ``oversize(peer, header)`` if its header
+    is over ``limit``) if it is malformed.  Raises zmq.Again when empty."""
     peer = raw.recv(NOBLOCK) if with_peer else b""
     if with_peer and not raw.getsockopt(RCVMORE):
         dropped(logging.WARNING, "dropped: no header frame", "dropped a message without a header frame")
@@ -192,6 +262,9 @@ def recv_message(
         while frame.more:  # more frames than any message has: drain them
             frame = raw.recv(NOBLOCK, copy=False)
             extra = True
+    if len(header) > limit and oversize is not None:
+        oversize(peer, header)
+        return None
     try:
         msg = decode(header, limit)
     except ProtocolError as exc:
