@@ -106,7 +106,7 @@ def test_sigterm_lets_a_running_command_finish_and_refuses_new_ones(lab: Lab) ->
     """A non-console command is told at once that the agent is going and has the drain time to finish; a
     command that arrives meanwhile is refused; the agent exits as soon as the last one ended."""
     agent, addr = lab.agent(_config(lab.tmp), free_port(), "--drain", "10")
-    running = lab.zdut_bg("-s", addr, "board", "wait", "2s")
+    running = lab.zdut_bg("-s", addr, "board", "wait", "5s")  # outlasts the checks below, even under load
     wait_for(lambda: "run device=board command=wait" in agent.text(), 10, "the command to start")
     start = time.monotonic()
     agent.kill(signal.SIGTERM)
