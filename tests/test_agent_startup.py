@@ -83,8 +83,13 @@ def test_a_bind_failure_after_init_still_deinitialises_the_modules(lab: Lab, tmp
     assert trace.read_text() == "init\ndeinit\n", agent.text()
 
 
-def test_sigterm_ends_a_console_at_once_and_tells_its_user(lab: Lab, tmux: Tmux) -> None:  # noqa: F811
-    agent, addr = lab.agent(CONF / "demo.yaml")
+@pytest.mark.parametrize("via", ["direct", "broker"])
+def test_sigterm_ends_a_console_at_once_and_tells_its_user(lab: Lab, tmux: Tmux, via: str) -> None:  # noqa: F811
+    if via == "direct":
+        agent, addr = lab.agent(CONF / "demo.yaml")
+    else:
+        _, addr = lab.broker()
+        agent = lab.brokered_agent(CONF / "demo.yaml", addr)
     tmux.start(f"{exe('zdut')} -s {addr} device2 repeat")
     wait_for(lambda: "Two words will terminate" in tmux.screen(), 10, "the banner")
     tmux.keys("hello", "Enter")
