@@ -2,9 +2,10 @@
 
 The loader walks the composed node tree instead of ``yaml.safe_load`` output, so that every error carries
 the line dutctl reports, duplicate keys are refused (PyYAML silently keeps the last one, dutctl's yaml.v3
-refuses them) and a wrong shape becomes a ConfigError rather than a TypeError deep inside.  Like dutctl,
-unknown keys are ignored at the device, command and ``uses`` levels; unlike dutctl an unknown ``with`` key
-is an error (the module's options Struct forbids it).
+refuses them) and a wrong shape becomes a ConfigError rather than a TypeError deep inside.  Unlike dutctl,
+an unknown key at any level, an empty file and an unknown ``version`` are errors (``agentd.config_checks``),
+and a module whose constructor refuses its options fails here, so ``--check-config`` and start-up, which both
+call ``load_config``, refuse the same configs with the same line.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from zdut import devices as registry
+from zdut.agentd import config_checks as checks
 from zdut.common.flags import go_quote
 from zdut.devices.base import Module, decode_options
 from zdut.protocol import Code, ZdutError
@@ -30,19 +32,9 @@ RESERVED_COMMANDS = frozenset({"lock", "unlock", "help"})
 MODULES_DOC = "docs/modules.md"
 
 ErrorKind = Literal[
-    "empty_devices",
-    "no_commands",
-    "no_modules",
-    "multiple_passthrough",
-    "passthrough_with_args",
-    "passthrough_and_args_decl",
-    "module_not_found",
-    "module_load",
-    "undefined_argument",
-    "reserved_name",
-    "validation",
-    "yaml",
-    "io",
+    "empty_devices", "no_commands", "no_modules", "multiple_passthrough", "passthrough_with_args",
+    "passthrough_and_args_decl", "module_not_found", "module_load", "undefined_argument", "reserved_name",
+    "validation", "unknown_key", "version", "empty", "yaml", "io",
 ]
 
 _TEMPLATE_REF = re.compile(r"\$\{([a-zA-Z0-9_-]+)\}")
@@ -177,13 +169,17 @@ def parse_config(text: str, path: str | None = None) -> AgentConfig:
     """A full agent config document: ``{version, devices}``."""
 
     def parse(root: Node | None) -> AgentConfig:
-        version, devices = "", None
-        if root is not None and not _is_null(root):
-            for key, value in _mapping(root, _TOP, "the config (want a mapping with version and devices)"):
-                if key.value == "version":
-                    version = _text(value, _TOP, "version (want a string)")
-                elif key.value == "devices":
-                    devices = value
+        version, devices, line = "", None, None
+        if root is None or _is_null(root):
+            raise _TOP.error("empty", checks.EMPTY)
+        want = "the config (want a mapping with version and devices)"
+        for key, value in _fields(root, _TOP, want, checks.CONFIG_KEYS):
+            if key.value == "version":
+                version, line = _text(value, _TOP, "version (want a string)"), _line(value)
+            elif key.value == "devices":
+                devices = value
+        if problem := checks.version_problem(version):
+            raise _TOP.error("version", problem, line if version else None)
         # Like dutctl, a missing or null `devices` is an agent without devices; only `{}` is an error.
         return AgentConfig(version, _devices(devices), path)
 
@@ -283,6 +279,15 @@ def _mapping(node: Node, where: _Where, want: str) -> list[tuple[ScalarNode, Nod
     return [pair for name, pair in merged.items() if name not in explicit] + list(explicit.values())
 
 
+def _fields(node: Node, where: _Where, want: str, known: tuple[str, ...]) -> list[tuple[ScalarNode, Node]]:
+    """A mapping of schema keys: a key outside ``known`` is an error naming the nearest known one."""
+    pairs = _mapping(node, where, want)
+    for key, _ in pairs:
+        if key.value not in known:
+            raise where.error("unknown_key", checks.unknown_key(key.value, known), _line(key))
+    return pairs
+
+
 def _sequence(node: Node, where: _Where, want: str) -> list[Node]:
     """The items of a sequence node; null is an empty list."""
     if _is_null(node):
@@ -369,7 +374,7 @@ def _device(key: ScalarNode, node: Node, where: _Where) -> Device:
     desc = ""
     commands: dict[str, Command] = {}
     if not _is_null(node):
-        for field, value in _mapping(node, where, "a device (want a mapping with desc and cmds)"):
+        for field, value in _fields(node, where, "a device (want a mapping with desc and cmds)", checks.DEVICE_KEYS):
             if field.value == "desc":
                 desc = _text(value, where, "desc (want a string)")
             elif field.value == "cmds" and not _is_null(value):
@@ -391,7 +396,8 @@ def _command(key: ScalarNode, node: Node, where: _Where) -> Command:
     decls: list[ArgDecl] = []
     steps: list[Step] = []
     if not _is_null(node):
-        for field, value in _mapping(node, where, "a command (want a mapping with desc, args and uses)"):
+        want = "a command (want a mapping with desc, args and uses)"
+        for field, value in _fields(node, where, want, checks.COMMAND_KEYS):
             if field.value == "desc":
                 desc = _text(value, where, "desc (want a string)")
             elif field.value == "args":
@@ -429,7 +435,8 @@ def _command(key: ScalarNode, node: Node, where: _Where) -> Command:
 def _arg_decl(node: Node, where: _Where) -> ArgDecl:
     decl = ArgDecl("", "")
     if not _is_null(node):
-        for field, value in _mapping(node, where, "an argument declaration (want a mapping with name and desc)"):
+        want = "an argument declaration (want a mapping with name and desc)"
+        for field, value in _fields(node, where, want, checks.ARGUMENT_KEYS):
             if field.value == "name":
                 decl.name = _text(value, where, "name (want a string)")
             elif field.value == "desc":
@@ -442,7 +449,8 @@ def _step(node: Node, where: _Where) -> Step:
     module_id, passthrough, args = "", False, []
     with_node: Node | None = None
     if not _is_null(node):
-        for field, value in _mapping(node, where, "a uses entry (want a mapping with module, passthrough, args, with)"):
+        want = "a uses entry (want a mapping with module, passthrough, args, with)"
+        for field, value in _fields(node, where, want, checks.USES_KEYS):
             if field.value == "module":
                 module_id = _text(value, where, "module (want a string)")
             elif field.value == "passthrough":
@@ -465,6 +473,10 @@ def _step(node: Node, where: _Where) -> Step:
         raise where.error(
             "module_not_found", f"module {go_quote(module_id)} not found, maybe not registered, see {MODULES_DOC}", line
         )
+    if isinstance(with_node, MappingNode):
+        keys = [key for key, _ in _mapping(with_node, where, "with (want a mapping of module options)")]
+        if bad := checks.unknown_with_key([key.value for key in keys], module_cls.Options):
+            raise where.error("validation", f"module {go_quote(module_id)}: {bad[1]}", _line(keys[bad[0]]))
     try:
         options = decode_options(module_cls, _with_options(with_node, where))
     except ValueError as exc:

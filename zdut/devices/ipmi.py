@@ -63,6 +63,14 @@ class IPMI(PowerModule[IPMIOptions]):
 
     def __init__(self, options: IPMIOptions) -> None:
         super().__init__(options)
+        # Checked here, not in init: the config loader builds every module, so --check-config and start-up
+        # both refuse these (a ModuleError from the constructor is a config error).
+        if not options.host:
+            raise ModuleError("IPMI host is not set")
+        if not 0 < self._port < 65536:
+            raise ModuleError(f"invalid IPMI port {options.port}")
+        if not 0 <= options.ciphersuite <= 17:
+            raise ModuleError(f"invalid ciphersuite {options.ciphersuite}: must be 0..17")
         self._tool = ""
         self._timeout = DEFAULT_TIMEOUT_S
 
@@ -78,14 +86,7 @@ class IPMI(PowerModule[IPMIOptions]):
         return self.options.port or DEFAULT_PORT
 
     async def init(self) -> None:
-        o = self.options
-        if not o.host:
-            raise ModuleError("IPMI host is not set")
-        if not 0 < self._port < 65536:
-            raise ModuleError(f"invalid IPMI port {o.port}")
-        if not 0 <= o.ciphersuite <= 17:
-            raise ModuleError(f"invalid ciphersuite {o.ciphersuite}: must be 0..17")
-        self._timeout = self._parse_timeout(o.timeout)
+        self._timeout = self._parse_timeout(self.options.timeout)
         path = shutil.which("ipmitool")
         if path is None:
             raise ModuleError(f"ipmitool not found on PATH ({INSTALL_HINT})")
