@@ -34,7 +34,7 @@ class Pair:
         self.outbox = Outbox(
             self.router, self.timers, self.stats, lambda rid: self.sessions, lambda *a: self.congested.append(a)
         )
-        self.inbox = Inbox(self.router, self.stats, Throttle(logging.getLogger("zdut.broker")))
+        self.inbox = Inbox(self.router, self.stats, Throttle(logging.getLogger("zdut.broker")), self.outbox)
         self.peers: list[zmq.Socket[Any]] = []
 
     def peer(self, rid: bytes, rcvhwm: int) -> zmq.Socket[Any]:

@@ -126,11 +126,11 @@ class Broker:
         self._backlog = False
         self._timers = Timers(self._now)
         self._throttle = Throttle(log)
-        self.stats = {"relayed": 0, "dropped": 0, "parked": 0, "late": 0}
-        self._inbox = Inbox(self._sock, self.stats, self._throttle)
-        self._read, self._late, self._bad = self._inbox.read, self._inbox.late, self._inbox.bad
+        self.stats = {"relayed": 0, "dropped": 0, "parked": 0, "late": 0, "refused": 0}
         self._outbox = Outbox(self._sock, self._timers, self.stats, self._sessions_of, self._congested)
         self._send = self._outbox.send
+        self._inbox = Inbox(self._sock, self.stats, self._throttle, self._outbox)
+        self._read, self._late, self._bad = self._inbox.read, self._inbox.late, self._inbox.bad
         self._lost = self._outbox.lost
         self._sessions = Sessions(self._send, self._to_agent)
         self._autosave = AutoSave(self.registry, store, self._timers, self._throttle) if store is not None else None
@@ -238,7 +238,7 @@ class Broker:
 
     # ---------------------------------------------------------------- clients
     def _from_client(self, rid: bytes, header: bytes) -> None:
-        got = self._read(rid, header)
+        got = self._read(rid, header, answer=True)
         if got is None:
             return
         msg, payload = got
@@ -255,6 +255,8 @@ class Broker:
         handler = self._client_handlers.get(kind)
         if handler is None:
             self._inbox.unexpected(msg, f"client {hex_id(rid)}")
+            return
+        if rid in self._outbox.parked and not self._inbox.admitted(rid, msg):
             return
         handler(rid, msg, header)
 
@@ -280,6 +282,7 @@ class Broker:
         """Lock and Unlock: the owning agent is the only lock authority."""
         try:
             self._check_version(msg)
+            self._sessions.check_room(rid, pending=True)
             agent = self.registry.route(msg.device)
         except ZdutError as exc:
             self._send(rid, encode(Error(msg.rid, exc.code, exc.message)))
@@ -292,6 +295,7 @@ class Broker:
             self._check_version(msg)
             if (rid, msg.sid) in self._sessions:
                 raise ZdutError(Code.ALREADY_EXISTS, f"session {msg.sid} is already open")
+            self._sessions.check_room(rid)
             agent = self.registry.route(msg.device)
         except ZdutError as exc:
             self._send(rid, encode(Done(msg.sid, 1, exc.code, exc.message)))
@@ -382,7 +386,8 @@ class Broker:
         """The outbox gave up on a peer: it fails its sessions."""
         agent = self.registry.by_rid.get(rid)
         who = f'agent "{agent.name}"' if agent is not None else f"client {hex_id(rid)}"
-        log.warning("%s is congested (%s): ending its sessions, %d messages not delivered", who, why, undelivered)
+        what = f"{who} is congested ({why}): ending its sessions, {undelivered} messages not delivered"
+        self._throttle(logging.WARNING, "congested", "%s", what)
         if agent is not None:
             self._sessions.end_agent(agent, f'agent "{agent.name}" is not keeping up ({why})')
         else:

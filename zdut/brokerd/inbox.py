@@ -3,39 +3,77 @@
 Only the header is decoded (into the one tagged union of zdut.protocol); a payload frame is taken as a
 ``zmq.Frame`` (copy=False) and forwarded untouched.  Whatever is malformed, unexpected or late is dropped
 here, counted in the broker's stats and logged at a throttled rate, so nothing a peer sends can desync the
-stream, crash the loop or flood the log.
+stream, crash the loop or flood the log.  A client's request that is refused unread (its header is over
+MAX_HEADER_BYTES) is still answered at once, so that its sender never waits for a reply that cannot come.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import zmq
 
+from zdut.brokerd.outbox import Outbox
 from zdut.common.logs import Throttle, hex_id
-from zdut.protocol import MAX_HEADER_BYTES, Data, FileChunk, Message
+from zdut.protocol import MAX_HEADER_BYTES, Code, Data, Done, Error, FileChunk, Message, RunOpen, encode
 
 log = logging.getLogger("zdut.broker")
 
 _RCVMORE = int(zmq.RCVMORE)  # a plain int: enum flags cost a little on every call
 _PAYLOAD = frozenset({Data, FileChunk})
 _decoder = msgspec.msgpack.Decoder(Message)
+_RUN = RunOpen.__struct_config__.tag
+#: Tags of the unary requests: every message that starts with (rid, version, user).
+_UNARY = frozenset(
+    k.__struct_config__.tag for k in get_args(Message) if k.__struct_fields__[:3] == ("rid", "version", "user")
+)
+
+
+class _Prefix(msgspec.Struct, array_like=True):
+    """The first two fields of every request: its tag, and its rid (unary) or sid (RunOpen).  Decoding
+    only these skips the rest of the array without building it."""
+
+    tag: str
+    key: int
+
+
+_prefix = msgspec.msgpack.Decoder(_Prefix)
+
+
+def refusal(tag: Any, key: int, code: str, message: str) -> bytes | None:
+    """The answer to a request that is refused: Done for a RunOpen, Error for a unary request, else None."""
+    if tag == _RUN:
+        return encode(Done(key, 1, code, message))
+    if tag in _UNARY:
+        return encode(Error(key, code, message))
+    return None
 
 
 class Inbox:
-    def __init__(self, sock: zmq.Socket[Any], stats: dict[str, int], throttle: Throttle) -> None:
+    """Reads from ``sock``; answers the requests it refuses through ``outbox``, which also says how much
+    waits unread for each client."""
+
+    def __init__(self, sock: zmq.Socket[Any], stats: dict[str, int], throttle: Throttle, outbox: Outbox) -> None:
         self._sock = sock
         self._stats = stats
         self._throttle = throttle
+        self._outbox = outbox
+        self._send = outbox.send
 
-    def read(self, rid: bytes, header: bytes, limit: int = MAX_HEADER_BYTES) -> tuple[Any, Any] | None:
-        """Decode the header and take the payload frame its type calls for; None (logged) if malformed."""
+    def read(
+        self, rid: bytes, header: bytes, limit: int = MAX_HEADER_BYTES, answer: bool = False
+    ) -> tuple[Any, Any] | None:
+        """Decode the header and take the payload frame its type calls for; None (logged) if malformed.
+        ``answer``: a request over ``limit`` is refused with an error reply (the sender is a client)."""
         sock = self._sock
         more = sock.getsockopt(_RCVMORE)
         if len(header) > limit:
-            self.bad(rid, f"header of {len(header)} bytes exceeds {limit}")
+            why = f"header of {len(header)} bytes exceeds {limit}"
+            self.bad(rid, why)
+            if answer and not self._outbox.admit(rid):  # a client over its unread budget hears nothing
+                self._refuse_oversized(rid, header, why)
             return None
         try:
             msg = _decoder.decode(header)
@@ -55,6 +93,38 @@ class Inbox:
             self.bad(rid, f"{type(msg).__name__} with extra frames")
             return None
         return msg, payload
+
+    def _refuse_oversized(self, rid: bytes, header: bytes, why: str) -> None:
+        try:
+            head = _prefix.decode(header)
+        except ValueError:
+            return  # not even a request's first two fields: garbage, dropped (and logged) already
+        reply = refusal(head.tag, head.key, Code.INVALID_ARGUMENT, f"request refused: its {why} bytes")
+        if reply is not None:
+            self._send(rid, reply)
+
+    def admitted(self, rid: bytes, msg: Any) -> bool:
+        """Whether a client's request may be handled.  A client that reads none of its replies (its parked
+        queue is over budget: Outbox.admit) gets a small refusal instead, and past that nothing at all."""
+        verdict = self._outbox.admit(rid)
+        if not verdict:
+            return True
+        self._stats["refused"] += 1
+        queued = self._outbox.cost(rid) >> 20
+        if verdict == 1:
+            text = f"refused: replies unread ({queued} MiB queued for this connection)"
+            key = msg.sid if isinstance(msg, RunOpen) else msg.rid
+            self._send(rid, refusal(msg.__struct_config__.tag, key, Code.UNAVAILABLE, text))
+        self._throttle(
+            logging.WARNING,
+            "unread",
+            "client %s reads none of its replies (%d MiB queued): %s its %s",
+            hex_id(rid),
+            queued,
+            "refused" if verdict == 1 else "dropped",
+            type(msg).__name__,
+        )
+        return False
 
     def discard_rest(self) -> int:
         """Read and drop the remaining frames of the current message, so the stream never desyncs."""

@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from zdut.brokerd.timers import Coalesced, Timers
+from zdut.common.limits import new_router
 from zdut.common.logs import hex_id
 from zdut.protocol import CHUNK_SIZE, INITIAL_WINDOW, MAX_HEADER_BYTES, STDIN_WINDOW
 
@@ -34,24 +35,34 @@ MAX_FRAME = max(4 * 1024 * 1024, CHUNK_SIZE) + MAX_HEADER_BYTES
 #: Per-peer pipe limits, in messages.  Credit bounds what is in flight per session (at most
 #: INITIAL_WINDOW / MESSAGE_COST = 16 Ki messages, or 16 chunks of 1 MiB); the HWM is the backstop
 #: that makes a peer that stops reading visible (EAGAIN) instead of growing libzmq's queue forever.
+#: libzmq holds up to SNDHWM messages for a peer that reads nothing, whatever their size (a
+#: 1,000-device listing is 21 KB: 210 MB at 10,000, 21 MB at 1,000), so the sending side gets the
+#: smaller limit; what does not fit waits parked, counted in bytes (CLIENT_QUEUE_BYTES).  File
+#: transfers keep 16 chunks in flight per session, far below it.
 HWM = 10_000
+SNDHWM = 1_000
 #: A peer whose parked queue makes no progress this long fails its sessions.
 CONGESTION_S = 5.0
 #: ... and so does one whose parked queue grows past this plus its sessions' credit windows (only a peer
 #: ignoring credit gets there).
 PARK_LIMIT = 64 * 1024 * 1024
 PARK_RETRY_S = 0.002
+#: What a parked message costs besides its frames (the Python objects that hold it), so that a flood
+#: of tiny replies is bounded too.
+PARK_OVERHEAD = 2 * 1024
+#: A client whose parked queue costs more than this (plus its sessions' credit windows) has its new
+#: requests refused with a small error; past twice this they are dropped unanswered.
+CLIENT_QUEUE_BYTES = 8 * 1024 * 1024
 
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)  # plain ints: enum flags cost a little on every call
 _NB = int(zmq.NOBLOCK)
 
 
 def bind_router(ctx: zmq.Context[Any], ep: str, hwm: int, heartbeat_s: float) -> zmq.Socket[Any]:
-    """The broker's one socket, with the options the rules above rely on."""
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
-    sock.setsockopt(zmq.SNDHWM, hwm)
+    """The broker's one socket, with the options the rules above rely on.  new_router: no peer can
+    predict (and claim) the routing ids it assigns, and no frame over MAX_FRAME is ever allocated."""
+    sock = new_router(ctx, MAX_FRAME)
+    sock.setsockopt(zmq.SNDHWM, min(hwm, SNDHWM) if hwm else 0)  # hwm 0: no limits (benchmarks)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.BACKLOG, 1024)  # an agent storm after a broker restart: no SYN retransmit waits
     sock.setsockopt(zmq.LINGER, 500)  # replies in flight at shutdown get a moment, never a hang
@@ -141,6 +152,18 @@ class Outbox:
             self._unreachable(rid, exc)
             return
         _send_rest(sock, a, b, c)
+
+    def cost(self, rid: bytes) -> int:
+        """What is parked for a peer, in bytes: its frames plus PARK_OVERHEAD per message."""
+        q = self.parked.get(rid)
+        return 0 if q is None else q.nbytes + PARK_OVERHEAD * len(q.items)
+
+    def admit(self, rid: bytes) -> int:
+        """May a client's new request be answered?  0: yes; 1: refuse it with a small error; 2: drop it
+        (its replies are not being read: its parked queue is over CLIENT_QUEUE_BYTES, or twice that,
+        beyond what its sessions' credit allows)."""
+        over = self.cost(rid) - self._sessions_of(rid) * self.per_session
+        return 0 if over <= CLIENT_QUEUE_BYTES else 1 if over <= 2 * CLIENT_QUEUE_BYTES else 2
 
     def drop(self, rid: bytes) -> None:
         """Forget what is parked for a peer that is gone or replaced."""

@@ -14,9 +14,14 @@ from typing import Any
 
 from zdut.brokerd.registry import Agent
 from zdut.common.logs import hex_id
-from zdut.protocol import Code, Done, Error, SessionGone, encode
+from zdut.protocol import Code, Done, Error, SessionGone, ZdutError, encode
 
 log = logging.getLogger("zdut.broker")
+
+#: Sessions one client connection may have open through the broker at once.
+MAX_SESSIONS = 256
+#: Forwarded Lock/Unlock one client connection may have waiting for their agents' replies at once.
+MAX_PENDING = 64
 
 
 class Session:
@@ -53,6 +58,7 @@ class Sessions:
         self._by_client: dict[bytes, dict[int, Session]] = {}
         self._by_agent: dict[str, dict[tuple[bytes, int], Session]] = {}
         self._pending: dict[tuple[bytes, int], Pending] = {}
+        self._pending_of: dict[bytes, int] = {}  # client -> len of its entries in _pending
         #: The session of (client, sid), or None: a plain dict lookup, for the relay path.
         self.get = self._by_key.get
 
@@ -108,13 +114,32 @@ class Sessions:
             )
             self.fail(sess, Code.UNAVAILABLE, f"no message either way for {limit_s:g}s: session ended by the broker")
 
+    def check_room(self, client: bytes, pending: bool = False) -> None:
+        """Raise Unavailable if ``client`` already has MAX_SESSIONS sessions open (or, with ``pending``,
+        MAX_PENDING forwarded requests waiting)."""
+        if pending and self._pending_of.get(client, 0) >= MAX_PENDING:
+            raise ZdutError(Code.UNAVAILABLE, f"refused: {MAX_PENDING} requests of this connection already wait")
+        if not pending and len(self._by_client.get(client, ())) >= MAX_SESSIONS:
+            raise ZdutError(Code.UNAVAILABLE, f"refused: {MAX_SESSIONS} sessions of this connection already open")
+
     def count(self, agent: Agent | None, client: bytes) -> int:
         """Sessions routed to ``agent``, or (for None) opened by ``client``."""
         return len(self._by_agent.get(agent.name, ())) if agent is not None else len(self._by_client.get(client, ()))
 
     # ------------------------------------------------------------- pending requests
     def await_reply(self, client: bytes, rid: int, agent: Agent, deadline: float) -> None:
-        self._pending[(client, rid)] = Pending(agent, rid, deadline)
+        key = (client, rid)
+        if key not in self._pending:
+            self._pending_of[client] = self._pending_of.get(client, 0) + 1
+        self._pending[key] = Pending(agent, rid, deadline)
+
+    def _forget(self, key: tuple[bytes, int]) -> None:
+        del self._pending[key]
+        left = self._pending_of[key[0]] - 1
+        if left:
+            self._pending_of[key[0]] = left
+        else:
+            del self._pending_of[key[0]]
 
     def take_reply(self, client: bytes, rid: Any, agent: Agent) -> bool:
         """True (and forgotten) if ``client`` waits for reply ``rid`` from ``agent``."""
@@ -122,13 +147,13 @@ class Sessions:
         pending = self._pending.get(key) if isinstance(rid, int) else None
         if pending is None or pending.agent is not agent:
             return False
-        del self._pending[key]
+        self._forget(key)
         return True
 
     def expire_pending(self, now: float) -> None:
         """Forget requests whose agent never answered (the client has given up long before)."""
         for key in [k for k, p in self._pending.items() if p.deadline < now]:
-            del self._pending[key]
+            self._forget(key)
 
     @property
     def pending(self) -> int:
@@ -143,7 +168,7 @@ class Sessions:
             self._send(sess.client, encode(Done(sess.sid, sess.down_seq + 1, Code.UNAVAILABLE, message)))
         pending = [(k, p) for k, p in self._pending.items() if p.agent is agent]
         for key, p in pending:
-            del self._pending[key]
+            self._forget(key)
             self._send(key[0], encode(Error(p.rid, Code.UNAVAILABLE, message)))
         if sessions or pending:
             log.info("%s: ended %d sessions and %d pending requests", message, len(sessions), len(pending))
@@ -154,7 +179,8 @@ class Sessions:
         for sess in sessions:
             self.end(sess)
             self._to_agent(sess.agent, b"", encode(SessionGone(client, sess.sid)))
-        for key in [k for k in self._pending if k[0] == client]:
-            del self._pending[key]
+        if client in self._pending_of:
+            for key in [k for k in self._pending if k[0] == client]:
+                self._forget(key)
         if sessions:
             log.info("client %s is unreachable: ended %d sessions", hex_id(client), len(sessions))
