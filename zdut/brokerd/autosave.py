@@ -1,8 +1,10 @@
-"""Keeping the broker's SQLite store in step with its registry, off the hot path.
+"""Keeping the broker's SQLite store in step with its registry, off the hot path, and quiet when idle.
 
-Registry changes are coalesced for SAVE_DELAY_S and written together; the agents' last-seen times, which
-change with every message, are flushed every FLUSH_S only.  A failing store never stops the broker: the
-registry stays in memory and the write is retried.
+An idle broker does not write: the agents' last-seen times, which change with every heartbeat, are written
+with every change of state (a registration, an agent going offline, a lock change, a forget; coalesced for
+SAVE_DELAY_S), every FLUSH_S otherwise, and at shutdown.  Every WATCH_S the file itself is checked (a stat,
+no write): deleted or replaced under the broker it is created anew with the whole registry; read-only it is
+logged.  A failing store never stops the broker: the registry stays in memory and the write is retried.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from zdut.brokerd.store import Store, StoreError
 from zdut.brokerd.timers import Coalesced, Timers
 from zdut.common.logs import Throttle
 
-#: Coalescing of registry writes, and the coarse last-seen flush.
+#: Coalescing of registry writes; the last-seen flush of an otherwise idle broker; retry after a failure;
+#: how often the state file is looked at.
 SAVE_DELAY_S = 0.2
-FLUSH_S = 5.0
+FLUSH_S = 300.0
+RETRY_S = 5.0
+WATCH_S = 10.0
 
 
 class AutoSave:
@@ -27,32 +32,62 @@ class AutoSave:
         self._throttle = throttle
         #: The registry changed: save it soon (changes meanwhile go into the same write).
         self.schedule = Coalesced(timers, SAVE_DELAY_S, self.save).request
-        timers.every(FLUSH_S, self.flush_last_seen)
+        self._retry = Coalesced(timers, RETRY_S, self.save).request
+        registry.persist = self.schedule
+        timers.every(FLUSH_S, self.save)
+        timers.every(WATCH_S, self._watch)
+        if registry.dirty or registry.deleted:  # agents evicted while loading
+            self.schedule()
 
     def save(self) -> None:
+        """Write what changed, with the last-seen times of every online agent."""
         reg = self._registry
+        if not (reg.dirty or reg.deleted or reg.by_rid):
+            return
+        try:
+            self._check()
+        except StoreError as exc:
+            self._failed(exc)
+            return
         records, deleted = reg.take_dirty()
-        if not records and not deleted:
-            return
+        written = {r.name for r in records}
+        last_seen = [(a.name, reg.last_seen(a)) for a in reg.by_rid.values() if a.name not in written]
         try:
-            self._store.save(records, deleted)
+            self._store.save(records, deleted, last_seen)
         except StoreError as exc:
-            self._throttle(logging.ERROR, "store", "%s (the registry stays in memory; retrying)", exc)
-            reg.dirty.update(r.name for r in records)
+            self._failed(exc)
+            reg.dirty.update(written)
             reg.deleted.update(deleted)
-            self._timers.after(FLUSH_S, self.schedule)
 
-    def flush_last_seen(self) -> None:
-        reg = self._registry
-        if not reg.by_rid:
-            return
+    def _watch(self) -> None:
+        """The periodic look at the file: a stat, no write unless it has to be created anew."""
         try:
-            self._store.touch([(a.name, reg.last_seen(a)) for a in reg.by_rid.values()])
+            if self._check():
+                self.schedule()
         except StoreError as exc:
-            self._throttle(logging.ERROR, "store", "%s", exc)
+            self._throttle(logging.ERROR, "store", "%s (the registry stays in memory)", exc)
+
+    def _check(self) -> bool:
+        """Whether the state file was created anew (the whole registry is then due); StoreError if it cannot
+        be written."""
+        if not self._store.check():
+            return False
+        reg = self._registry
+        self._throttle(
+            logging.ERROR,
+            "store",
+            "%s: the state file was deleted or replaced under the broker; created it anew with the %d known agents",
+            self._store.path,
+            len(reg.agents),
+        )
+        reg.dirty.update(reg.agents)
+        return True
+
+    def _failed(self, exc: StoreError) -> None:
+        self._throttle(logging.ERROR, "store", "%s (the registry stays in memory; retrying)", exc)
+        self._retry()
 
     def close(self) -> None:
-        """Write what is pending and close the store."""
+        """Write what is pending, the last-seen times included, and close the store."""
         self.save()
-        self.flush_last_seen()
         self._store.close()

@@ -36,6 +36,11 @@ from zdut.protocol import (
 
 log = logging.getLogger("zdut.broker")
 
+#: Takeovers within this window are remembered (and reported as flapping); older ones are forgotten.
+FLAP_WINDOW_S = 30.0
+#: Re-register prompts to one connection are rate-limited with what is remembered of this long.
+PROMPT_MEMORY_S = 10.0
+
 _HEARTBEAT = encode(Heartbeat())
 _REREGISTER = encode(Reregister())
 
@@ -68,7 +73,7 @@ class Membership:
         self._rereg_sent: dict[bytes, float] = {}
         self._takeovers: dict[str, deque[float]] = {}
         timers.every(min(0.25, heartbeat_s / 4), self._housekeeping)
-        timers.every(1.0, self._forget_prompts)
+        timers.every(1.0, self._forget_old)
 
     def register(self, rid: bytes, msg: Register) -> None:
         try:
@@ -133,7 +138,7 @@ class Membership:
         """Two live processes with one agent name take the registration from each other over and over."""
         times = self._takeovers.setdefault(name, deque(maxlen=3))
         times.append(self._timers.now)
-        if len(times) == times.maxlen and times[-1] - times[0] < 30.0:
+        if len(times) == times.maxlen and times[-1] - times[0] < FLAP_WINDOW_S:
             self._throttle(
                 logging.ERROR,
                 f"flapping {name}",
@@ -154,10 +159,13 @@ class Membership:
             self._rereg_sent[rid] = now
         self._outbox.send(rid, b"", _REREGISTER)
 
-    def _forget_prompts(self) -> None:
+    def _forget_old(self) -> None:
+        """Keep the prompt and takeover tables to what their rate limits still look at."""
         now = self._timers.now
-        for rid in [r for r, t in self._rereg_sent.items() if now - t > 10.0]:
+        for rid in [r for r, t in self._rereg_sent.items() if now - t > PROMPT_MEMORY_S]:
             del self._rereg_sent[rid]
+        for name in [n for n, times in self._takeovers.items() if now - times[-1] > FLAP_WINDOW_S]:
+            del self._takeovers[name]
 
     def offline(self, agent: Agent, why: str) -> None:
         """``agent`` is gone: its devices are listed offline, its sessions and pending requests end."""

@@ -33,6 +33,10 @@ log = logging.getLogger("zdut.broker")
 
 #: Heartbeat intervals an agent may stay silent before it is marked offline.
 LIVENESS = 3
+#: Offline agents kept, by count and by an estimate of their records' bytes: past either the one seen
+#: longest ago goes first, one holding a lock on a device only once no other is left (docs/architecture.md).
+MAX_OFFLINE_AGENTS = 1000
+MAX_OFFLINE_BYTES = 64 << 20
 
 
 @dataclass(slots=True, eq=False)
@@ -80,23 +84,32 @@ class Registry:
         heartbeat_s: float = 1.0,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        max_offline: int = MAX_OFFLINE_AGENTS,
+        max_offline_bytes: int = MAX_OFFLINE_BYTES,
     ) -> None:
         self.heartbeat_s = heartbeat_s
         self.wall = wall
         self.mono = mono
+        self.max_offline = max_offline
+        self.max_offline_bytes = max_offline_bytes
         self.agents: dict[str, Agent] = {}
         self.devices: dict[str, Device] = {}
         self.by_rid: dict[bytes, Agent] = {}
         #: Agents whose persisted record is stale, and agents to delete from the store.
         self.dirty: set[str] = set()
         self.deleted: set[str] = set()
+        #: Told whenever ``dirty`` or ``deleted`` grows (the store's AutoSave sets it).
+        self.persist: Callable[[], None] = lambda: None
+        #: Offline agents, seen longest ago first, with the estimated bytes of each.
+        self._offline: dict[str, int] = {}
+        self._offline_bytes = 0
         self._listing: list[DeviceInfo] | None = None
         self._listing_valid_until = 0.0  # the earliest reservation expiry in the cached listing
 
     # ------------------------------------------------------------- persistence
     def load(self, records: Iterable[AgentRecord]) -> None:
         """Agents from the state file: known, and offline until they register again."""
-        for rec in records:
+        for rec in sorted(records, key=lambda r: r.last_seen):
             agent = Agent(rec.name, rec.version, rec.instance, rec.address, last_seen=rec.last_seen)
             for dev in rec.devices:
                 if dev.name in self.devices:
@@ -106,6 +119,8 @@ class Registry:
             agent.devices.sort()
             if agent.devices:
                 self.agents[agent.name] = agent
+                self._went_offline(agent)
+        self._trim()
         self._changed()
 
     def record(self, agent: Agent) -> AgentRecord:
@@ -127,6 +142,7 @@ class Registry:
         old = self.agents.get(msg.agent)
         result = Registration(old or Agent(msg.agent))
         agent = result.agent
+        self._came_back(agent.name)  # first: nothing below may evict it as an offline agent
         if old is not None and old.rid is not None and old.rid != rid:
             result.replaced_rid = old.rid
             del self.by_rid[old.rid]
@@ -160,7 +176,7 @@ class Registry:
         self.agents[agent.name] = agent
         self.by_rid[rid] = agent
         self.deleted.discard(agent.name)
-        self.dirty.add(agent.name)
+        self._mark(agent.name)
         self._changed()
         return result
 
@@ -216,12 +232,14 @@ class Registry:
         """Take a device away from an offline agent; forget that agent once it serves nothing."""
         prev = dev.agent
         prev.devices.remove(dev.name)
-        if prev.devices:
-            self.dirty.add(prev.name)
-        else:
-            del self.agents[prev.name]
-            self.dirty.discard(prev.name)
-            self.deleted.add(prev.name)
+        if not prev.devices:
+            self._remove(prev)
+            return
+        self._mark(prev.name)
+        if prev.name in self._offline:  # smaller now, and still as old
+            size = self._size(prev)
+            self._offline_bytes += size - self._offline[prev.name]
+            self._offline[prev.name] = size
 
     def forget(self, name: str) -> list[str]:
         """Drop offline agent ``name`` and its devices (from the store too); returns those devices."""
@@ -232,13 +250,60 @@ class Registry:
             raise ZdutError(
                 Code.FAILED_PRECONDITION, f'agent "{name}" is online; only an offline agent can be forgotten'
             )
-        for device in agent.devices:
-            del self.devices[device]
-        del self.agents[name]
-        self.dirty.discard(name)
-        self.deleted.add(name)
+        self._remove(agent)
         self._changed()
         return list(agent.devices)
+
+    def _remove(self, agent: Agent) -> None:
+        """An offline agent leaves the registry and the store, with its devices."""
+        for device in agent.devices:
+            del self.devices[device]
+        del self.agents[agent.name]
+        self._came_back(agent.name)
+        self.dirty.discard(agent.name)
+        self.deleted.add(agent.name)
+        self.persist()
+
+    # ------------------------------------------------------------- the bound on offline agents
+    def _went_offline(self, agent: Agent) -> None:
+        size = self._offline[agent.name] = self._size(agent)
+        self._offline_bytes += size
+
+    def _came_back(self, name: str) -> None:
+        self._offline_bytes -= self._offline.pop(name, 0)
+
+    def _size(self, agent: Agent) -> int:
+        """A rough estimate of what an agent costs in memory and on disk, in bytes."""
+        size = 256 + len(agent.name) + len(agent.version) + len(agent.instance) + len(agent.address)
+        for name in agent.devices:
+            dev = self.devices[name]
+            size += 192 + len(name) + sum(96 + len(c) + len(h) for c, h in dev.commands.items())
+        return size
+
+    def _trim(self) -> None:
+        """Evict offline agents past MAX_OFFLINE_AGENTS or MAX_OFFLINE_BYTES."""
+        if len(self._offline) <= self.max_offline and self._offline_bytes <= self.max_offline_bytes:
+            return
+        now = self.wall()
+        locked = {
+            n for n in self._offline
+            if any(self._current_lock(self.devices[d], now) is not None for d in self.agents[n].devices)
+        }
+        for name in [*(n for n in self._offline if n not in locked), *(n for n in self._offline if n in locked)]:
+            if len(self._offline) <= self.max_offline and self._offline_bytes <= self.max_offline_bytes:
+                break
+            agent = self.agents[name]
+            log.info(
+                'forgetting offline agent "%s" (last seen %s, %d devices): more than %d offline agents or %d MiB '
+                "of their records",
+                name,
+                dt.datetime.fromtimestamp(agent.last_seen, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                len(agent.devices),
+                self.max_offline,
+                self.max_offline_bytes >> 20,
+            )
+            self._remove(agent)
+        self._changed()
 
     # ------------------------------------------------------------- liveness
     def offline(self, agent: Agent) -> bytes | None:
@@ -249,7 +314,9 @@ class Registry:
         agent.last_seen = self.last_seen(agent)
         agent.rid = None
         self.by_rid.pop(rid, None)
-        self.dirty.add(agent.name)
+        self._mark(agent.name)
+        self._went_offline(agent)
+        self._trim()
         self._changed()
         return rid
 
@@ -270,6 +337,7 @@ class Registry:
         if dev is None or dev.agent is not agent:
             return False  # only the owning agent speaks for a device
         dev.lock, dev.busy = lock, busy
+        self._mark(agent.name)  # a change of state: its last-seen time is written with it
         self._changed()
         return True
 
@@ -345,6 +413,10 @@ class Registry:
         if text is None:
             raise no_such_command(name, command)
         return text
+
+    def _mark(self, name: str) -> None:
+        self.dirty.add(name)
+        self.persist()
 
     def _changed(self) -> None:
         self._listing = None

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,11 @@ KEYWORDS = ("list", "agents", "use", "..", "help", "format", "version", "exit", 
 #: Words that mean the same thing with or without a device in use (``forget``, an operator's rare word, is
 #: not completed: it would shadow ``format``).
 GLOBAL_WORDS = frozenset({*KEYWORDS, "forget"})
+
+#: The help-text cache: entries and characters at most (least recently used out first), and per text.
+MAX_HELPS = 4096
+MAX_HELP_CHARS = 4 << 20
+MAX_HELP_TEXT = 64 << 10
 
 CONNECTING, CONNECTED, DISCONNECTED = "connecting", "connected", "disconnected"
 
@@ -97,13 +103,49 @@ def changes(old: dict[str, DeviceInfo], new: dict[str, DeviceInfo], me: str, now
     return notices
 
 
+class HelpCache:
+    """Help texts by (device, command): a bounded LRU, so a big or hostile lab cannot grow the shell."""
+
+    def __init__(self, max_entries: int = MAX_HELPS, max_chars: int = MAX_HELP_CHARS) -> None:
+        self.max_entries, self.max_chars = max_entries, max_chars
+        self._texts: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.chars = 0
+
+    def get(self, key: tuple[str, str], default: str = "") -> str:
+        text = self._texts.get(key)
+        if text is None:
+            return default
+        self._texts.move_to_end(key)
+        return text
+
+    def __setitem__(self, key: tuple[str, str], text: str) -> None:
+        text = text[:MAX_HELP_TEXT]
+        self.pop(key)
+        self._texts[key] = text
+        self.chars += len(text)
+        while len(self._texts) > self.max_entries or self.chars > self.max_chars:
+            self.chars -= len(self._texts.popitem(last=False)[1])
+
+    def pop(self, key: tuple[str, str]) -> None:
+        self.chars -= len(self._texts.pop(key, ""))
+
+    def drop_device(self, device: str, keep: Iterable[str] = ()) -> None:
+        """Forget the texts of ``device``, but those of the commands in ``keep``."""
+        kept = set(keep)
+        for key in [k for k in self._texts if k[0] == device and k[1] not in kept]:
+            self.pop(key)
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+
 @dataclass
 class LabView:
     """A cached snapshot of the lab; only the Tracker writes it."""
 
     devices: dict[str, DeviceInfo] = field(default_factory=dict)
     commands: dict[str, list[str]] = field(default_factory=dict)
-    helps: dict[tuple[str, str], str] = field(default_factory=dict)
+    helps: HelpCache = field(default_factory=HelpCache)
     fetched: dict[str, float] = field(default_factory=dict)
     #: A first device list (and the commands of its devices) has arrived: later lists bring notices.
     listed: bool = False
@@ -128,6 +170,7 @@ class LabView:
         for name in set(self.devices) - set(new):
             self.commands.pop(name, None)
             self.fetched.pop(name, None)
+            self.helps.drop_device(name)
         self.devices = new
         return notices
 
@@ -265,4 +308,5 @@ class Tracker:
                     self.view.helps[(device, command)] = await client.details(device, command, "help")
         except ZdutError:
             return
+        self.view.helps.drop_device(device, keep=commands)  # commands it no longer has
         self.view.fetched[device] = time.monotonic()
