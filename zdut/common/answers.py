@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgspec
+
 from zdut.protocol import (
+    UNARY_REQUESTS,
     VERSION,
     AgentInfo,
     AgentList,
@@ -17,12 +20,15 @@ from zdut.protocol import (
     Details,
     DeviceInfo,
     DeviceList,
+    Done,
+    Error,
     GetDetails,
     Hello,
     ListAgents,
     ListCommands,
     ListDevices,
     Message,
+    RunOpen,
     Welcome,
     ZdutError,
 )
@@ -72,3 +78,31 @@ def listing(
         case ListAgents():
             return AgentList(msg.rid, agents())
     raise ZdutError(Code.UNIMPLEMENTED, f"{type(msg).__name__} is not served by {_SERVED_BY[role]}")
+
+
+class _Prefix(msgspec.Struct, array_like=True):
+    """The first two fields of every request: its tag, and its rid (unary) or sid (RunOpen).  Decoding only
+    these skips the rest of the array without building it."""
+
+    tag: str
+    key: int
+
+
+_prefix = msgspec.msgpack.Decoder(_Prefix)
+_RUN = RunOpen.__struct_config__.tag
+_UNARY = frozenset(cls.__struct_config__.tag for cls in UNARY_REQUESTS)
+
+
+def oversized(header: bytes | memoryview, limit: int) -> Message | None:
+    """The answer to a request whose header is over ``limit`` bytes, read from its first two fields alone:
+    Error for a unary request, the Done of the run for a RunOpen, None for anything else."""
+    try:
+        head = _prefix.decode(header)
+    except ValueError:  # msgspec.DecodeError: not even a request's first two fields
+        return None
+    why = f"request refused: its header of {len(header)} bytes exceeds {limit} bytes"
+    if head.tag == _RUN:
+        return Done(head.key, 1, Code.INVALID_ARGUMENT, why)  # a refused run's Done is its first message
+    if head.tag in _UNARY:
+        return Error(head.key, Code.INVALID_ARGUMENT, why)
+    return None

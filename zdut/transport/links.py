@@ -17,24 +17,11 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-import msgspec
 import zmq
 
+from zdut.common.answers import oversized
 from zdut.common.logs import Throttle
-from zdut.protocol import (
-    MAX_HEADER_BYTES,
-    UNARY_REQUESTS,
-    WITH_PAYLOAD,
-    Code,
-    Done,
-    Error,
-    Message,
-    ProtocolError,
-    RunOpen,
-    ZdutError,
-    decode,
-    encode,
-)
+from zdut.protocol import MAX_HEADER_BYTES, WITH_PAYLOAD, Code, Message, ProtocolError, ZdutError, decode, encode
 
 log = logging.getLogger("zdut.link")
 
@@ -205,42 +192,14 @@ class Link(Pump):
     def oversize(self, peer: bytes, header: bytes) -> None:
         """A request whose header is over the limit is answered at once (an Error, or the Done of the Run it
         tried to open), never left to time out; anything else is dropped as the base class does."""
-        why = f"request header of {len(header)} bytes exceeds the limit of {self.limit}"
-        try:
-            head = _peek(header)
-        except (msgspec.DecodeError, ValueError):
-            head = _Head("", 0)
-        reply = _ANSWERS.get(head.tag)
+        reply = oversized(header, self.limit)
         if reply is None:
             super().oversize(peer, header)
             return
-        dropped(logging.WARNING, "refused: oversize", "refused a %s request from %s: %s", head.tag, peer.hex(), why)
+        dropped(logging.WARNING, "refused: oversize", "refused a request from %s: its header of %d bytes exceeds %d",
+                peer.hex(), len(header), self.limit)
         with contextlib.suppress(ZdutError):
-            self.send(peer, encode(reply(head.id, why)))
-
-
-class _Head(msgspec.Struct, array_like=True):
-    """The first two fields of any protocol message (its tag, then its rid or sid), read from a header too
-    long to decode whole: what an answer to it needs.  Not a message of its own; see ``protocol.Message``."""
-
-    tag: str
-    id: int
-
-
-def _refused_request(rid: int, why: str) -> Message:
-    return Error(rid, Code.INVALID_ARGUMENT, why)
-
-
-def _refused_run(sid: int, why: str) -> Message:
-    return Done(sid, 1, Code.INVALID_ARGUMENT, why)  # a refused run's Done is its first message
-
-
-_peek = msgspec.msgpack.Decoder(_Head).decode
-#: tag of a request -> its answer when the header is too long.
-_ANSWERS: dict[object, Callable[[int, str], Message]] = {
-    **{cls.__struct_config__.tag: _refused_request for cls in UNARY_REQUESTS},
-    RunOpen.__struct_config__.tag: _refused_run,
-}
+            self.send(peer, encode(reply))
 
 
 def recv_message(
