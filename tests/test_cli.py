@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,7 +83,9 @@ def test_file_transfer(demo: tuple[Lab, str]) -> None:
     assert r.returncode == 0, r.stderr
     out = (lab.tmp / "test2.txt").read_text()
     assert out == "payload\n\n\nprocessed by dummy.FT module\n"
-    assert (lab.tmp / "test2.txt").stat().st_mode & 0o777 == 0o600
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (lab.tmp / "test2.txt").stat().st_mode & 0o777 == 0o666 & ~umask  # a new file: the umask's mode
     assert '↑ sent "test.txt" (8 B)' in r.stdout
     assert '↓ received "test2.txt" (39 B)' in r.stdout
 

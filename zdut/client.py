@@ -28,6 +28,7 @@ from zdut.protocol import (
     SESSION,
     STDIN,
     STDIN_WINDOW,
+    STDOUT,
     VERSION,
     WINDOW_MAIN,
     WINDOW_STDIN,
@@ -73,7 +74,7 @@ from zdut.protocol import (
     endpoint,
     version_drift,
 )
-from zdut.transport.files import FileSender, FileWriter
+from zdut.transport.files import Downloads, FileSender, open_source
 from zdut.transport.links import Pump, tune
 from zdut.transport.monitor import ConnectionMonitor
 from zdut.transport.stream import Stream, Watched, keep_alive
@@ -146,7 +147,10 @@ class Run:
         self.started: asyncio.Future[bool] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()
         self._allowed = allowed_paths(args)
-        self._download: FileWriter | None = None
+        self._downloads = Downloads(  # a download to - or /dev/stdout is the command's stdout, in its order
+            self.stream, self._allowed_path, lambda data, consumed: handler.output(STDOUT, data, consumed),
+            self._refuse, self._verify_failed, functools.partial(handler.progress, "received"),
+            functools.partial(handler.transferred, "received"))
         self._tasks: set[asyncio.Task[None]] = set()
         self._local_error: ZdutError | None = None
 
@@ -164,7 +168,9 @@ class Run:
         await self.stream.send_credited(StdinEof, window=WINDOW_STDIN)
 
     def cancel(self) -> None:
-        if not self.finished.done():
+        if self._downloads.after_done:  # the agent is done; we only wait for a reader: stop writing
+            self.end(ZdutError(Code.CANCELED, "canceled while writing a download"))
+        elif not self.finished.done():
             with contextlib.suppress(ZdutError):
                 self.stream.send(Cancel)
 
@@ -203,9 +209,12 @@ class Run:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             case FileOpen() | FileChunk() | FileEnd() | FileAbort():
-                self._file_message(msg, payload)
+                self._downloads.message(msg, payload)
             case Done():
-                self.end(ZdutError(msg.code, msg.message) if msg.code else None)
+                error = ZdutError(msg.code, msg.message) if msg.code else None
+                if self._downloads.writing:  # the session is over: no keepalive, only our writes remain
+                    self.client._runs.pop(self.sid, None)
+                self._downloads.after_writes(lambda: self.end(error))
             case Ping():
                 pass
 
@@ -217,8 +226,7 @@ class Run:
         self.stream.fail(error or ZdutError(Code.CANCELED, "session ended"))
         for task in self._tasks:
             task.cancel()
-        if self._download is not None:
-            self._download.discard()
+        self._downloads.close()
         if not self.started.done():
             self.started.set_result(False)
         if error is None:
@@ -245,14 +253,14 @@ class Run:
                          f'refusing to send "{path}": the agent asked for a file not named on the command line')
             return
         try:
-            fh = open(path, "rb")
-        except OSError as exc:
-            self._refuse(req.xfer, Code.NOT_FOUND, f'cannot read "{path}": {exc.strerror}')
+            fh, size = await open_source(path)
+        except ZdutError as exc:
+            self._refuse(req.xfer, exc.code, exc.message)
             return
         with fh:
             try:
                 sent = await FileSender(self.stream, req.xfer, path).send(
-                    fh, os.fstat(fh.fileno()).st_size, functools.partial(self.handler.progress, "sent", path))
+                    fh, size, functools.partial(self.handler.progress, "sent", path))
             except OSError as exc:  # the agent's module must not wait for the rest for ever
                 self._refuse(req.xfer, Code.ABORTED, f'cannot read "{path}": {exc.strerror}')
                 return
@@ -260,36 +268,10 @@ class Run:
                 return  # the session ended; end() reports why
         self.handler.transferred("sent", path, sent)
 
-    def _file_message(self, msg: FileOpen | FileChunk | FileEnd | FileAbort, payload: Any) -> None:
-        """A message of a file the agent sends us."""
-        self.stream.consumed(len(payload) if payload is not None else 0)
-        dl = self._download
-        if isinstance(msg, FileOpen):
-            if not self._allowed_path(msg.path):
-                self._refuse(msg.xfer, Code.PERMISSION_DENIED,
-                             f'refusing to write "{msg.path}": the agent sent a file not named on the command line')
-                return
-            try:
-                self._download = FileWriter(msg.xfer, msg.path, msg.size)
-            except OSError as exc:
-                self._refuse(msg.xfer, Code.PERMISSION_DENIED, f'cannot write "{msg.path}": {exc.strerror}')
-        elif dl is None or dl.xfer != msg.xfer:
-            pass  # a transfer we refused: drain it
-        elif isinstance(msg, FileChunk):
-            dl.write(msg.offset, payload)
-            self.handler.progress("received", dl.path, dl.received, dl.size)
-        elif isinstance(msg, FileAbort):
-            self._download = None
-            dl.discard()  # the agent's module reports the failure in Done
-        else:
-            self._download = None
-            try:
-                dl.finish(msg.sha256)
-            except ZdutError as exc:
-                self._local_error = exc
-                self.cancel()
-                return
-            self.handler.transferred("received", dl.path, dl.received)
+    def _verify_failed(self, error: ZdutError) -> None:
+        """A download arrived damaged (and was discarded): stop the run and say so."""
+        self._local_error = error
+        self.cancel()
 
 
 class Client:
