@@ -134,6 +134,8 @@ def test_a_state_file_made_read_only_is_logged_and_retried(lab: Lab) -> None:
     assert "late" not in rows(state)
     state.chmod(0o644)
     wait_for(lambda: "late" in rows(state), 15, "the retried write")
+    wait_for(lambda: "the state file is written again" in log.text(), 5, "the recovery logged")
+    assert log.text().count("state file is read-only") == 1  # once, not at every retry
     late.stop()
     assert log.alive()
 

@@ -5,11 +5,13 @@ with every change of state (a registration, an agent going offline, a lock chang
 SAVE_DELAY_S), every FLUSH_S otherwise, and at shutdown.  Every WATCH_S the file itself is checked (a stat,
 no write): deleted or replaced under the broker it is created anew with the whole registry; read-only it is
 logged.  A failing store never stops the broker: the registry stays in memory and the write is retried.
+A lasting failure is logged when it starts, when it changes and once every REPORT_S, not at every retry.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 from zdut.brokerd.registry import Registry
 from zdut.brokerd.store import Store, StoreError
@@ -22,6 +24,9 @@ SAVE_DELAY_S = 0.2
 FLUSH_S = 300.0
 RETRY_S = 5.0
 WATCH_S = 10.0
+REPORT_S = 60.0
+
+log = logging.getLogger("zdut.broker")
 
 
 class AutoSave:
@@ -30,6 +35,8 @@ class AutoSave:
         self._store = store
         self._timers = timers
         self._throttle = throttle
+        self._error = ""  # the failure last logged, while it lasts
+        self._error_at = -math.inf
         #: The registry changed: save it soon (changes meanwhile go into the same write).
         self.schedule = Coalesced(timers, SAVE_DELAY_S, self.save).request
         self._retry = Coalesced(timers, RETRY_S, self.save).request
@@ -58,6 +65,10 @@ class AutoSave:
             self._failed(exc)
             reg.dirty.update(written)
             reg.deleted.update(deleted)
+            return
+        if self._error:
+            log.warning("%s: the state file is written again", self._store.path)
+            self._error = ""
 
     def _watch(self) -> None:
         """The periodic look at the file: a stat, no write unless it has to be created anew."""
@@ -65,7 +76,7 @@ class AutoSave:
             if self._check():
                 self.schedule()
         except StoreError as exc:
-            self._throttle(logging.ERROR, "store", "%s (the registry stays in memory)", exc)
+            self._report(exc, "the registry stays in memory")
 
     def _check(self) -> bool:
         """Whether the state file was created anew (the whole registry is then due); StoreError if it cannot
@@ -84,8 +95,14 @@ class AutoSave:
         return True
 
     def _failed(self, exc: StoreError) -> None:
-        self._throttle(logging.ERROR, "store", "%s (the registry stays in memory; retrying)", exc)
+        self._report(exc, "the registry stays in memory; retrying")
         self._retry()
+
+    def _report(self, exc: StoreError, what_now: str) -> None:
+        now, text = self._timers.now, str(exc)
+        if text != self._error or now - self._error_at >= REPORT_S:
+            log.error("%s (%s)", text, what_now)
+            self._error, self._error_at = text, now
 
     def close(self) -> None:
         """Write what is pending, the last-seen times included, and close the store."""
