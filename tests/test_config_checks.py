@@ -157,6 +157,32 @@ def test_ipmi_options_are_checked_when_the_config_loads(options: str, message: s
     assert (err.kind, err.device, err.command, err.line, err.message) == ("validation", "dev", "c", 7, message)
 
 
+@pytest.mark.parametrize(
+    ("module", "options", "message"),
+    [
+        ("pdu", "{outlet: 1}", "PDU host address not configured"),
+        ("pdu", "{host: 10.0.0.5}", "invalid PDU host '10.0.0.5': must be an absolute URL"),
+        ("pdu", "{host: 'http://pdu', user: admin}", "PDU authentication requires both user and password"),
+        ("wifisocket", "{channel: 2}", "wifisocket: host must be configured"),
+        ("serial", "{baud: 9600}", "COM port is not set"),
+        ("serial", "{port: /dev/ttyUSB0, delay: fast}", 'invalid delay "fast"'),
+        ("ssh", "{user: root, password: x}", "host is required"),
+        ("ssh", "{host: dut}", "unable to authenticate, either password or private key must be configured"),
+        ("flash", "{programmer: dummy}", "tool must be configured"),
+        ("flash", "{tool: flashrom}", "programmer must be configured"),
+        ("flash-emulate", "{tool: em100}", "chip must be configured"),
+        ("file", "{source: a.txt}", "operation must be set in config"),
+        ("file", "{operation: upload, permission: '644'}", "invalid permission '644'"),
+        ("gpio-button", "{pin: 3, backend: sysfs}", 'unknown gpio backend "sysfs"'),
+        ("gpio-switch", "{pin: 3, backend: sim, initial: maybe}", 'invalid initial state "maybe"'),
+    ],
+)
+def test_option_errors_a_module_sees_without_hardware_fail_the_load(module: str, options: str, message: str) -> None:
+    err = error(cmd(f"          - module: {module}\n            passthrough: true\n            with: {options}\n"))
+    assert (err.kind, err.line) == ("validation", 7)
+    assert err.message.startswith(f'module "{module}": {message}'), err.message
+
+
 # ---------------------------------------------------------------- the real agent: --check-config and start-up
 
 

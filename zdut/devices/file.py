@@ -134,13 +134,14 @@ class File(Module[FileOptions]):
             f"      permission (octal string starting with 0, default 0644; now {o.permission}).\n"
         )
 
-    async def init(self) -> None:
-        o = self.options
-        parse_permission(o.permission)
-        if not o.operation:
+    def __init__(self, options: FileOptions) -> None:
+        super().__init__(options)
+        # Checked when the config loads (see ipmi), so --check-config refuses what start-up would.
+        parse_permission(options.permission)
+        if not options.operation:
             raise ModuleError("operation must be set in config: must be 'upload' or 'download'")
-        if o.operation not in (UPLOAD, DOWNLOAD):
-            raise ModuleError(f"invalid operation {o.operation!r}: must be 'upload' or 'download'")
+        if options.operation not in (UPLOAD, DOWNLOAD):
+            raise ModuleError(f"invalid operation {options.operation!r}: must be 'upload' or 'download'")
 
     async def run(self, session: Session, args: list[str]) -> None:
         o = self.options

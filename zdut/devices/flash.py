@@ -113,18 +113,21 @@ class Flash(_ToolModule[FlashOptions]):
             f"Using {o.tool!r} as flash tool with programmer {str(o.programmer)!r}.\n"
         )
 
+    def __init__(self, options: FlashOptions) -> None:
+        super().__init__(options)
+        # Checked when the config loads (see ipmi), so --check-config refuses what start-up would.
+        if not options.tool:
+            raise ModuleError(f"tool must be configured (one of {', '.join(SUPPORTED_TOOLS)})")
+        if self._basename() not in SUPPORTED_TOOLS:
+            raise ModuleError(f"{options.tool!r} unsupported; supported tools are {', '.join(SUPPORTED_TOOLS)}")
+        if self._basename() != "dpcmd" and options.programmer in ("", None):
+            raise ModuleError("programmer must be configured")
+
     def _basename(self) -> str:
         return os.path.basename(self.options.tool)
 
     async def init(self) -> None:
-        tool = self.options.tool
-        if not tool:
-            raise ModuleError(f"tool must be configured (one of {', '.join(SUPPORTED_TOOLS)})")
-        if self._basename() not in SUPPORTED_TOOLS:
-            raise ModuleError(f"{tool!r} unsupported; supported tools are {', '.join(SUPPORTED_TOOLS)}")
-        self._require_tool(tool, "flash tool")
-        if self._basename() != "dpcmd" and self.options.programmer in ("", None):
-            raise ModuleError("programmer must be configured")
+        self._require_tool(self.options.tool, "flash tool")
 
     def cmdline(self, tool: str, op: str, image: Path) -> list[str]:
         programmer = str(self.options.programmer)
@@ -193,12 +196,16 @@ class FlashEmulate(_ToolModule[FlashEmulateOptions]):
             text += f"Using USB device {str(o.device)!r}.\n"
         return text
 
-    async def init(self) -> None:
-        if not self.options.tool:
+    def __init__(self, options: FlashEmulateOptions) -> None:
+        super().__init__(options)
+        # Checked when the config loads (see ipmi), so --check-config refuses what start-up would.
+        if not options.tool:
             raise ModuleError("tool must not be empty (default: em100)")
-        self._require_tool(self.options.tool, "emulation tool")
-        if not self.options.chip:
+        if not options.chip:
             raise ModuleError('chip must be configured (e.g. "N25Q256A13")')
+
+    async def init(self) -> None:
+        self._require_tool(self.options.tool, "emulation tool")
 
     def cmdline(self, tool: str, image: Path) -> list[str]:
         argv = [tool]

@@ -92,12 +92,16 @@ _SHARED_PIN = (
 class _GpioModule(Module[LineOptionsT]):
     line: Line | None = None
 
+    def __init__(self, options: LineOptionsT) -> None:
+        super().__init__(options)
+        # Checked when the config loads (see ipmi), so --check-config refuses what start-up would.
+        if options.backend not in BACKENDS:
+            raise ModuleError(f'unknown gpio backend "{options.backend}" (want chardev, devmem or sim)')
+        if options.pin < 0:
+            raise ModuleError(f"invalid pin {options.pin}: must not be negative")
+
     def _open(self, level: int) -> None:
         opts = self.options
-        if opts.backend not in BACKENDS:
-            raise ModuleError(f'unknown gpio backend "{opts.backend}" (want chardev, devmem or sim)')
-        if opts.pin < 0:
-            raise ModuleError(f"invalid pin {opts.pin}: must not be negative")
         self.line = open_line(opts.backend, opts.chip, opts.pin, level)
 
     def _set(self, level: int) -> None:
@@ -182,6 +186,13 @@ class GpioSwitch(_GpioModule[SwitchOptions], PowerModule[SwitchOptions]):
 
     on: bool = False
 
+    def __init__(self, options: SwitchOptions) -> None:
+        super().__init__(options)
+        raw = options.initial
+        self._initial = on_off(raw) if isinstance(raw, bool) else raw.lower()
+        if self._initial not in (ON, OFF):
+            raise ModuleError(f'invalid initial state "{options.initial}" (want on or off)')
+
     def help(self) -> str:
         polarity = (
             "The switch is active low. Thus 'On' mean 'Low', 'Off' means 'High'\n"
@@ -203,12 +214,8 @@ class GpioSwitch(_GpioModule[SwitchOptions], PowerModule[SwitchOptions]):
         return int(on != self.options.activelow)
 
     async def init(self) -> None:
-        raw = self.options.initial
-        initial = on_off(raw) if isinstance(raw, bool) else raw.lower()
-        if initial not in (ON, OFF):
-            raise ModuleError(f'invalid initial state "{self.options.initial}" (want on or off)')
-        self._open(self._level(initial == ON))
-        self.on = initial == ON
+        self._open(self._level(self._initial == ON))
+        self.on = self._initial == ON
 
     def report(self, on: bool) -> str:
         return f"Current state: {on_off(on)}\n"

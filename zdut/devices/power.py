@@ -50,6 +50,14 @@ class PDU(PowerModule[PDUOptions]):
             raise ModuleError(f"unknown PDU vendor {options.vendor!r} (known vendors: {known})")
         self._backend: Backend = backend
         self._host: PduHost | None = None
+        # Checked when the config loads (see ipmi), so --check-config refuses what start-up would.
+        if not options.host:
+            raise ModuleError("PDU host address not configured")
+        self._url = absolute_url(options.host, "PDU")
+        if options.outlet < 0:
+            raise ModuleError(f"invalid outlet number {options.outlet}: outlet must be 0 or greater")
+        if bool(options.user) != bool(options.password):
+            raise ModuleError("PDU authentication requires both user and password to be set, or neither")
 
     def details(self) -> str:
         o = self.options
@@ -66,15 +74,7 @@ class PDU(PowerModule[PDUOptions]):
         return f"PDU outlet {self.options.outlet}"
 
     async def init(self) -> None:
-        o = self.options
-        if not o.host:
-            raise ModuleError("PDU host address not configured")
-        url = absolute_url(o.host, "PDU")
-        if o.outlet < 0:
-            raise ModuleError(f"invalid outlet number {o.outlet}: outlet must be 0 or greater")
-        if bool(o.user) != bool(o.password):
-            raise ModuleError("PDU authentication requires both user and password to be set, or neither")
-        self._host = PduHost(url, o.user, o.password)
+        self._host = PduHost(self._url, self.options.user, self.options.password)
 
     @property
     def host(self) -> PduHost:
@@ -131,7 +131,16 @@ class WifiSocket(PowerModule[WifiSocketOptions]):
 
     def __init__(self, options: WifiSocketOptions) -> None:
         super().__init__(options)
-        self._base = ""
+        self._base = ""  # set by init
+        # Checked when the config loads (see ipmi), so --check-config refuses what start-up would.
+        host = options.host.strip()
+        if not host:
+            raise ModuleError("wifisocket: host must be configured")
+        if not host.startswith(("http://", "https://")):
+            host = "http://" + host
+        self._url = absolute_url(host.rstrip("/"), "wifisocket")
+        if bool(options.user) != bool(options.password):
+            raise ModuleError("wifisocket authentication requires both user and password to be set, or neither")
 
     def details(self) -> str:
         return (
@@ -152,15 +161,7 @@ class WifiSocket(PowerModule[WifiSocketOptions]):
         return "Power" if self.channel == 1 else f"Power{self.channel}"
 
     async def init(self) -> None:
-        o = self.options
-        host = o.host.strip()
-        if not host:
-            raise ModuleError("wifisocket: host must be configured")
-        if not host.startswith(("http://", "https://")):
-            host = "http://" + host
-        self._base = absolute_url(host.rstrip("/"), "wifisocket")
-        if bool(o.user) != bool(o.password):
-            raise ModuleError("wifisocket authentication requires both user and password to be set, or neither")
+        self._base = self._url
 
     async def _command(self, cmnd: str) -> bytes:
         """Run one Tasmota command; the JSON answer, a ModuleError if the socket refused it."""

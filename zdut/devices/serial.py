@@ -104,17 +104,19 @@ class Serial(Module[SerialOptions]):
         opts = self.options
         return _HELP.format(port=go_quote(opts.port), baud=opts.baud or DEFAULT_BAUD, delay=opts.delay)
 
-    async def init(self) -> None:
-        opts = self.options
-        if not opts.port:
+    def __init__(self, options: SerialOptions) -> None:
+        super().__init__(options)
+        # Checked when the config loads (see ipmi), so --check-config refuses what start-up would.  There is
+        # no init: the port is opened per run, as the DUT (and its USB serial adapter) may be off now.
+        if not options.port:
             raise ModuleError("COM port is not set")
-        if opts.baud < 0:
-            raise ModuleError(f"invalid baud rate {opts.baud}")
+        if options.baud < 0:
+            raise ModuleError(f"invalid baud rate {options.baud}")
         try:
-            self._delay = max(0.0, parse_duration(opts.delay)) if opts.delay else parse_duration(DEFAULT_DELAY)
+            delay = options.delay
+            self._delay = max(0.0, parse_duration(delay)) if delay else parse_duration(DEFAULT_DELAY)
         except ValueError as exc:
-            raise ModuleError(f"invalid delay {go_quote(opts.delay)}: {exc}") from None
-        # The port is opened per run: the DUT (and its USB serial adapter) may be off now.
+            raise ModuleError(f"invalid delay {go_quote(options.delay)}: {exc}") from None
 
     @property
     def _baud(self) -> int:

@@ -100,6 +100,20 @@ class SSH(Module[SSHOptions]):
     _known_hosts: str | None = None
     _key_type: str = ""
 
+    def __init__(self, options: SSHOptions) -> None:
+        super().__init__(options)
+        # Checked when the config loads (see ipmi), so --check-config refuses what start-up would; what needs
+        # the host (ssh, sshpass, the key file) stays in init.
+        if not options.host:
+            raise ModuleError("host is required")
+        if options.host.startswith("-"):
+            raise ModuleError(f"invalid host {options.host!r}")
+        if not 0 <= options.port <= 65535:
+            raise ModuleError(f"invalid port {options.port}")
+        if not options.password and not options.privatekey:
+            raise ModuleError("unable to authenticate, either password or private key must be configured")
+        self._hostkey = parse_hostkey(options.hostkey) if options.hostkey else None
+
     def help(self) -> str:
         opts = self.options
         return (
@@ -126,14 +140,6 @@ class SSH(Module[SSHOptions]):
                 "the ssh module needs the OpenSSH client, but 'ssh' is not on PATH "
                 "(install it: apt-get install openssh-client)"
             )
-        if not opts.host:
-            raise ModuleError("host is required")
-        if opts.host.startswith("-"):
-            raise ModuleError(f"invalid host {opts.host!r}")
-        if not 0 <= opts.port <= 65535:
-            raise ModuleError(f"invalid port {opts.port}")
-        if not opts.password and not opts.privatekey:
-            raise ModuleError("unable to authenticate, either password or private key must be configured")
         if opts.password and shutil.which("sshpass") is None:
             raise ModuleError(
                 "password authentication needs sshpass, which is not on PATH "
@@ -141,8 +147,8 @@ class SSH(Module[SSHOptions]):
             )
         if opts.privatekey:
             self._key = self._check_key(opts.privatekey)
-        if opts.hostkey:
-            self._key_type, blob = parse_hostkey(opts.hostkey)
+        if self._hostkey is not None:
+            self._key_type, blob = self._hostkey
             self._tmpdir = str(scratch.mkdtemp("zdut-ssh"))  # the agent's own temp area: swept after a crash
             self._known_hosts = os.path.join(self._tmpdir, "known_hosts")
             with open(self._known_hosts, "w") as fh:
