@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONF, Lab, wait_for
+from conftest import CONF, Lab, exe, wait_for
 from zdut.devices.dummy import FT_SUFFIX
 
 DATA = b"hello, file\n"
@@ -202,3 +202,19 @@ def test_ctrl_c_while_a_fifo_waits_for_its_reader_ends_the_run_and_keeps_the_fif
     assert proc.popen.wait(10) == 130, proc.text()
     assert "interrupted" in proc.text() and "Traceback" not in proc.text()
     assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode) and leftovers(tmp_path) == []
+
+
+def test_a_full_disk_mid_download_is_one_line_and_leaves_no_temp_file(served: tuple[Lab, str], tmp_path: Path) -> None:
+    """A 1 MiB tmpfs (in a mount namespace of its own, so nothing outside sees it) fills at the second chunk."""
+    lab, addr = served
+    if subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "none", str(tmp_path)], capture_output=True).returncode:
+        pytest.skip("needs a private mount namespace (root)")
+    (tmp_path / "big.bin").write_bytes(os.urandom(3 << 20))
+    small = tmp_path / "small"
+    small.mkdir()
+    script = ('mount -t tmpfs -o size=1m none "$1" || exit 99; '
+              '"$2" -s "$3" device3 file-transfer big.bin "$1/out.bin"; rc=$?; echo "left: [$(ls -A "$1")]"; exit $rc')
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(small), exe("zdut"), addr],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path, env=lab.env)
+    assert r.stdout.rstrip().endswith("left: []"), (r.stdout, r.stderr)
+    assert_one_line_error(r, f'cannot write "{small}/out.bin": No space left on device')
