@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from zdut.client import Client, Run, RunHandler
 from zdut.common import flags
-from zdut.common.durations import format_duration, parse_duration
-from zdut.protocol import STDERR, VERSION, Code, ZdutError
+from zdut.common.durations import format_duration, lock_seconds
+from zdut.protocol import STDERR, VERSION, ZdutError
 from zdut.terminal.console import attach
 from zdut.terminal.output import (
     AGENT_LIST,
@@ -385,18 +385,10 @@ class Cli:
         return EXIT_OK
 
     async def _lock(self, client: Client, device: str, duration: str) -> int:
-        seconds = 0
-        if duration:
-            try:
-                value = parse_duration(duration)
-            except ValueError as exc:
-                raise ZdutError(Code.INVALID_ARGUMENT, f'invalid lock duration "{duration}": {exc}') from None
-            if value <= 0:
-                raise ZdutError(Code.INVALID_ARGUMENT, f'lock duration must be positive, got "{duration}"')
-            seconds = int(value)
-            if value > LONG_LOCK_S:
-                self.log.warn("requested a long lock duration; release the device when you are done "
-                              f"duration={format_duration(value)}")
+        seconds = lock_seconds(duration)  # as the Python API reads it
+        if seconds > LONG_LOCK_S:
+            self.log.warn("requested a long lock duration; release the device when you are done "
+                          f"duration={format_duration(seconds)}")
         lock = await client.lock(device, seconds)
         self.out.emit(Content(LOCK_RESULT, (device, lock), False, self.meta("Lock Response", device=device)))
         return EXIT_OK
