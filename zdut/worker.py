@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from zdut.agentd.agent import Agent
 from zdut.agentd.config import ConfigError, load_config
@@ -165,6 +166,7 @@ async def _listen(agent: Agent, args: argparse.Namespace) -> int:
 
     ctx = zmq.Context()
     tasks: list[asyncio.Task[Any]] = []
+    peers: _Peers | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -178,6 +180,7 @@ async def _listen(agent: Agent, args: argparse.Namespace) -> int:
             except (zmq.ZMQError, ValueError) as exc:
                 print(f"zdut-agent: cannot listen on {args.address}: {exc}", file=sys.stderr)
                 return 1
+            peers = _Peers(sock)
             direct = Link(sock, f"direct {args.address}")
             tasks.append(asyncio.create_task(direct.run(lambda p, m, d: agent.handle(direct, p, m, d))))
             log.info("serving %d devices on %s", len(agent.config.devices), args.address)
@@ -192,6 +195,8 @@ async def _listen(agent: Agent, args: argparse.Namespace) -> int:
                  consoles, running, args.drain)
         await _drain(agent, stop, args.drain)
         await agent.cancel_all("agent shutting down", CLEANUP_S)
+        if peers is not None:  # clients read their Done and hang up first, so none sees a lost connection
+            await peers.gone(EXIT_LINGER_MS / 1000)
         return 0
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -199,9 +204,37 @@ async def _listen(agent: Agent, args: argparse.Namespace) -> int:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if peers is not None:
+            peers.close()
         for uplink in agent.uplinks:
             uplink.close(EXIT_LINGER_MS)
         ctx.destroy(linger=EXIT_LINGER_MS)
+
+
+class _Peers:
+    """How many clients are connected to the direct ROUTER, kept from its socket monitor (read as events come,
+    so its queue never grows and no event is lost to its HWM)."""
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._count = 0
+        asyncio.get_running_loop().add_reader(self._monitor.fileno(), self.count)
+
+    def count(self) -> int:
+        while not self._monitor.closed and self._monitor.poll(0):
+            event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+            self._count += 1 if event == zmq.EVENT_ACCEPTED else -1
+        return self._count
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._monitor.fileno())
+        self._monitor.close(linger=0)
+
+    async def gone(self, timeout_s: float, interval_s: float = 0.01) -> None:
+        """Wait until no client is connected, for at most ``timeout_s``."""
+        end = time.monotonic() + timeout_s
+        while self.count() > 0 and time.monotonic() < end:
+            await asyncio.sleep(interval_s)
 
 
 async def _drain(agent: Agent, stop: asyncio.Event, seconds: float) -> None:
