@@ -66,11 +66,16 @@ def bind_router(ctx: zmq.Context[Any], ep: str, hwm: int, heartbeat_s: float) ->
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.BACKLOG, 1024)  # an agent storm after a broker restart: no SYN retransmit waits
     sock.setsockopt(zmq.LINGER, 500)  # replies in flight at shutdown get a moment, never a hang
-    # ZMTP heartbeats (C, IO thread) kill dead TCP so that sends to it fail with EHOSTUNREACH.
-    ivl = min(max(100, int(heartbeat_s * 1000)), 2_000_000)  # libzmq caps the TTL at 6553.5 s
-    sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * ivl)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * ivl)
+    # No ZMTP heartbeats: libzmq 4.3.5 aborts (stream_engine_base.cpp:310, "!_io_error"; libzmq #4364)
+    # when its ping timer fires on a connection whose input is stopped (a peer flooding faster than
+    # the loop reads) and that the peer has closed.  The kernel finds dead TCP instead (keepalive
+    # probes after 3 heartbeats of silence), so sends to it fail with EHOSTUNREACH; presence and
+    # sessions have their own heartbeats and pings (docs/architecture.md, "Flow control and liveness").
+    idle = min(max(1, round(3 * heartbeat_s)), 32_767)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, idle)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, min(max(1, round(heartbeat_s)), 32_767))
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
     try:
         sock.bind(ep)
     except zmq.ZMQError:
