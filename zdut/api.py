@@ -10,56 +10,37 @@
 
 Everything runs on a private event loop driven by each call, so there are no
 threads and nothing happens between calls; sessions never outlive a call.
+``Lab`` is ``zdut.aio.AsyncLab`` on that loop: the same methods, arguments, results
+and errors.  Code that already runs a loop (Jupyter, async tests) uses ``AsyncLab``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
+import datetime
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
-from zdut.client import Client, RunHandler
-from zdut.common.durations import parse_duration
-from zdut.protocol import PRINT, STDERR, STDOUT, AgentInfo, Code, DeviceInfo, LockState, ZdutError
+from zdut.aio import AsyncLab, RunResult
+from zdut.protocol import AgentInfo, Code, DeviceInfo, LockState, Unlocked, ZdutError
 
-__all__ = ["Lab", "RunResult", "ZdutError"]
+__all__ = ["AsyncLab", "Lab", "RunResult", "ZdutError"]
 
 T = TypeVar("T")
-
-
-@dataclass
-class RunResult:
-    """What a command produced.  ``error`` is None on success."""
-
-    printed: bytes = b""
-    stdout: bytes = b""
-    stderr: bytes = b""
-    transfers: list[tuple[str, str, int]] = field(default_factory=list)
-    error: ZdutError | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def text(self) -> str:
-        """Printed text and stdout, decoded (the order within each stream is kept)."""
-        return (self.printed + self.stdout).decode(errors="replace")
 
 
 class Lab:
     """A connection to a zdut broker or agent."""
 
     def __init__(self, address: str | None = None, user: str | None = None, *, timeout: float = 30.0) -> None:
+        if _loop_running():  # a blocking call would stall that loop (and asyncio refuses to nest loops)
+            raise RuntimeError("zdut.api.Lab blocks; in a thread that runs an event loop (Jupyter, async code) "
+                               "use zdut.aio.AsyncLab")
         self._loop = asyncio.new_event_loop()
-        self._client = Client(address or os.environ.get("ZDUT_SERVER") or "localhost:1024", user,
-                              call_timeout=timeout)
+        self._lab = AsyncLab(address, user, timeout=timeout)
         try:
-            self._call(self._client.connect())
+            self._call(self._lab.connect())
         except BaseException:
             self.close()
             raise
@@ -72,61 +53,50 @@ class Lab:
         self.close()
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coro.close()
+            raise ZdutError(Code.UNAVAILABLE, "the Lab is closed")
         return self._loop.run_until_complete(coro)
 
     def close(self) -> None:
+        """Cancel what still runs and close the connection; calls after it raise Unavailable."""
         if not self._loop.is_closed():
-            self._call(self._client.close())
+            self._call(self._lab.close())
             self._loop.close()
 
-    # ------------------------------------------------------------- calls
+    # ------------------------------------------------------------- calls (documented in zdut.aio.AsyncLab)
     def devices(self) -> list[DeviceInfo]:
-        return self._call(self._client.list())
+        return self._call(self._lab.devices())
 
     def agents(self) -> list[AgentInfo]:
-        return self._call(self._client.agents())
+        return self._call(self._lab.agents())
 
     def commands(self, device: str) -> list[str]:
-        return self._call(self._client.commands(device))
+        return self._call(self._lab.commands(device))
 
     def help(self, device: str, command: str) -> str:
-        return self._call(self._client.details(device, command))
+        return self._call(self._lab.help(device, command))
 
-    def lock(self, device: str, duration: str | float = 0) -> LockState:
-        seconds = parse_duration(duration) if isinstance(duration, str) else duration
-        return self._call(self._client.lock(device, int(seconds)))
+    def lock(self, device: str, duration: str | float | datetime.timedelta | None = None) -> LockState:
+        return self._call(self._lab.lock(device, duration))
 
-    def unlock(self, device: str, force: bool = False) -> None:
-        self._call(self._client.unlock(device, force))
+    def unlock(self, device: str, force: bool = False) -> Unlocked:
+        return self._call(self._lab.unlock(device, force))
+
+    def forget(self, agent: str) -> list[str]:
+        return self._call(self._lab.forget(agent))
 
     def run(self, device: str, command: str, *args: str, stdin: bytes | None = None, check: bool = True,
             timeout: float | None = None) -> RunResult:
         """Run a command to its end.  ``stdin`` is sent then closed (EOF reaches the module).
 
         With ``check`` (default) a failed command raises ZdutError; otherwise it is in ``result.error``."""
-        return self._call(self._run(device, command, list(args), stdin, check, timeout))
+        return self._call(self._lab.run(device, command, *args, stdin=stdin, check=check, timeout=timeout))
 
-    async def _run(self, device: str, command: str, args: list[str], stdin: bytes | None, check: bool,
-                   timeout: float | None) -> RunResult:
-        handler = RunHandler()
-        run = self._client.run(device, command, args, handler)
-        result = RunResult()
-        with contextlib.suppress(ZdutError):  # the session already ended: wait() says why
-            if stdin:
-                await run.write_stdin(stdin)
-            await run.close_stdin()
-        try:
-            await asyncio.wait_for(run.wait(), timeout)
-        except TimeoutError:
-            run.cancel()
-            result.error = ZdutError(Code.DEADLINE_EXCEEDED, f"{device} {command}: no result within {timeout}s")
-        except ZdutError as exc:
-            result.error = exc
-        out = handler.output_bytes
-        result.printed = bytes(out.get(PRINT, b""))
-        result.stdout = bytes(out.get(STDOUT, b""))
-        result.stderr = bytes(out.get(STDERR, b""))
-        result.transfers = handler.transfers
-        if check and result.error is not None:
-            raise result.error
-        return result
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zdut.common.answers import no_such_device
 from zdut.common.durations import format_minutes
 from zdut.protocol import Code, LockState, ZdutError
 
@@ -110,7 +111,7 @@ class Locker:
         if not user:
             raise ZdutError(Code.UNAUTHENTICATED, "operation requires an identified caller; set the user with -u")
         if device not in self._devices:
-            raise ZdutError(Code.NOT_FOUND, f'device "{device}": no such device')
+            raise no_such_device(device)
         if duration_s < 0:
             raise ZdutError(Code.INVALID_ARGUMENT, "lock duration must be positive")
         self.check_access(device, user)
@@ -128,6 +129,8 @@ class Locker:
         """End ``user``'s reservation; with ``force``, anyone's.  Returns the other owner whose hold a forced
         unlock broke ("" if none): the caller cancels that owner's runs on the device, and their close steps
         release the busy hold."""
+        if device not in self._devices:
+            raise no_such_device(device)
         if force:
             reserved = self._reservation(device)
             previous = reserved or self._busy.get(device)

@@ -1,0 +1,190 @@
+"""The asyncio Python API, for callers that already run an event loop (Jupyter, async tests, asyncio services).
+
+    from zdut.aio import AsyncLab
+
+    async with AsyncLab("localhost:1024", user="ci@rack3") as lab:
+        await lab.lock("device1", "10m")
+        result = await lab.run("device1", "status", "hello")
+        print(result.text)
+        await lab.unlock("device1")
+
+``zdut.api.Lab`` is this class driven by a private loop: the same methods, arguments, results and errors,
+without ``await``.  Every failure is a ZdutError whose ``code`` is one of ``zdut.protocol.Code``.  Calls may
+run concurrently on one AsyncLab (one connection); cancelling a ``run`` cancels the command on the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from zdut.client import Client, Run, RunHandler
+from zdut.common.durations import lock_seconds
+from zdut.protocol import PRINT, STDERR, STDOUT, AgentInfo, Code, DeviceInfo, LockState, Unlocked, ZdutError
+
+__all__ = ["AsyncLab", "RunResult", "ZdutError"]
+
+#: After a run's timeout, how long to wait for the agent to confirm the cancel (and release the device).
+CANCEL_GRACE_S = 5.0
+#: Where to connect without an address or $ZDUT_SERVER (the CLI's default too).
+DEFAULT_SERVER = "localhost:1024"
+
+
+@dataclass
+class RunResult:
+    """What a command produced, in the order it came, and how it ended.
+
+    ``output`` holds every chunk as ``(stream, bytes)`` in arrival order, ``stream`` being ``PRINT``,
+    ``STDOUT`` or ``STDERR`` of ``zdut.protocol``; ``printed``, ``stdout`` and ``stderr`` are the streams on
+    their own, ``combined`` all of them interleaved.  ``code`` is ``Code.OK`` ("") on success, else the
+    failure's code with ``message`` saying why; ``error`` is the same as a ZdutError (None on success)."""
+
+    output: list[tuple[int, bytes]] = field(default_factory=list)
+    transfers: list[tuple[str, str, int]] = field(default_factory=list)
+    error: ZdutError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def code(self) -> str:
+        return self.error.code if self.error is not None else Code.OK
+
+    @property
+    def message(self) -> str:
+        return self.error.message if self.error is not None else ""
+
+    def of(self, *streams: int) -> bytes:
+        """The output of ``streams``, interleaved in the order it came."""
+        return b"".join(data for stream, data in self.output if stream in streams)
+
+    @property
+    def printed(self) -> bytes:
+        return self.of(PRINT)
+
+    @property
+    def stdout(self) -> bytes:
+        return self.of(STDOUT)
+
+    @property
+    def stderr(self) -> bytes:
+        return self.of(STDERR)
+
+    @property
+    def combined(self) -> bytes:
+        """Everything, interleaved as it came (what ``zdut`` shows on a terminal)."""
+        return self.of(PRINT, STDOUT, STDERR)
+
+    @property
+    def text(self) -> str:
+        """Printed text and stdout, interleaved as they came, decoded."""
+        return self.of(PRINT, STDOUT).decode(errors="replace")
+
+
+class _Collector(RunHandler):
+    """Keeps every output chunk with its stream, in arrival order."""
+
+    def __init__(self, output: list[tuple[int, bytes]]) -> None:
+        super().__init__()
+        self._chunks = output
+
+    def output(self, stream: int, data: bytes, consumed: Callable[[], None]) -> None:
+        self._chunks.append((stream, data))
+        consumed()
+
+
+class AsyncLab:
+    """A connection to a zdut broker or agent, for coroutines.  ``address`` defaults to $ZDUT_SERVER, then
+    ``localhost:1024``; ``user`` to ``$USER@hostname``; ``timeout`` bounds each unary call."""
+
+    def __init__(self, address: str | None = None, user: str | None = None, *, timeout: float = 30.0) -> None:
+        self.client = Client(address or os.environ.get("ZDUT_SERVER") or DEFAULT_SERVER, user, call_timeout=timeout)
+
+    async def connect(self) -> AsyncLab:
+        """Connect and exchange versions: Unavailable if nobody answers, InvalidArgument for a bad address."""
+        await self.client.connect()
+        return self
+
+    async def close(self) -> None:
+        """Cancel what still runs and close the connection; calls after it raise Unavailable."""
+        await self.client.close()
+
+    async def __aenter__(self) -> AsyncLab:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------- unary calls
+    async def devices(self) -> list[DeviceInfo]:
+        return await self.client.list()
+
+    async def agents(self) -> list[AgentInfo]:
+        """The agents a broker knows (an agent lists itself)."""
+        return await self.client.agents()
+
+    async def commands(self, device: str) -> list[str]:
+        return await self.client.commands(device)
+
+    async def help(self, device: str, command: str) -> str:
+        return await self.client.details(device, command)
+
+    async def lock(self, device: str, duration: str | float | datetime.timedelta | None = None) -> LockState:
+        """Reserve ``device``, or extend your reservation (never shortened).  ``duration`` as on the CLI: a Go
+        duration string (``"10m"``, ``"1h30m"``), seconds as a number, or a timedelta; None is the agent's
+        default (30m).  Zero, negative or malformed: InvalidArgument, before anything is sent."""
+        return await self.client.lock(device, lock_seconds(duration))
+
+    async def unlock(self, device: str, force: bool = False) -> Unlocked:
+        """Release your reservation; ``force`` breaks anyone's and cancels their sessions on the device.
+        The answer's ``broke`` names the owner whose lock a forced unlock broke, ``cancelled`` counts them."""
+        return await self.client.unlock(device, force)
+
+    async def forget(self, agent: str) -> list[str]:
+        """Drop an offline agent and its devices from a broker; returns those devices."""
+        return await self.client.forget(agent)
+
+    # ------------------------------------------------------------- Run
+    async def run(self, device: str, command: str, *args: str, stdin: bytes | None = None, check: bool = True,
+                  timeout: float | None = None) -> RunResult:
+        """Run a command to its end.  ``stdin`` is sent then closed (EOF reaches the module).
+
+        With ``check`` (default) a failed command raises its ZdutError; otherwise it is in ``result.error``.
+        After ``timeout`` seconds the command is cancelled and fails with DeadlineExceeded; cancelling the
+        awaiting task cancels it on the agent too."""
+        result = RunResult()
+        run = self.client.run(device, command, list(args), _Collector(result.output))
+        try:
+            await asyncio.wait_for(_feed_and_wait(run, stdin), timeout)
+        except TimeoutError:
+            await _cancelled(run)
+            result.error = ZdutError(Code.DEADLINE_EXCEEDED, f"{device} {command}: no result within {timeout:g}s")
+        except ZdutError as exc:
+            result.error = exc
+        except asyncio.CancelledError:
+            run.cancel()
+            raise
+        result.transfers = run.handler.transfers
+        if check and result.error is not None:
+            raise result.error
+        return result
+
+
+async def _feed_and_wait(run: Run, stdin: bytes | None) -> None:
+    with contextlib.suppress(ZdutError):  # the session already ended: wait() says why
+        if stdin:
+            await run.write_stdin(stdin)
+        await run.close_stdin()
+    await run.wait()
+
+
+async def _cancelled(run: Run) -> None:
+    """Cancel ``run`` and give the agent a moment to end it, so the device is free when the caller goes on."""
+    run.cancel()
+    with contextlib.suppress(ZdutError, TimeoutError):
+        await asyncio.wait_for(run.wait(), CANCEL_GRACE_S)
