@@ -233,3 +233,31 @@ def test_sigterm_is_not_held_up_by_a_backlog(lab: Lab, ctx: zmq.Context[Any]) ->
     print(f"agent exited {took:.2f}s after SIGTERM ({sum(sent)} messages sent)")
     assert took < 2.0
     assert agent.popen.returncode == 0, agent.text()[-2000:]
+
+
+def test_peers_that_flood_requests_read_nothing_and_hang_up_cannot_crash_the_agent(
+    lab: Lab, ctx: zmq.Context[Any]
+) -> None:
+    """Four DEALERs send listing requests as fast as they can for 1.5 s, read no reply and close. With ZMTP
+    heartbeats on its ROUTER, libzmq 4.3.5 aborted the agent when the ping timer next fired on such a
+    connection ('!_io_error', libzmq #4364); the agent must keep serving, past that timer's 3 s."""
+    agent, addr = lab.agent(_config(lab.tmp))
+    request = p.encode(p.ListDevices(1, p.VERSION, "mallory"))
+    socks = [_dealer(ctx, addr) for _ in range(4)]
+    for sock in socks:
+        sock.sndhwm = 0
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        for sock in socks:
+            for _ in range(2000):
+                sock.send(request, zmq.NOBLOCK)
+    for sock in socks:
+        sock.close(0)
+    served = 0
+    end = time.monotonic() + 4.0
+    while time.monotonic() < end:  # every client in these 4 s is served
+        r = lab.zdut("-s", addr, "list", timeout=10)
+        assert r.returncode == 0, (r.stderr, agent.text()[-1000:])
+        served += 1
+    print(f"{served} listings served after the flood")
+    assert agent.alive() and "Assertion failed" not in agent.text(), agent.text()[-1000:]

@@ -173,8 +173,7 @@ async def _listen(agent: Agent, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         if args.address:
-            sock = new_router(ctx, AGENT_MAX_FRAME)  # ids no peer can predict, frames no peer can choose
-            tune(sock)
+            sock = _direct_router(ctx)
             try:
                 sock.bind(endpoint(args.address))
             except (zmq.ZMQError, ValueError) as exc:
@@ -209,6 +208,21 @@ async def _listen(agent: Agent, args: argparse.Namespace) -> int:
         for uplink in agent.uplinks:
             uplink.close(EXIT_LINGER_MS)
         ctx.destroy(linger=EXIT_LINGER_MS)
+
+
+def _direct_router(ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
+    """The ``-a`` socket: routing ids no peer can predict, frames no peer can choose (common.limits), and no
+    ZMTP heartbeats: libzmq 4.3.5 aborts (stream_engine_base.cpp:310, "!_io_error"; libzmq #4364) when its
+    ping timer fires on a connection whose input it stopped (a peer sending requests and reading no replies)
+    and that the peer closed.  The kernel finds dead TCP instead; sessions have their own pings."""
+    sock = new_router(ctx, AGENT_MAX_FRAME)
+    tune(sock)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 0)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 3)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+    return sock
 
 
 class _Peers:
