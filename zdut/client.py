@@ -22,6 +22,8 @@ from typing import Any
 
 import zmq
 
+from zdut.common.addresses import server_endpoint
+from zdut.common.limits import CLIENT_MAX_FRAME
 from zdut.protocol import (
     INITIAL_WINDOW,
     MAX_REPLY_BYTES,
@@ -71,11 +73,11 @@ from zdut.protocol import (
     Welcome,
     ZdutError,
     encode,
-    endpoint,
     version_drift,
 )
+from zdut.transport.dealer import client_socket
 from zdut.transport.files import Downloads, FileSender, open_source
-from zdut.transport.links import Pump, tune
+from zdut.transport.links import Pump
 from zdut.transport.monitor import ConnectionMonitor
 from zdut.transport.stream import Stream, Watched, keep_alive
 
@@ -306,15 +308,21 @@ class Client:
 
     # ------------------------------------------------------------- connection
     async def connect(self) -> None:
-        """Connect and exchange versions; raises Unavailable if nobody answers."""
+        """Connect and exchange versions; raises Unavailable if nobody answers, InvalidArgument for an address
+        that is not ``host:port`` or ``tcp://host:port``.  A failed attempt leaves nothing open behind it."""
         try:
-            ep = endpoint(self.address)
+            ep = server_endpoint(self.address)
         except ValueError as exc:
-            raise ZdutError(Code.INVALID_ARGUMENT, str(exc)) from None
+            raise ZdutError(Code.INVALID_ARGUMENT, f"invalid server address {self.address!r}: {exc}") from None
+        try:
+            await self._open(ep)
+        except BaseException:
+            await self.close()  # the context, its sockets and threads, the monitor and our tasks
+            raise
+
+    async def _open(self, ep: str) -> None:
         self._ctx = zmq.Context()
-        sock = self._ctx.socket(zmq.DEALER)
-        tune(sock)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # fail fast instead of queueing towards nobody
+        sock = client_socket(self._ctx)
         pump = self._pump = Pump(sock, with_peer=False, limit=MAX_REPLY_BYTES)
         monitor = ConnectionMonitor(sock, self._up, self._down, REFUSED_GRACE_S)
         sock.connect(ep)
@@ -347,6 +355,7 @@ class Client:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self._pump = None
+        self._connected.clear()
         if self._ctx is not None:
             self._ctx.destroy(linger=0)
             self._ctx = None
@@ -359,7 +368,8 @@ class Client:
     def _down(self) -> None:
         """The link dropped: everything in flight fails."""
         self._connected.clear()
-        self._fail_all(ZdutError(Code.UNAVAILABLE, f"lost connection to zdut server at {self.address}"))
+        self._fail_all(ZdutError(Code.UNAVAILABLE, f"lost connection to zdut server at {self.address} (closed by "
+                                 f"the server or the network, or it sent a frame over {CLIENT_MAX_FRAME >> 20} MiB)"))
         if self.on_connection:
             self.on_connection(False)
 

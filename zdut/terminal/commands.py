@@ -9,40 +9,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
-import select
 import signal
 import sys
-import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from zdut.client import Client, Run, RunHandler
+from zdut.client import Client, Run
 from zdut.common import flags
+from zdut.common.addresses import server_endpoint
 from zdut.common.durations import format_duration, lock_seconds
-from zdut.protocol import STDERR, VERSION, ZdutError
+from zdut.protocol import VERSION, ZdutError
 from zdut.terminal.console import attach
 from zdut.terminal.output import (
     AGENT_LIST,
     COMMAND_DETAIL,
     COMMAND_LIST,
     DEVICE_LIST,
-    FILE_TRANSFER,
     FORMATS,
     GENERAL,
     LOCK_RESULT,
-    MODULE_OUTPUT,
     VERSION_T,
     Content,
     Output,
-    human_size,
 )
+from zdut.terminal.printer import EXIT_BROKEN_PIPE, CliRunHandler, GuardedOutput, OutputFailed, Printer
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_SERVER = "localhost:1024"
 LONG_LOCK_S = 8 * 3600
-PROGRESS_MIN_BYTES = 16 * 1024 * 1024
 #: How long the agent gets to confirm a cancel (Ctrl-C, Ctrl-]) before we stop waiting.
 CANCEL_GRACE_S = 3.0
 
@@ -86,7 +81,7 @@ DESCRIPTION
     `help` after a command shows its usage. `lock` reserves a device (default 30m, Go duration
     syntax such as 1h30m); `unlock force` breaks anyone's lock and cancels their sessions on
     the device. Flags go before the device.
-    Exit status: 0 success, 1 error, 2 bad flag, 130 interrupted.
+    Exit status: 0 success, 1 error, 2 bad flag, 130 interrupted, 141 output closed (as by head).
 
 {OPTIONS}"""
 
@@ -126,6 +121,12 @@ def parse_flags(argv: list[str]) -> tuple[Options, list[str]]:
     opts.fmt = opts.fmt or "text"
     if opts.log not in ("debug", "warn", "none"):
         raise UsageError(f'invalid value "{opts.log}" for flag -log: want debug, warn or none')
+    if not opts.help and parsed.rest[:1] != ["version"]:  # neither needs a server
+        try:
+            server_endpoint(opts.server)
+        except ValueError as exc:
+            origin = "flag -s" if "s" in parsed.values else "$ZDUT_SERVER"
+            raise UsageError(f'invalid value "{opts.server}" for {origin}: {exc}') from None
     return opts, parsed.rest
 
 
@@ -154,125 +155,28 @@ class Warnings:
             self.items.clear()
 
 
-class Printer:
-    """Writes run output on a thread, so a slow terminal or pipe never stalls the session's
-    event loop (keepalives go on); credit returns only once the bytes are written."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._queue: queue.SimpleQueue[tuple[Callable[[], object], Callable[[], object] | None] | None] = (
-            queue.SimpleQueue())
-        self._idle = threading.Event()
-        self._idle.set()
-        self._pending = 0
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="zdut-output", daemon=True)
-        self._thread.start()
-
-    def submit(self, write: Callable[[], object], done: Callable[[], object] | None = None,
-               fd: int | None = None, size: int = 0) -> None:
-        """Queue ``write``; small writes to an fd that can take them now are done inline (no thread hop,
-        which is most of a console echo's latency), as long as nothing is queued before them."""
-        if fd is not None and size <= select.PIPE_BUF and self._pending == 0 and _writable(fd):
-            with contextlib.suppress(Exception):
-                write()
-            if done is not None:
-                done()
-            return
-        with self._lock:
-            self._pending += 1
-            self._idle.clear()
-        self._queue.put((write, done))
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            write, done = item
-            with contextlib.suppress(Exception):
-                write()
-            if done is not None:
-                with contextlib.suppress(RuntimeError):
-                    self._loop.call_soon_threadsafe(done)
-            with self._lock:
-                self._pending -= 1
-                if self._pending == 0:
-                    self._idle.set()
-
-    def drain(self, timeout: float = 30.0) -> None:
-        self._idle.wait(timeout)
-
-    def stop(self) -> None:
-        self.drain()
-        self._queue.put(None)
-
-
-def _writable(fd: int) -> bool:
-    try:
-        return bool(select.select([], [fd], [], 0)[1])
-    except (OSError, ValueError):
-        return False
-
-
-class CliRunHandler(RunHandler):
-    """Prints a Run's output as it arrives, in the chosen format."""
-
-    def __init__(self, out: Output, printer: Printer, meta: dict[str, str], warnings: Warnings) -> None:
-        super().__init__()
-        self.out, self.printer, self.meta, self.log = out, printer, meta, warnings
-        self._progress_at = 0.0
-        self._progress_shown = False
-        #: Set after a detach: output still in flight must not land on the restored terminal.
-        self.muted = False
-
-    def output(self, stream: int, data: bytes, consumed: Callable[[], None]) -> None:
-        if self.muted:
-            consumed()
-        elif self.out.fmt == "text" and not self.out.verbose:
-            to_err = stream == STDERR
-            self.printer.submit(lambda: self.out.raw(data, to_err), consumed, self.out.fileno(to_err), len(data))
-        else:
-            content = Content(MODULE_OUTPUT, data, stream == STDERR, self.meta)
-            self.printer.submit(lambda: self.out.emit(content), consumed)
-
-    def transferred(self, direction: str, path: str, size: int) -> None:
-        self._clear_progress()
-        self.printer.submit(lambda: self.out.emit(Content(FILE_TRANSFER, (direction, path, size), False, self.meta)))
-
-    def progress(self, direction: str, path: str, done: int, total: int) -> None:
-        if total < PROGRESS_MIN_BYTES or not self.out.err.isatty() or self.out.fmt != "text":
-            return
-        now = time.monotonic()
-        if now - self._progress_at < 0.1 and done < total:
-            return
-        self._progress_at = now
-        self._progress_shown = True
-        arrow = "↑" if direction == "sent" else "↓"
-        width = 30
-        filled = int(width * done / total) if total else width
-        line = f"\r{arrow} {path} [{'#' * filled}{'.' * (width - filled)}] {100 * done // max(total, 1)}% " \
-               f"{human_size(done)}/{human_size(total)}"
-        self.printer.submit(lambda: (self.out.err.write(line), self.out.err.flush()))
-
-    def _clear_progress(self) -> None:
-        if self._progress_shown:
-            self._progress_shown = False
-            self.printer.submit(lambda: (self.out.err.write("\r\x1b[K"), self.out.err.flush()))
-
-    def warning(self, text: str) -> None:
-        self.log.warn(text)
-
-
 class Cli:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.out = Output(opts.fmt, opts.verbose, False if opts.no_color else None)
+        self.out = GuardedOutput(opts.fmt, opts.verbose, False if opts.no_color else None)
         self.log = Warnings(opts.log, self.out)
 
     def meta(self, msg: str, **extra: str) -> dict[str, str]:
         return {"server": self.opts.server, "msg": msg, **extra} if self.opts.verbose else {}
 
     def error(self, text: str) -> None:
-        self.log.flush()
-        self.out.emit(Content(GENERAL, text, True))
+        with contextlib.suppress(OutputFailed):  # stderr itself is gone: the exit status has to say it
+            self.log.flush()
+            self.out.emit(Content(GENERAL, text, True))
+
+    def output_failed(self) -> int:
+        """The exit status after stdout or stderr could not be written: a shell's 141 (SIGPIPE) when the
+        reader went away, which needs no message, else an error that says why."""
+        gone, text = self.out.failure()
+        if gone:
+            return EXIT_BROKEN_PIPE
+        self.error(text)
+        return EXIT_ERROR
 
     def version(self) -> int:
         self.out.emit(Content(VERSION_T, f"zdut client\nVersion: {VERSION}\nPython {sys.version.split()[0]}\n"))
@@ -311,10 +215,13 @@ class Cli:
         a failure is reported, not raised."""
         try:
             code = await action(client)
+        except OutputFailed:
+            return self.output_failed()
         except ZdutError as exc:
             self.error(exc.message)
             code = EXIT_ERROR
-        self.log.flush()
+        with contextlib.suppress(OutputFailed):
+            self.log.flush()
         return code
 
     def plan(self, words: list[str]) -> Action:
@@ -427,13 +334,19 @@ class Cli:
     async def _run(self, client: Client, device: str, command: str, args: list[str]) -> int:
         printer = Printer(asyncio.get_running_loop())
         meta = self.meta("Run Response", device=device, command=command, args=" ".join(args))
-        handler = CliRunHandler(self.out, printer, meta, self.log)
+        handler = CliRunHandler(self.out, printer, meta, self.log.warn)
         run = client.run(device, command, args, handler)
         interrupted = asyncio.Event()
-        def interrupt() -> None:
-            interrupted.set()
+        stopping = asyncio.Event()  # the remote command is being cancelled: Ctrl-C, SIGTERM or a failed write
+        def stop() -> None:
+            stopping.set()
             run.cancel()
 
+        def interrupt() -> None:
+            interrupted.set()
+            stop()
+
+        printer.on_failure = stop
         with self.interrupts(interrupt):
             try:
                 interactive = await run.started
@@ -446,15 +359,15 @@ class Cli:
                     self.out.err.write("\r\n[detached: remote command cancelled]\r\n")
                     await self._settle(run)
                     return EXIT_OK
-                await self._finish(run, interrupted)
+                await self._finish(run, stopping)
             except ZdutError:
                 printer.drain()
-                if interrupted.is_set():
-                    self.error("interrupted")
-                    return EXIT_INTERRUPTED
-                raise
+                if not stopping.is_set():
+                    raise
             finally:
                 printer.stop()
+        if self.out.failed is not None:
+            return self.output_failed()
         if interrupted.is_set():
             self.error("interrupted")
             return EXIT_INTERRUPTED
@@ -473,9 +386,15 @@ class Cli:
         with contextlib.suppress(TimeoutError, ZdutError):
             await asyncio.wait_for(asyncio.shield(run.finished), CANCEL_GRACE_S)
 
-    async def _finish(self, run: Run, interrupted: asyncio.Event) -> None:
-        """Wait for Done; after Ctrl-C give the agent a moment to confirm the cancel."""
-        if interrupted.is_set():
+    async def _finish(self, run: Run, stopping: asyncio.Event) -> None:
+        """Wait for Done; once the command is being cancelled, give the agent a moment to confirm it."""
+        stop = asyncio.ensure_future(stopping.wait())
+        either: set[asyncio.Future[Any]] = {stop, run.finished}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if stopping.is_set():
             await self._settle(run)
             if not run.finished.done():
                 return

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import stat
 import termios
 import tty
 from collections.abc import Awaitable, Callable, Iterator
@@ -96,12 +95,13 @@ class FdReader:
         self._pause()
 
 
-def _pollable(fd: int) -> bool:
-    """Regular files cannot be registered with epoll; they are always readable anyway."""
+def _reader(fd: int, fast: Callable[[bytes], bool]) -> FdReader | None:
+    """An ``FdReader`` for ``fd``, or None for what epoll refuses: a regular file, /dev/null or /dev/zero
+    never block, so they are read directly (and an fd that cannot be read at all reads as EOF)."""
     try:
-        return not stat.S_ISREG(os.fstat(fd).st_mode)
+        return FdReader(fd, fast)
     except OSError:
-        return False
+        return None
 
 
 async def forward_stdin(run: Run, fd: int, raw: bool) -> bool:
@@ -111,7 +111,7 @@ async def forward_stdin(run: Run, fd: int, raw: bool) -> bool:
     def fast(data: bytes) -> bool:
         return not (raw and DETACH in data) and run.try_write_stdin(data)
 
-    reader = FdReader(fd, fast) if _pollable(fd) else None
+    reader = _reader(fd, fast)
     try:
         while True:
             if reader is not None:
