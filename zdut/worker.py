@@ -23,6 +23,7 @@ from zmq.utils.monitor import parse_monitor_message
 from zdut.agentd.agent import Agent
 from zdut.agentd.config import ConfigError, load_config
 from zdut.common import logs
+from zdut.common.addresses import server_endpoint
 from zdut.common.limits import AGENT_MAX_FRAME, new_router
 from zdut.common.memtune import tune_malloc
 from zdut.common.paths import state_dir
@@ -65,16 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def address(value: str) -> str:
     """An ``-a``/``--server`` value, checked when the flags are parsed so a typo is a usage error (exit 2,
-    naming the flag) before any module touches hardware: ``host:port`` or ``tcp://host:port``, port 1-65535."""
+    naming the flag) before any module touches hardware; the same rule as the client's ``-s``."""
     try:
-        ep = endpoint(value)
+        server_endpoint(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    scheme, _, rest = ep.partition("://")
-    host, _, port = rest.rpartition(":")
-    if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"invalid address {value!r}: want host:port or tcp://host:port "
-                                         "with a port from 1 to 65535")
+        raise argparse.ArgumentTypeError(f"invalid address {value!r}: {exc}") from None
     return value
 
 
