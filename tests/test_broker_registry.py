@@ -82,11 +82,11 @@ def test_register_and_list(reg: Registry) -> None:
     ]
 
 
-def test_errors_match_the_agent(reg: Registry) -> None:
+def test_errors_use_dutctl_proxy_words(reg: Registry) -> None:
     reg.register(b"r1", register("a", "dev1"))
     cases = [
-        (lambda: reg.commands("nope"), Code.NOT_FOUND, 'device "nope": no such device'),
-        (lambda: reg.help_text("nope", "x"), Code.NOT_FOUND, 'device "nope": no such device'),
+        (lambda: reg.commands("nope"), Code.NOT_FOUND, 'device "nope" not found'),
+        (lambda: reg.help_text("nope", "x"), Code.NOT_FOUND, 'device "nope" not found'),
         (lambda: reg.help_text("dev1", "x"), Code.NOT_FOUND, 'device "dev1", command "x": no such command'),
         (
             lambda: reg.answer(GetDetails(1, VERSION, "u", "dev1", "status", "usage"), "b"),

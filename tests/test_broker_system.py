@@ -301,7 +301,7 @@ def test_registration_listing_and_registry_answers(ctx: zmq.Context[Any], broker
         c.rid, "help of cmd on dev1"
     )
     errors = [
-        (lambda r: P.ListCommands(r, P.VERSION, USER, "nope"), P.Code.NOT_FOUND, 'device "nope": no such device'),
+        (lambda r: P.ListCommands(r, P.VERSION, USER, "nope"), P.Code.NOT_FOUND, 'device "nope" not found'),
         (
             lambda r: P.GetDetails(r, P.VERSION, USER, "dev1", "zz", "help"),
             P.Code.NOT_FOUND,
@@ -312,7 +312,7 @@ def test_registration_listing_and_registry_answers(ctx: zmq.Context[Any], broker
             P.Code.INVALID_ARGUMENT,
             'unknown keyword "x", possible values are: "help"',
         ),
-        (lambda r: P.Lock(r, P.VERSION, USER, "nope", 0), P.Code.NOT_FOUND, 'device "nope": no such device'),
+        (lambda r: P.Lock(r, P.VERSION, USER, "nope", 0), P.Code.NOT_FOUND, 'device "nope" not found'),
         (
             lambda r: P.ListDevices(r, "9.0.0", USER),
             P.Code.FAILED_PRECONDITION,
@@ -388,7 +388,7 @@ def test_run_errors_answered_by_the_broker(ctx: zmq.Context[Any], broker: Broker
     a.register()
     c = client(ctx, broker, peers)
     run_open(c, 1, "nope")
-    assert c.recv()[0] == P.Done(1, 1, P.Code.NOT_FOUND, 'device "nope": no such device')
+    assert c.recv()[0] == P.Done(1, 1, P.Code.NOT_FOUND, 'device "nope" not found')
     c.send(P.RunOpen(2, "7.0.0", USER, "dev1", "cmd", []))
     done = c.recv()[0]
     assert (done.sid, done.seq, done.code) == (2, 1, P.Code.FAILED_PRECONDITION)

@@ -26,7 +26,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import Lab, exe, free_port
@@ -155,14 +154,7 @@ DOCUMENTED: dict[str, Documented] = {
 }
 
 #: Cases that still differ, and what would fix each (in files other than output.py and answers.py).
-KNOWN_GAPS: dict[str, str] = {
-    "01-help": "zdut/cli.py main(): `-h` writes HELP to stderr; row 15 (issue 11, point 5) wants it on stdout.",
-    "25-server-unknown-device": (
-        "zdut/brokerd/registry.py Registry.device(): raise answers.device_not_found(name) (dutctl's proxy's "
-        '`device "X" not found`) instead of answers.no_such_device(name), which stays the agent\'s words.'),
-    "27-agent-version": "zdut/worker.py main(): `print(version_block(...))` adds a blank line dutagent -v does "
-                        "not print; write the block without print's newline.",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------- the replay
@@ -348,8 +340,6 @@ def test_timestamps_are_go_rfc3339() -> None:
                           check=True).stdout == "2026-12-01T21:17:44+01:00\n"
 
 
-@pytest.mark.xfail(strict=True, reason="zdut/terminal/commands.py Cli._unlock still emits a GENERAL sentence; it "
-                   "should emit Content(LOCK_RESULT, Unlocked(device, reply.broke, reply.cancelled), ...) (row 21)")
 def test_unlock_through_the_cli_is_a_record_in_json(lab: Lab) -> None:
     _, addr = lab.agent(EXAMPLES / "config-1.yaml")
     assert lab.zdut("-s", addr, "-u", "alice", "device1", "lock", "5m").returncode == 0

@@ -204,7 +204,8 @@ def test_script_mode_grammar_and_errors_do_not_end_the_shell(lab: Lab) -> None:
     assert "Called with 0 arguments\n" in out
     assert '✓ Device "device2" locked by "tester" for 10m' in out
     assert "- file-transfer\n- status\n" in out
-    assert '"contentType": "general"' in out and "unlocked" in out.rsplit("- status", 1)[1]
+    unlocked = out.rsplit("- status", 1)[1]  # a lock-result record in JSON, as `lock` gives (differences row 21)
+    assert '"contentType": "lock-result"' in unlocked and '"Locked": false' in unlocked
     assert out.count("- device1") == 1  # nothing after exit ran
     assert r.returncode == 0, err
 

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         sys.stderr.write(f"{exc}\n\n{SYNOPSIS}\n{OPTIONS}")
         return EXIT_USAGE
-    if opts.help:
-        sys.stderr.write(HELP)
+    if opts.help:  # asked for: stdout, exit 0 (docs/differences.md row 15)
+        sys.stdout.write(HELP)
         return EXIT_OK
     tune_malloc()  # the shell transfers files too
     if words and words[0] == "shell":

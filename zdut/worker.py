@@ -90,7 +90,7 @@ def version_block(title: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.version:
-        print(version_block("zdut agent"))
+        sys.stdout.write(version_block("zdut agent"))  # dutagent -v ends with the Python line
         return 0
     logs.setup(args.log, args.log_json)
     try:

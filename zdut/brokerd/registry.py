@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from zdut.brokerd.store import AgentRecord, DeviceRecord
-from zdut.common.answers import listing, no_such_command, no_such_device
+from zdut.common.answers import device_not_found, listing, no_such_command
 from zdut.common.durations import format_minutes
 from zdut.protocol import (
     VERSION,
@@ -393,7 +393,7 @@ class Registry:
     def device(self, name: str) -> Device:
         dev = self.devices.get(name)
         if dev is None:
-            raise no_such_device(name)
+            raise device_not_found(name)  # dutctl's proxy's words; agents keep no_such_device
         return dev
 
     def route(self, name: str) -> Agent:

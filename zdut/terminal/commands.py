@@ -32,6 +32,7 @@ from zdut.terminal.output import (
     VERSION_T,
     Content,
     Output,
+    Unlocked,
 )
 from zdut.terminal.printer import EXIT_BROKEN_PIPE, CliRunHandler, GuardedOutput, OutputFailed, Printer
 
@@ -302,12 +303,8 @@ class Cli:
 
     async def _unlock(self, client: Client, device: str, force: bool) -> int:
         reply = await client.unlock(device, force)
-        text = f'✓ Device "{device}" unlocked'
-        if reply.broke:
-            text += f': broke the lock of "{reply.broke}"'
-            if reply.cancelled:
-                text += f", cancelled {reply.cancelled} running session{'s' if reply.cancelled != 1 else ''}"
-        self.out.emit(Content(GENERAL, self._green(text), False, self.meta("Unlock Response", device=device)))
+        record = Unlocked(device, reply.broke, reply.cancelled)
+        self.out.emit(Content(LOCK_RESULT, record, False, self.meta("Unlock Response", device=device)))
         return EXIT_OK
 
     # ------------------------------------------------------------- Run
