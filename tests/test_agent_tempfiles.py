@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import Lab, exe, free_port, wait_for
+from zdut.devices import scratch
 
 COMMANDS = {
     "upload": ["big.bin:up/big.bin"],
@@ -143,3 +145,32 @@ def test_sweep_spares_live_agents_and_files_that_are_not_its_own(tmp_path: Path)
     assert scratch.sweep(root) == 2  # the noted temp file and the image (and with them the directory)
     assert not home.exists() and not part.exists()
     assert user_file.read_text() == "keep"
+
+
+CRASH_WHEN_CREATED = """
+import os, sys
+from pathlib import Path
+from zdut.devices import scratch
+scratch.claim(Path(sys.argv[1]))
+real_open = os.open
+def open_then_die(path, flags, mode=0o777, *, dir_fd=None):
+    fd = real_open(path, flags, mode, dir_fd=dir_fd)
+    if str(path).endswith(scratch.PART_SUFFIX):
+        os._exit(9)  # killed the moment the temp file exists
+    return fd
+os.open = open_then_die
+scratch.Beside(sys.argv[2])
+"""
+
+
+def test_a_kill_the_moment_the_temp_file_exists_leaves_nothing_unnamed(tmp_path: Path) -> None:
+    """The note naming a temp file is written before the file is created: a crash between the two must not
+    leave a file the next agent cannot find (under load, kill -9 mid-upload landed there)."""
+    root, dest = tmp_path / "agent.tmp", tmp_path / "up" / "big.bin"
+    dest.parent.mkdir()
+    crashed = subprocess.run([sys.executable, "-c", CRASH_WHEN_CREATED, str(root), str(dest)])
+    assert crashed.returncode == 9
+    left = list(dest.parent.glob(f".big.bin.*{scratch.PART_SUFFIX}"))
+    assert len(left) == 1  # the crash left it
+    assert scratch.sweep(root) == 1
+    assert list(dest.parent.iterdir()) == []

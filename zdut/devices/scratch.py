@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -143,19 +144,35 @@ class Beside:
     renamed; while it exists a note names it, so that the next agent removes it if this one dies first."""
 
     def __init__(self, destination: str) -> None:
-        folder = os.path.dirname(destination) or "."
-        self.fd, self.path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(destination)}.",
-                                              suffix=PART_SUFFIX)
+        folder = os.path.abspath(os.path.dirname(destination) or ".")
         self._note = ""
+        self.fd = -1
         try:
-            if (home := _where()) is not None:
-                nfd, self._note = tempfile.mkstemp(dir=home, prefix=_NOTE_PREFIX)
-                with os.fdopen(nfd, "w") as fh:
-                    fh.write(os.path.abspath(self.path))
+            while self.fd < 0:
+                # The note is written before the file exists, so a kill at any moment leaves no temp file
+                # that no note names (a note naming a file never made is harmless).
+                self.path = os.path.join(folder, f".{os.path.basename(destination)}.{secrets.token_hex(6)}"
+                                                 f"{PART_SUFFIX}")
+                self._write_note()
+                with contextlib.suppress(FileExistsError):  # that name is taken: draw another
+                    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except BaseException:
-            os.close(self.fd)
+            if self.fd < 0:
+                self.path = ""  # never created: nothing of ours to remove but the note
+            else:
+                os.close(self.fd)
             self.close()
             raise
+
+    def _write_note(self) -> None:
+        home = _where()
+        if home is None:
+            return
+        if not self._note:
+            nfd, self._note = tempfile.mkstemp(dir=home, prefix=_NOTE_PREFIX)
+            os.close(nfd)
+        with open(self._note, "w") as fh:
+            fh.write(self.path)
 
     def __enter__(self) -> Beside:
         return self
