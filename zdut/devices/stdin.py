@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 
 
@@ -13,19 +14,28 @@ class StdinBuffer:
     """
 
     def __init__(self, on_consumed: Callable[[int], None] | None = None) -> None:
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        # A deque and one waiter, not an asyncio.Queue: a console echo pays for every step of this hop.
+        self._chunks: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._buffer = b""
         self._eof = False
         self._on_consumed = on_consumed
 
     def feed(self, data: bytes) -> None:
-        self._queue.put_nowait(data)
+        self._chunks.append(data)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self) -> None:
-        self._queue.put_nowait(b"")
+        self.feed(b"")
 
     async def _take(self) -> bytes:
-        chunk = await self._queue.get()
+        while not self._chunks:
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        chunk = self._chunks.popleft()
         if self._on_consumed is not None:
             self._on_consumed(len(chunk))
         if not chunk:

@@ -69,6 +69,9 @@ HWM = 100_000
 NOBLOCK = int(zmq.NOBLOCK)
 MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 EVENTS, RCVMORE, POLLIN = int(zmq.EVENTS), int(zmq.RCVMORE), int(zmq.POLLIN)
+#: pyzmq's Cython send without its Python wrapper, whose routing_id/group/copy_threshold checks cost ~0.4 us
+#: a frame (bench/bench_wakeups.py counts what an echo pays); frames here are bytes, sent with copy=True.
+_send = zmq.backend.Socket.send
 
 #: handler(peer, message, payload)
 Handler = Callable[[bytes, Message, Any], None]
@@ -153,12 +156,12 @@ class Pump:
         raw = self.sock
         try:
             if peer is not None:
-                raw.send(peer, MORE)
+                _send(raw, peer, MORE)
             if payload is None:
-                raw.send(header, NOBLOCK)
+                _send(raw, header, NOBLOCK)
             else:
-                raw.send(header, MORE)
-                raw.send(payload, NOBLOCK)
+                _send(raw, header, MORE)
+                _send(raw, payload, NOBLOCK)
         finally:
             self.after_send()
 
@@ -208,14 +211,19 @@ def recv_message(
 ) -> tuple[bytes, Message, Any] | None:
     """Read one message frame by frame; None (logged, or given to ``oversize(peer, header)`` if its header
     is over ``limit``) if it is malformed.  Raises zmq.Again when empty."""
-    peer = raw.recv(NOBLOCK) if with_peer else b""
-    if with_peer and not raw.getsockopt(RCVMORE):
-        dropped(logging.WARNING, "dropped: no header frame", "dropped a message without a header frame")
-        return None
-    header = raw.recv(NOBLOCK)
+    # Frames as zmq.Frame: .more is a field read, where getsockopt(RCVMORE) costs an enum lookup and a call.
+    peer = b""
+    if with_peer:
+        first = raw.recv(NOBLOCK, copy=False)
+        if not first.more:
+            dropped(logging.WARNING, "dropped: no header frame", "dropped a message without a header frame")
+            return None
+        peer = first.bytes
+    head = raw.recv(NOBLOCK, copy=False)
+    header = head.bytes
     payload = None
     extra = False
-    if raw.getsockopt(RCVMORE):
+    if head.more:
         frame = raw.recv(NOBLOCK, copy=False)
         payload = frame.buffer
         while frame.more:  # more frames than any message has: drain them
