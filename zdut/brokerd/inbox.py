@@ -10,45 +10,21 @@ MAX_HEADER_BYTES) is still answered at once, so that its sender never waits for 
 from __future__ import annotations
 
 import logging
-from typing import Any, get_args
+from typing import Any
 
 import msgspec
 import zmq
 
 from zdut.brokerd.outbox import Outbox
+from zdut.common.answers import oversized, refusal
 from zdut.common.logs import Throttle, hex_id
-from zdut.protocol import MAX_HEADER_BYTES, Code, Data, Done, Error, FileChunk, Message, RunOpen, encode
+from zdut.protocol import MAX_HEADER_BYTES, Code, Data, FileChunk, Message, RunOpen, encode
 
 log = logging.getLogger("zdut.broker")
 
 _RCVMORE = int(zmq.RCVMORE)  # a plain int: enum flags cost a little on every call
 _PAYLOAD = frozenset({Data, FileChunk})
 _decoder = msgspec.msgpack.Decoder(Message)
-_RUN = RunOpen.__struct_config__.tag
-#: Tags of the unary requests: every message that starts with (rid, version, user).
-_UNARY = frozenset(
-    k.__struct_config__.tag for k in get_args(Message) if k.__struct_fields__[:3] == ("rid", "version", "user")
-)
-
-
-class _Prefix(msgspec.Struct, array_like=True):
-    """The first two fields of every request: its tag, and its rid (unary) or sid (RunOpen).  Decoding
-    only these skips the rest of the array without building it."""
-
-    tag: str
-    key: int
-
-
-_prefix = msgspec.msgpack.Decoder(_Prefix)
-
-
-def refusal(tag: Any, key: int, code: str, message: str) -> bytes | None:
-    """The answer to a request that is refused: Done for a RunOpen, Error for a unary request, else None."""
-    if tag == _RUN:
-        return encode(Done(key, 1, code, message))
-    if tag in _UNARY:
-        return encode(Error(key, code, message))
-    return None
 
 
 class Inbox:
@@ -70,10 +46,11 @@ class Inbox:
         sock = self._sock
         more = sock.getsockopt(_RCVMORE)
         if len(header) > limit:
-            why = f"header of {len(header)} bytes exceeds {limit}"
-            self.bad(rid, why)
+            self.bad(rid, f"header of {len(header)} bytes exceeds {limit}")
             if answer and not self._outbox.admit(rid):  # a client over its unread budget hears nothing
-                self._refuse_oversized(rid, header, why)
+                reply = oversized(header, limit)  # the agent's words too
+                if reply is not None:
+                    self._send(rid, encode(reply))
             return None
         try:
             msg = _decoder.decode(header)
@@ -94,15 +71,6 @@ class Inbox:
             return None
         return msg, payload
 
-    def _refuse_oversized(self, rid: bytes, header: bytes, why: str) -> None:
-        try:
-            head = _prefix.decode(header)
-        except ValueError:
-            return  # not even a request's first two fields: garbage, dropped (and logged) already
-        reply = refusal(head.tag, head.key, Code.INVALID_ARGUMENT, f"request refused: its {why} bytes")
-        if reply is not None:
-            self._send(rid, reply)
-
     def admitted(self, rid: bytes, msg: Any) -> bool:
         """Whether a client's request may be handled.  A client that reads none of its replies (its parked
         queue is over budget: Outbox.admit) gets a small refusal instead, and past that nothing at all."""
@@ -114,7 +82,9 @@ class Inbox:
         if verdict == 1:
             text = f"refused: replies unread ({queued} MiB queued for this connection)"
             key = msg.sid if isinstance(msg, RunOpen) else msg.rid
-            self._send(rid, refusal(msg.__struct_config__.tag, key, Code.UNAVAILABLE, text))
+            reply = refusal(msg.__struct_config__.tag, key, Code.UNAVAILABLE, text)
+            if reply is not None:
+                self._send(rid, encode(reply))
         self._throttle(
             logging.WARNING,
             "unread",

@@ -101,8 +101,14 @@ def oversized(header: bytes | memoryview, limit: int) -> Message | None:
     except ValueError:  # msgspec.DecodeError: not even a request's first two fields
         return None
     why = f"request refused: its header of {len(header)} bytes exceeds {limit} bytes"
-    if head.tag == _RUN:
-        return Done(head.key, 1, Code.INVALID_ARGUMENT, why)  # a refused run's Done is its first message
-    if head.tag in _UNARY:
-        return Error(head.key, Code.INVALID_ARGUMENT, why)
+    return refusal(head.tag, head.key, Code.INVALID_ARGUMENT, why)
+
+
+def refusal(tag: str, key: int, code: str, message: str) -> Message | None:
+    """The answer to a refused request with tag ``tag`` and rid or sid ``key``: the run's Done for a RunOpen
+    (a refused run's Done is its first message), Error for a unary request, None for anything else."""
+    if tag == _RUN:
+        return Done(key, 1, code, message)
+    if tag in _UNARY:
+        return Error(key, code, message)
     return None
