@@ -319,7 +319,7 @@ def test_lock_unlock_between_identities(demo: tuple[Lab, str]) -> None:
     assert r.returncode == 0 and r.stdout.strip() == '✓ Device "device1" unlocked: broke the lock of "alice"'
     assert plain(z(demo, "list").stdout).startswith("- device1\n")
     r = z(demo, "-u", "alice", "device1", "unlock")
-    assert r.returncode == 1 and "device is not locked" in r.stderr
+    assert r.returncode == 1 and "device \"device1\" is not locked" in r.stderr
 
 
 def test_lock_duration_errors(demo: tuple[Lab, str]) -> None:

@@ -19,14 +19,24 @@ from zdut.terminal.commands import (
 )
 
 
+def _usage(exc: UsageError) -> int:
+    sys.stderr.write(f"{exc}\n\n{SYNOPSIS}\n{OPTIONS}")
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         opts, words = parse_flags(argv)
     except UsageError as exc:
-        sys.stderr.write(f"{exc}\n\n{SYNOPSIS}\n{OPTIONS}")
-        return EXIT_USAGE
-    if opts.help:  # asked for: stdout, exit 0 (docs/differences.md row 15)
+        return _usage(exc)
+    if words and words[0] == "shell" and len(words) > 1:  # `zdut shell -s ADDR` as `zdut -s ADDR shell`
+        try:
+            opts, rest = parse_flags(argv[: len(argv) - len(words)] + words[1:])
+        except UsageError as exc:
+            return _usage(exc)
+        words = ["shell", *rest]
+    if opts.help or words == ["help"]:  # asked for: stdout, exit 0 (docs/differences.md row 15)
         sys.stdout.write(HELP)
         return EXIT_OK
     tune_malloc()  # the shell transfers files too
@@ -35,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return shell_main(opts, words[1:])
     cli = Cli(opts)
+    if opts.version:
+        return cli.version()
     try:
         return asyncio.run(cli.execute(words))
     except KeyboardInterrupt:

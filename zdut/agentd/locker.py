@@ -144,7 +144,7 @@ class Locker:
             raise ZdutError(Code.UNAUTHENTICATED, "operation requires an identified caller; set the user with -u")
         current = self._reservation(device)
         if current is None:
-            raise ZdutError(Code.FAILED_PRECONDITION, "device is not locked")
+            raise ZdutError(Code.FAILED_PRECONDITION, f'device "{device}" is not locked')
         if current.owner != user:
             raise ZdutError(
                 Code.PERMISSION_DENIED,

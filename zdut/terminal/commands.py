@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,13 +50,14 @@ SYNOPSIS = """SYNOPSIS
     zdut [options] [list]
     zdut [options] agents
     zdut [options] forget <agent>
-    zdut [options] <device>
+    zdut [options] <device> [help]
     zdut [options] <device> <command> [args...]
     zdut [options] <device> <command> help
     zdut [options] <device> lock [duration]
     zdut [options] <device> unlock [force]
-    zdut [options] shell
+    zdut [options] shell [options]
     zdut version
+    zdut help
 """
 
 OPTIONS = """OPTIONS
@@ -66,7 +68,8 @@ OPTIONS = """OPTIONS
     --no-color     disable colours (they are only used on a terminal anyway)
     -u USER        identity for locks and runs (default $USER@hostname)
     --log LEVEL    client log: warn (default, summary at exit), debug (live), none
-    -h, --help     show this help
+    --version      show the version (as `zdut version`)
+    -h, --help     show this help (as `zdut help`)
 """
 
 HELP = f"""zdut - reach lab devices (serial consoles, power, flashers, GPIO, IPMI) by name.
@@ -100,10 +103,11 @@ class Options:
     user: str | None = None
     log: str = "warn"
     help: bool = False
+    version: bool = False
 
 
 _VALUE_FLAGS = {"s": "server", "f": "fmt", "u": "user", "log": "log"}
-_BOOL_FLAGS = {"v": "verbose", "no-color": "no_color", "h": "help", "help": "help"}
+_BOOL_FLAGS = {"v": "verbose", "no-color": "no_color", "h": "help", "help": "help", "version": "version"}
 
 
 def parse_flags(argv: list[str]) -> tuple[Options, list[str]]:
@@ -122,7 +126,7 @@ def parse_flags(argv: list[str]) -> tuple[Options, list[str]]:
     opts.fmt = opts.fmt or "text"
     if opts.log not in ("debug", "warn", "none"):
         raise UsageError(f'invalid value "{opts.log}" for flag -log: want debug, warn or none')
-    if not opts.help and parsed.rest[:1] != ["version"]:  # neither needs a server
+    if not (opts.help or opts.version) and parsed.rest[:1] not in (["version"], ["help"]):  # none needs a server
         try:
             server_endpoint(opts.server)
         except ValueError as exc:
@@ -240,7 +244,7 @@ class Cli:
                 raise UsageError("forget takes one argument: the name of an offline agent")
             return lambda c: self._forget(c, words[1])
         device, rest = words[0], words[1:]
-        if not rest:
+        if rest in ([], ["help"]):  # `DEV help` lists the commands, as `DEV` does
             return lambda c: self._commands(c, device)
         command, args = rest[0], rest[1:]
         if command == "lock":
@@ -297,8 +301,10 @@ class Cli:
         if seconds > LONG_LOCK_S:
             self.log.warn("requested a long lock duration; release the device when you are done "
                           f"duration={format_duration(seconds)}")
+        asked_until = time.time() + seconds
         lock = await client.lock(device, seconds)
-        self.out.emit(Content(LOCK_RESULT, (device, lock), False, self.meta("Lock Response", device=device)))
+        kept = seconds > 0 and lock.expires_at > asked_until + 1  # the agent extends a lock, never shortens it
+        self.out.emit(Content(LOCK_RESULT, (device, lock, kept), False, self.meta("Lock Response", device=device)))
         return EXIT_OK
 
     async def _unlock(self, client: Client, device: str, force: bool) -> int:
@@ -362,6 +368,7 @@ class Cli:
                 if not stopping.is_set():
                     raise
             finally:
+                handler.end_progress()  # a transfer cut short leaves no bar behind
                 printer.stop()
         if self.out.failed is not None:
             return self.output_failed()
@@ -375,6 +382,8 @@ class Cli:
         if fd is None:
             await run.close_stdin()
             return False
+        if interactive and os.isatty(fd):  # a person at the keyboard: say where the keys go, and the way out
+            self.out.progress(f"[attached to {run.device} {run.command}; Ctrl-] detaches]\n")
         return await attach(run, fd, interactive)
 
     @staticmethod

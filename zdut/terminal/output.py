@@ -76,10 +76,14 @@ class Unlocked:
     cancelled: int = 0
 
 
-def lock_record(device: str, lock: LockState | None, unlocked: Unlocked | None = None) -> dict[str, Any]:
-    """The device's lock after a lock or unlock, with the keys of a device-list record."""
+def lock_record(device: str, lock: LockState | None, unlocked: Unlocked | None = None,
+                kept: bool = False) -> dict[str, Any]:
+    """The device's lock after a lock or unlock, with the keys of a device-list record; ``Kept`` when a lock
+    asked for less than what remained of the caller's own (the agent keeps the longer one)."""
     rec: dict[str, Any] = {"Name": device, "Locked": lock is not None, "Owner": lock.owner if lock else "",
                            "ExpiresAt": lock.expires_at if lock else 0}
+    if kept:
+        rec["Kept"] = True
     if unlocked is not None and unlocked.broke:
         rec["Broke"] = unlocked.broke
         rec["Cancelled"] = unlocked.cancelled
@@ -175,10 +179,13 @@ class Output:
         if c.type == LOCK_RESULT and isinstance(c.data, Unlocked):
             return self._paint(_GREEN, _unlocked_text(c.data)) + "\n"
         if c.type == LOCK_RESULT:
-            device, lock = c.data
+            device, lock, kept = _locked(c.data)
             if lock.expires_at:
-                left = format_minutes(lock.expires_at - time.time())
-                return self._paint(_GREEN, f'✓ Device "{device}" locked by "{lock.owner}" for {left}') + "\n"
+                left = format_left(lock.expires_at - time.time())
+                text = f'✓ Device "{device}" locked by "{lock.owner}" for {left}'
+                if kept:
+                    text += " (kept: your lock already lasted longer; a lock is never shortened)"
+                return self._paint(_GREEN, text) + "\n"
             return self._paint(_GREEN, f'✓ Device "{device}" in use by "{lock.owner}"') + "\n"
         if c.type == FILE_TRANSFER:
             direction, path, size = c.data
@@ -199,7 +206,7 @@ class Output:
         notes = []
         if d.lock is not None:
             if d.lock.expires_at:
-                left = format_minutes(d.lock.expires_at - time.time())
+                left = format_left(d.lock.expires_at - time.time())
                 notes.append(f'[locked by "{d.lock.owner}" for {left}]')
             else:
                 notes.append(f'[in use by "{d.lock.owner}"]')
@@ -224,7 +231,8 @@ class Output:
         if c.type == LOCK_RESULT and isinstance(c.data, Unlocked):
             return lock_record(c.data.device, None, c.data)
         if c.type == LOCK_RESULT:
-            return lock_record(*c.data)
+            device, lock, kept = _locked(c.data)
+            return lock_record(device, lock, kept=kept)
         if c.type == FILE_TRANSFER:
             direction, path, size = c.data
             return {"direction": direction, "path": path, "bytes": size}
@@ -253,7 +261,7 @@ class Output:
         elif c.type == LOCK_RESULT and isinstance(c.data, Unlocked):
             data = f"{c.data.device}=unlocked" + (f";broke:{c.data.broke}" if c.data.broke else "")
         elif c.type == LOCK_RESULT:
-            device, lock = c.data
+            device, lock, _ = _locked(c.data)
             data = f"{device}=locked:{lock.owner}" if lock.expires_at else f"{device}=in-use:{lock.owner}"
         elif c.type == FILE_TRANSFER:
             data = f"{data['direction']} {data['bytes']} {data['path']}"
@@ -263,6 +271,16 @@ class Output:
             data = "|".join(str(x) for x in data)
         fields.append(str(data))
         return ",".join(_csv_field(_one_line(f)) for f in fields)
+
+
+def format_left(seconds: float) -> str:
+    """Time left on a lock: seconds under a minute (``45s``, never ``0m``), else dutctl's ``1h30m``, ``25m``."""
+    return f"{max(0, round(seconds))}s" if seconds < 59.5 else format_minutes(seconds)
+
+
+def _locked(data: tuple[Any, ...]) -> tuple[str, LockState, bool]:
+    """A lock-result's (device, lock, kept); ``kept`` is optional in the tuple."""
+    return data[0], data[1], bool(data[2]) if len(data) > 2 else False
 
 
 def _unlocked_text(u: Unlocked) -> str:

@@ -15,16 +15,20 @@ import os
 import queue
 import select
 import threading
-import time
 from asyncio import AbstractEventLoop
 from collections.abc import Callable
-from typing import TextIO
+from typing import Never, TextIO
+
+from tqdm import tqdm
 
 from zdut.client import RunHandler
 from zdut.protocol import STDERR
-from zdut.terminal.output import FILE_TRANSFER, MODULE_OUTPUT, Content, Output, human_size
+from zdut.terminal.output import FILE_TRANSFER, MODULE_OUTPUT, Content, Output
 
-PROGRESS_MIN_BYTES = 16 * 1024 * 1024
+#: Smaller transfers end before a bar could tell anything.
+PROGRESS_MIN_BYTES = 1024 * 1024
+#: Seconds between redraws of the bar.
+PROGRESS_INTERVAL_S = 0.1
 #: A shell's status for a command killed by SIGPIPE (128 + 13): what ``zdut ... | head`` ends with.
 EXIT_BROKEN_PIPE = 128 + 13
 
@@ -160,8 +164,9 @@ class CliRunHandler(RunHandler):
                  warn: Callable[[str], None]) -> None:
         super().__init__()
         self.out, self.printer, self.meta, self.warn = out, printer, meta, warn
-        self._progress_at = 0.0
-        self._progress_shown = False
+        #: The transfer's bar (tqdm), created, updated and closed on the printer's thread only.
+        self._bar: tqdm[Never] | None = None
+        self._bars = False  # a bar was asked for: its updates and its end are queued
         #: Set after a detach: output still in flight must not land on the restored terminal.
         self.muted = False
 
@@ -176,28 +181,60 @@ class CliRunHandler(RunHandler):
             self.printer.submit(lambda: self.out.emit(content), consumed)
 
     def transferred(self, direction: str, path: str, size: int) -> None:
-        self._clear_progress()
+        self.end_progress()
         self.printer.submit(lambda: self.out.emit(Content(FILE_TRANSFER, (direction, path, size), False, self.meta)))
 
     def progress(self, direction: str, path: str, done: int, total: int) -> None:
-        if total < PROGRESS_MIN_BYTES or not self.out.err.isatty() or self.out.fmt != "text":
+        """A bar with rate and ETA on a terminal's stderr, for text output only (a script reading JSON, or a
+        log file taking stderr, gets none of it)."""
+        if 0 <= total < PROGRESS_MIN_BYTES or self.out.fmt != "text" or not self.out.err.isatty():
             return
-        now = time.monotonic()
-        if now - self._progress_at < 0.1 and done < total:
-            return
-        self._progress_at = now
-        self._progress_shown = True
-        arrow = "↑" if direction == "sent" else "↓"
-        width = 30
-        filled = int(width * done / total) if total else width
-        line = f"\r{arrow} {path} [{'#' * filled}{'.' * (width - filled)}] {100 * done // max(total, 1)}% " \
-               f"{human_size(done)}/{human_size(total)}"
-        self.printer.submit(lambda: self.out.progress(line))
+        self._bars = True
+        self.printer.submit(lambda: self._draw(direction, path, done, total))
 
-    def _clear_progress(self) -> None:
-        if self._progress_shown:
-            self._progress_shown = False
-            self.printer.submit(lambda: self.out.progress("\r\x1b[K"))
+    def _draw(self, direction: str, path: str, done: int, total: int) -> None:
+        bar = self._bar
+        if bar is None:
+            arrow = "↑" if direction == "sent" else "↓"
+            bar = self._bar = tqdm(
+                total=total if total >= 0 else None, desc=f"{arrow} {path}", unit="B", unit_scale=True,
+                unit_divisor=1024, file=_BarStream(self.out), ncols=_columns(self.out.err),
+                mininterval=PROGRESS_INTERVAL_S, leave=False)
+        bar.update(done - bar.n)
+
+    def end_progress(self) -> None:
+        """Take the bar off the terminal (the transfer ended, or the run did)."""
+        if self._bars:
+            self._bars = False
+            self.printer.submit(self._close_bar)
+
+    def _close_bar(self) -> None:
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.refresh()  # the last frame (the total, the mean rate) even when the transfer beat mininterval
+            bar.close()
 
     def warning(self, text: str) -> None:
         self.warn(text)
+
+
+class _BarStream:
+    """Where tqdm draws: the guarded stderr, so that a closed terminal ends the command as any write does."""
+
+    def __init__(self, out: GuardedOutput) -> None:
+        self.out = out
+        self.encoding = getattr(out.err, "encoding", None) or "ascii"  # tqdm draws Unicode blocks when UTF-8
+
+    def write(self, text: str) -> None:
+        self.out.progress(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        columns = 0
+    return columns or 80  # a terminal that never said its size (a fresh pty): the classic width
