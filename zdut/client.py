@@ -23,6 +23,7 @@ from typing import Any
 import zmq
 
 from zdut.common.addresses import server_endpoint
+from zdut.common.flags import go_quote
 from zdut.common.limits import CLIENT_MAX_FRAME
 from zdut.protocol import (
     INITIAL_WINDOW,
@@ -418,7 +419,7 @@ class Client:
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._calls[rid] = fut
         try:
-            self._send(encode(msg))
+            self._send(_encode(msg))
             reply = await asyncio.wait_for(fut, self.call_timeout)
         except TimeoutError:
             raise ZdutError(Code.DEADLINE_EXCEEDED,
@@ -475,7 +476,17 @@ class Client:
         run = Run(self, sid, device, command, args, handler or RunHandler())
         self._runs[sid] = run
         try:
-            self._send(encode(RunOpen(sid, VERSION, self.user, device, command, args)))
+            self._send(_encode(RunOpen(sid, VERSION, self.user, device, command, args)))
         except ZdutError as exc:
             run.end(exc)
         return run
+
+
+def _encode(msg: Message) -> bytes:
+    """A request's header; a name or argument that is not UTF-8 (a byte from a non-UTF-8 command line) is the
+    caller's error, not a crash."""
+    try:
+        return encode(msg)
+    except UnicodeEncodeError as exc:
+        bad = exc.object if isinstance(exc.object, str) else ""
+        raise ZdutError(Code.INVALID_ARGUMENT, f"{go_quote(bad)} is not valid UTF-8") from None

@@ -27,10 +27,15 @@ _GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", 
 
 
 def go_quote(text: str) -> str:
-    """Go's %q for a string: double quotes, backslash escapes, printable Unicode kept."""
+    """Go's %q for a string: double quotes, backslash escapes, printable Unicode kept.
+
+    A byte that is not UTF-8 (decoded by Python as a surrogate escape, U+DC80..U+DCFF, as in ``sys.argv``)
+    is shown as ``\\xNN``, as Go shows an invalid byte."""
     out = ['"']
     for ch in text:
-        if ch in '"\\':
+        if "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch in '"\\':
             out.append("\\" + ch)
         elif ch in _GO_ESCAPES:
             out.append(_GO_ESCAPES[ch])
@@ -44,6 +49,15 @@ def go_quote(text: str) -> str:
             out.append(f"\\U{ord(ch):08x}")
     out.append('"')
     return "".join(out)
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` cannot travel as UTF-8 (a non-UTF-8 byte from the command line, a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{go_quote(text)} is not valid UTF-8"
+    return None
 
 
 class FlagError(ValueError):

@@ -122,16 +122,18 @@ def parse_flags(argv: list[str]) -> tuple[Options, list[str]]:
     for name, value in parsed.values.items():
         setattr(opts, _VALUE_FLAGS[name], value)
     if opts.fmt not in FORMATS and opts.fmt != "":
-        raise UsageError(f'invalid value "{opts.fmt}" for flag -f: want text, json, yaml, oneline or csv')
+        raise UsageError(f"invalid value {flags.go_quote(opts.fmt)} for flag -f: want text, json, yaml, oneline or csv")
     opts.fmt = opts.fmt or "text"
     if opts.log not in ("debug", "warn", "none"):
-        raise UsageError(f'invalid value "{opts.log}" for flag -log: want debug, warn or none')
+        raise UsageError(f"invalid value {flags.go_quote(opts.log)} for flag -log: want debug, warn or none")
+    if opts.user is not None and flags.utf8_problem(opts.user):
+        raise UsageError(f"invalid value {flags.go_quote(opts.user)} for flag -u: not valid UTF-8")
     if not (opts.help or opts.version) and parsed.rest[:1] not in (["version"], ["help"]):  # none needs a server
         try:
             server_endpoint(opts.server)
         except ValueError as exc:
             origin = "flag -s" if "s" in parsed.values else "$ZDUT_SERVER"
-            raise UsageError(f'invalid value "{opts.server}" for {origin}: {exc}') from None
+            raise UsageError(f"invalid value {flags.go_quote(opts.server)} for {origin}: {exc}") from None
     return opts, parsed.rest
 
 
