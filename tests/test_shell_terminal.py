@@ -50,6 +50,11 @@ class Tmux:
         """Literal text."""
         subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)
 
+    def line(self, text: str) -> None:
+        """Type a line and Enter."""
+        self.type(text)
+        self.keys("Enter")
+
     def screen(self) -> str:
         return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True).stdout
 
@@ -130,6 +135,14 @@ def winsize_agent(lab: Lab) -> str:
     return addr
 
 
+def board_shell(lab: Lab, tmux: Tmux) -> str:
+    """A shell on a winsize agent (demo.yaml and the board), ready; returns the agent's address."""
+    addr = winsize_agent(lab)
+    tmux.start("-s", addr, "shell")
+    tmux.wait_ready(online=4)
+    return addr
+
+
 def busy(lab: Lab, addr: str, device: str) -> str:
     return lab.zdut("-s", addr, "list").stdout.split(f"- {device}", 1)[1].split("\n", 1)[0]
 
@@ -205,9 +218,7 @@ def test_completion_of_device_command_and_file_then_run(lab: Lab, tmux: Tmux) ->
 
 
 def test_console_detach_then_ctrl_c_cancels_a_command_not_the_shell(lab: Lab, tmux: Tmux) -> None:
-    addr = winsize_agent(lab)
-    tmux.start("-s", addr, "shell")
-    tmux.wait_ready(online=4)
+    addr = board_shell(lab, tmux)
     tmux.type("device2 repeat")
     tmux.keys("Enter")
     tmux.wait("Two words will terminate")
@@ -239,9 +250,7 @@ def test_console_detach_then_ctrl_c_cancels_a_command_not_the_shell(lab: Lab, tm
 
 
 def test_window_size_changes_reach_the_module(lab: Lab, tmux: Tmux) -> None:
-    addr = winsize_agent(lab)
-    tmux.start("-s", addr, "shell")
-    tmux.wait_ready(online=4)
+    board_shell(lab, tmux)
     tmux.type("board size")
     tmux.keys("Enter")
     tmux.wait("x120\n")
@@ -362,3 +371,27 @@ def test_through_a_broker_devices_go_offline_and_come_back(lab: Lab, tmux: Tmux)
     tmux.type("device1 status")
     tmux.keys("Enter")
     tmux.wait_after("zdut> device1 status\n", STATUS_OUT)
+
+
+# ------------------------------------------------------------------ type-ahead, errors and exit at the prompt
+
+
+def test_lines_typed_during_a_command_are_queued_and_exit_leaves_with_a_status(lab: Lab, tmux: Tmux) -> None:
+    addr = board_shell(lab, tmux)
+    tmux.line("board wait 3s")
+    tmux.wait("Waiting for 3s")
+    for line in ("device1 status", "bogus", "agents", "exit 7"):  # an error does not end an interactive shell
+        tmux.line(line)
+    assert 'in use by "tester"' in busy(lab, addr, "board")  # all typed while the command was running
+    tmux.wait("EXIT=7", 15)
+    after = tmux.screen().rsplit("Waiting for 3s", 1)[1]
+    ran = [after.index(text) for text in ("zdut> device1 status\n" + STATUS_OUT, "✗ ", "zdut> agents\n", "EXIT=7")]
+    assert ran == sorted(ran), after  # each in turn, once the wait was over
+
+    tmux.start("-s", addr, "shell")
+    tmux.wait_prompt("zdut>")
+    tmux.line("bogus")
+    tmux.wait('✗ device "bogus": no such device')
+    tmux.wait_prompt("zdut>")  # an error at the prompt does not end the shell ...
+    tmux.line("exit")
+    tmux.wait("EXIT=1")  # ... and `exit` alone leaves with the last line's status, as sh's does

@@ -3,10 +3,12 @@
 Every line goes through the one-shot CLI's grammar and actions (``terminal.commands.Cli``), run
 on the shell's connected client instead of a fresh one.  The prompt appears at
 once and the connection is made in the background; a ``Tracker`` keeps a cache
-of the lab for completion and the toolbar.  No error ends the shell: it prints
-the message and prompts again.  Ctrl-C cancels the running command; Ctrl-D or
-``exit`` leaves.  With stdin not a terminal, lines are read as a script (no
-prompt, commands get no stdin).
+of the lab for completion and the toolbar.  Lines are split by POSIX quoting
+(``terminal.shell_words``).  At the prompt no error ends the shell: it prints the
+message and prompts again; lines typed while a command runs wait in the terminal
+and run after it.  Ctrl-C cancels the running command; Ctrl-D or ``exit [N]``
+leaves.  With stdin not a terminal, lines are read as a script (no prompt,
+commands get no stdin) that stops at its first failing line, with its status.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
+import re
 import signal
 import sys
 import threading
@@ -30,12 +32,14 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.styles import Style
 
-from zdut.client import Client, default_user
+from zdut.client import Client, Run, default_user
 from zdut.common.paths import state_dir
 from zdut.protocol import ZdutError
+from zdut.terminal import shell_words
 from zdut.terminal.commands import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Action, Cli, Options, UsageError
 from zdut.terminal.completion import ShellCompleter
 from zdut.terminal.output import FORMATS
+from zdut.terminal.printer import OutputFailed
 from zdut.terminal.shell_view import CONNECTED, CONNECTING, Tracker, resolve
 
 HELP = """\
@@ -50,7 +54,8 @@ The one-shot CLI's grammar, without flags:
 And the shell's own:
   use DEV                   work on DEV: then `CMD args`, `lock`, `unlock`... run on it; `use` or `..` leaves
   format [text|json|yaml|oneline]
-  help, version, exit (or Ctrl-D)
+  help, version, exit [N] (or Ctrl-D)
+Words are split as by sh: quotes and backslashes, # comments; no $ expansion, pipes or redirections.
 Tab completes devices, commands, keywords and file arguments; Up/Down and Ctrl-R search the history.
 """
 
@@ -82,8 +87,9 @@ def open_history() -> History:
 
 
 class ShellCli(Cli):
-    """The CLI's actions, with Ctrl-C routed through the shell (which owns the signals) and,
-    in script mode, no stdin for commands (the rest of the script is not theirs)."""
+    """The CLI's actions, with Ctrl-C routed through the shell (which owns the signals) and stdin only for
+    an interactive command (a console) at the prompt: what is typed during any other command is the
+    shell's next lines, and a script's rest is not the commands' either."""
 
     def __init__(self, opts: Options, shell: Shell) -> None:
         super().__init__(opts)
@@ -97,13 +103,19 @@ class ShellCli(Cli):
         finally:
             self.shell.on_interrupt = previous
 
-    def stdin_fd(self) -> int | None:
-        return super().stdin_fd() if self.shell.interactive else None
+    async def _attach(self, run: Run, interactive: bool) -> bool:
+        if interactive and self.shell.interactive:
+            return await super()._attach(run, interactive)
+        await run.close_stdin()  # typed-ahead lines stay in the terminal for the prompt to read
+        return False
 
 
 class Shell:
-    def __init__(self, opts: Options, interactive: bool) -> None:
+    def __init__(self, opts: Options, interactive: bool, script: bool | None = None) -> None:
+        """``interactive``: a prompt (stdin and stdout are a terminal); ``script``: stdin is not a terminal,
+        so the first failing line ends the shell with its status (default: not interactive)."""
         self.opts, self.interactive = opts, interactive
+        self.script = not interactive if script is None else script
         self.cli = ShellCli(opts, self)
         self.tracker = Tracker(opts.server, opts.user or default_user(), self._notify, self._invalidate)
         self.device: str | None = None
@@ -112,7 +124,8 @@ class Shell:
         self.session: PromptSession[str] | None = None
         self.notice = ""
         self.held: list[str] = []  # notices that arrived while a command owned the terminal
-        self.status = EXIT_OK
+        self.status = EXIT_OK  # of the last line (empty lines and comments have none)
+        self.leaving = False  # exit was typed
 
     # ------------------------------------------------------------- main loops
     async def main(self) -> int:
@@ -157,33 +170,52 @@ class Shell:
 
     # ------------------------------------------------------------- one line
     async def handle(self, line: str) -> bool:
-        """Execute one line; False when the shell should end."""
+        """Execute one line and keep its status; False when the shell should end: ``exit``, or in a script
+        the first line that fails (an empty line or a comment keeps the status it found)."""
+        status = await self._line(line)
+        if status is not None:
+            self.status = status
+        return not self.leaving and (self.status == EXIT_OK or not self.script)
+
+    async def _line(self, line: str) -> int | None:
         try:
-            words = shlex.split(line)
-        except ValueError as exc:
+            words = shell_words.split(line)
+        except shell_words.LineError as exc:
             self.cli.error(f"cannot parse the line: {exc}")
-            return True
+            return EXIT_USAGE
         if not words:
-            return True
+            return None
         head, rest = words[0], words[1:]
         if head in ("exit", "quit"):
-            return False
+            return self._exit(head, rest)
         if head == "help":
             if rest:
-                self.cli.error("help takes no arguments; a command's usage is DEV CMD help")
-            else:
-                self._help()
-        elif head == "format":
-            self._format(rest)
-        elif head == "use":
-            await self._use(rest)
-        elif head == "..":
+                return self._fail("help takes no arguments; a command's usage is DEV CMD help")
+            return self._help()
+        if head == "format":
+            return self._format(rest)
+        if head == "use":
+            return await self._use(rest)
+        if head == "..":
             self.device = None
-        elif head == "version":
-            self.status = self.cli.version()
-        else:
-            self.status = await self.interruptible(self._execute(words))
-        return True
+            return EXIT_OK
+        if head == "version":
+            return self._output(self.cli.version)
+        return await self.interruptible(self._execute(words))
+
+    def _fail(self, text: str, status: int = EXIT_ERROR) -> int:
+        self.cli.error(text)
+        return status
+
+    def _exit(self, head: str, args: list[str]) -> int:
+        """``exit`` leaves with the last line's status, as sh's does; ``exit N`` with N (0 to 255)."""
+        if not args:
+            self.leaving = True
+            return self.status
+        if len(args) > 1 or not re.fullmatch(r"[0-9]{1,3}", args[0]) or int(args[0]) > 255:
+            return self._fail(f"{head} takes nothing or a status from 0 to 255", EXIT_USAGE)
+        self.leaving = True
+        return int(args[0])
 
     async def _execute(self, words: list[str]) -> int:
         """A line of the CLI's grammar, on the shell's client."""
@@ -226,43 +258,55 @@ class Shell:
             self.on_interrupt = None
             self.tracker.poke()  # locks may have changed
 
-    def _help(self) -> None:
+    def _help(self) -> int:
         text = HELP
         if self.device is not None:
             commands = self.tracker.view.commands.get(self.device)
             text += f"Using {self.device}; its commands: {', '.join(commands) if commands else '(not known yet)'}\n"
-        self.cli.out.out.write(text)
-        self.cli.out.out.flush()
+        return self._write(text)
 
-    def _format(self, args: list[str]) -> None:
+    def _format(self, args: list[str]) -> int:
         if len(args) > 1 or (args and args[0] not in FORMATS):
-            self.cli.error("format takes one of: text, json, yaml, oneline")
-            return
+            return self._fail("format takes one of: text, json, yaml, oneline")
         if args:
             self.cli.out.fmt = "oneline" if args[0] == "csv" else args[0]
             if not self.interactive:
-                return  # a script's output stays pure json/yaml
-        self.cli.out.out.write(f"output format: {self.cli.out.fmt}\n")
-        self.cli.out.out.flush()
+                return EXIT_OK  # a script's output stays pure json/yaml
+        return self._write(f"output format: {self.cli.out.fmt}\n")
 
-    async def _use(self, args: list[str]) -> None:
+    def _write(self, text: str) -> int:
+        def write() -> int:
+            self.cli.out.raw(text.encode())
+            return EXIT_OK
+
+        return self._output(write)
+
+    def _output(self, write: Callable[[], int]) -> int:
+        """A shell word's own output; stdout full or gone is the line's failure, as for a command."""
+        try:
+            return write()
+        except OutputFailed:
+            return self.cli.output_failed()
+
+    async def _use(self, args: list[str]) -> int:
         if not args:
             self.device = None
-            return
+            return EXIT_OK
         if len(args) > 1:
-            self.cli.error("use takes one device name")
-            return
+            return self._fail("use takes one device name")
         name = args[0]
         if name in self.tracker.view.devices:
             self.device = name
-            return
+            return EXIT_OK
 
         async def check(client: Client) -> int:
             await client.commands(name)  # NotFound for a device the server does not know
             return EXIT_OK
 
-        if await self.interruptible(self.perform(check)) == EXIT_OK:
+        status = await self.interruptible(self.perform(check))
+        if status == EXIT_OK:
             self.device = name
+        return status
 
     # ------------------------------------------------------------- display
     def prompt(self) -> FormattedText:
@@ -347,7 +391,7 @@ def main(opts: Options, words: list[str]) -> int:
     if words:
         sys.stderr.write(f"zdut shell takes no arguments, got: {' '.join(words)}\n")
         return EXIT_USAGE
-    shell = Shell(opts, sys.stdin.isatty() and sys.stdout.isatty())
+    shell = Shell(opts, sys.stdin.isatty() and sys.stdout.isatty(), script=not sys.stdin.isatty())
     loop: asyncio.AbstractEventLoop | None = None
     main_task: asyncio.Task[int] | None = None
 
