@@ -76,7 +76,7 @@ from zdut.protocol import (
     encode,
     version_drift,
 )
-from zdut.transport.dealer import client_socket
+from zdut.transport.dealer import client_socket, unresolvable
 from zdut.transport.files import Downloads, FileSender, open_source
 from zdut.transport.links import Pump
 from zdut.transport.monitor import ConnectionMonitor
@@ -86,8 +86,10 @@ CONNECT_TIMEOUT_S = 10.0
 #: Console input goes out in pieces well under the stdin window (a piece must always fit in it).
 STDIN_CHUNK = STDIN_WINDOW // 4
 CALL_TIMEOUT_S = 30.0
-#: Connection refused for this long means nobody listens there.
+#: A connection that fails (refused, not ZMTP) for this long will not come up.
 REFUSED_GRACE_S = 1.0
+#: A host name that takes longer than this to resolve is reported as such.
+RESOLVE_TIMEOUT_S = 1.5
 
 
 def default_user() -> str:
@@ -322,6 +324,9 @@ class Client:
             raise
 
     async def _open(self, ep: str) -> None:
+        problem = await unresolvable(ep, min(self.connect_timeout, RESOLVE_TIMEOUT_S))
+        if problem:
+            raise self._unreachable(problem)
         self._ctx = zmq.Context()
         sock = client_socket(self._ctx)
         pump = self._pump = Pump(sock, with_peer=False, limit=MAX_REPLY_BYTES)
@@ -331,11 +336,12 @@ class Client:
         self._tasks.append(asyncio.create_task(pump.run(lambda _, msg, payload: self._dispatch(msg, payload))))
         self._tasks.append(asyncio.create_task(keep_alive(self._watched)))
         waiter = asyncio.ensure_future(self._connected.wait())
-        either: set[asyncio.Future[Any]] = {waiter, monitor.refused}
+        either: set[asyncio.Future[Any]] = {waiter, monitor.failed}
         done, _ = await asyncio.wait(either, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         if not self._connected.is_set():
-            why = "connection refused" if monitor.refused in done else f"no connection within {self.connect_timeout:g}s"
+            failed = monitor.failed
+            why = failed.result() if failed in done else f"no connection within {self.connect_timeout:g}s"
             raise self._unreachable(why)
         reply = await self._call(lambda rid: Hello(rid, VERSION, self.user))
         assert isinstance(reply, Welcome)

@@ -3,14 +3,23 @@
 ZMQ_MAXMSGSIZE makes libzmq read a frame's size from its header and drop the connection when the frame is
 larger than :data:`~zdut.common.limits.CLIENT_MAX_FRAME` (the longest reply there is), before allocating it:
 a hostile or broken server costs the client a lost connection, never its memory.
+
+libzmq says nothing when it cannot resolve a host name (it retries quietly, as if refused), so
+:func:`unresolvable` looks the name up first.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import threading
 from typing import Any
 
 import zmq
 
+from zdut.common.flags import go_quote
 from zdut.common.limits import CLIENT_MAX_FRAME
 from zdut.transport.links import tune
 
@@ -21,3 +30,37 @@ def client_socket(ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
     sock.setsockopt(zmq.IMMEDIATE, 1)  # fail fast instead of queueing towards nobody
     sock.setsockopt(zmq.MAXMSGSIZE, CLIENT_MAX_FRAME)
     return sock
+
+
+async def unresolvable(ep: str, timeout: float) -> str | None:
+    """Why the host of ``tcp://host:port`` cannot be resolved (within ``timeout``), or None if it can.
+
+    The lookup runs on a daemon thread, so a resolver that hangs past the timeout holds up nothing, not even
+    the loop's shutdown."""
+    host = ep.partition("://")[2].rpartition(":")[0].rpartition(";")[2].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return None  # nothing to look up
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str | None] = loop.create_future()
+
+    def settle(why: str | None) -> None:
+        if not answer.done():
+            answer.set_result(why)
+
+    def look_up() -> None:
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            why = None
+        except (OSError, UnicodeError) as exc:
+            why = f"cannot resolve host {go_quote(host)}: {exc.args[-1] if exc.args else exc}"
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
+            loop.call_soon_threadsafe(settle, why)
+
+    threading.Thread(target=look_up, name="zdut-resolve", daemon=True).start()
+    try:
+        return await asyncio.wait_for(answer, timeout)
+    except TimeoutError:
+        return f"cannot resolve host {go_quote(host)} within {timeout:g}s"
