@@ -26,6 +26,10 @@ def _usage(exc: UsageError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["completion"], ["__complete"]):  # the shell's: no server address needed
+        from zdut.terminal import completion_scripts as scripts
+
+        return scripts.script(argv[1:]) if argv[0] == "completion" else scripts.complete(argv[1:])
     try:
         opts, words = parse_flags(argv)
     except UsageError as exc:
