@@ -203,3 +203,18 @@ def test_force_unlock_names_the_broken_owner_and_keeps_the_busy_hold_until_its_r
     locker.acquire_busy("dev", "alice")
     clock.t += 60
     assert locker.state("dev") == LockState("alice", int(clock.t) - 60, 0)  # not free: the run goes on
+
+
+def test_a_lock_under_a_minute_is_refused_in_seconds_not_0m() -> None:
+    """The agent's refusal says how long the lock lasts: ``for 45s`` under a minute (dutctl rounds to ``0m``),
+    minutes above it as dutctl writes them."""
+    clock = _Clock()
+    locker = Locker({"dev"}, None, clock=clock)
+    locker.lock("dev", "alice", 45)
+    with pytest.raises(ZdutError) as err:
+        locker.check_access("dev", "bob")
+    assert err.value.message == 'device "dev" is locked by "alice" for 45s'
+    locker.lock("dev", "alice", 5400)
+    with pytest.raises(ZdutError) as err:
+        locker.check_access("dev", "bob")
+    assert err.value.message == 'device "dev" is locked by "alice" for 1h30m'

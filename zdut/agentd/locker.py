@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zdut.common.answers import no_such_device
-from zdut.common.durations import format_minutes
+from zdut.common.durations import format_left
 from zdut.protocol import Code, LockState, ZdutError
 
 log = logging.getLogger("zdut.agentd.locker")
@@ -82,7 +82,7 @@ class Locker:
         """Raise FailedPrecondition if another owner holds the device."""
         reserved = self._reservation(device)
         if reserved and reserved.owner != user:
-            left = format_minutes(reserved.expires_at - self._clock())
+            left = format_left(reserved.expires_at - self._clock())
             raise ZdutError(Code.FAILED_PRECONDITION, f'device "{device}" is locked by "{reserved.owner}" for {left}')
         busy = self._busy.get(device)
         if busy and busy.owner != user:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from zdut.brokerd.store import AgentRecord, DeviceRecord
 from zdut.common.answers import device_not_found, listing, no_such_command
-from zdut.common.durations import format_minutes
+from zdut.common.durations import format_left
 from zdut.protocol import (
     VERSION,
     AgentInfo,
@@ -219,7 +219,7 @@ class Registry:
             at = dt.datetime.fromtimestamp(lock.expires_at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             raise ZdutError(
                 Code.FAILED_PRECONDITION,
-                f'device "{dev.name}" is locked by {where} (expires in {format_minutes(lock.expires_at - now)}, '
+                f'device "{dev.name}" is locked by {where} (expires in {format_left(lock.expires_at - now)}, '
                 f"at {at}); it can move once the lock expires or {escape}",
             )
         raise ZdutError(

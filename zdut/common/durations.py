@@ -86,9 +86,12 @@ def format_duration(seconds: float) -> str:
     return out + f"{_trim(s)}s"
 
 
-def format_minutes(seconds: float) -> str:
-    """Remaining lock time rounded to the minute, dutctl style: ``1h30m``, ``25m``, ``0m``."""
-    minutes = max(0, round(seconds / 60))
+def format_left(seconds: float) -> str:
+    """Time left on a lock: seconds under a minute (``45s``, never ``0m``), else rounded to the minute as dutctl
+    writes it (``1h30m``, ``25m``).  Every lock message uses it: the client's, the agent's and the broker's."""
+    if seconds < 59.5:
+        return f"{max(0, round(seconds))}s"
+    minutes = round(seconds / 60)
     h, m = divmod(minutes, 60)
     return f"{h}h{m}m" if h else f"{m}m"
 

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from zdut.common.durations import format_minutes
+from zdut.common.durations import format_left
 from zdut.protocol import AgentInfo, DeviceInfo, LockState
 
 FORMATS = ("text", "json", "yaml", "oneline", "csv")
@@ -271,11 +271,6 @@ class Output:
             data = "|".join(str(x) for x in data)
         fields.append(str(data))
         return ",".join(_csv_field(_one_line(f)) for f in fields)
-
-
-def format_left(seconds: float) -> str:
-    """Time left on a lock: seconds under a minute (``45s``, never ``0m``), else dutctl's ``1h30m``, ``25m``."""
-    return f"{max(0, round(seconds))}s" if seconds < 59.5 else format_minutes(seconds)
 
 
 def _locked(data: tuple[Any, ...]) -> tuple[str, LockState, bool]:
