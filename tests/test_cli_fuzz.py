@@ -172,6 +172,18 @@ def test_shell_fed_the_same_lines_on_stdin(servers: Servers) -> None:
             check(r, ["shell", line])
 
 
+@pytest.mark.parametrize("target", ["agent", "broker"])
+def test_a_request_past_every_frame_cap_is_refused_before_it_is_sent(servers: Servers, target: str) -> None:
+    """A 3 MB shell line is over the agent's 1 MiB frame cap: sent, it would only drop the connection ("lost
+    connection"); the client refuses it in the servers' own words instead."""
+    addr = servers.agent if target == "agent" else servers.broker
+    r = servers.run(["-s", addr, "shell"], stdin=b"device1 status " + b"a" * 3_000_000 + b"\n")
+    check(r, ["shell", "3 MB line"])
+    lines = message_lines(r.stderr)
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+    assert b"request refused: its header of 3000" in lines[0] and b"exceeds 65536 bytes" in lines[0], lines
+
+
 def test_fuzz_servers_survive(servers: Servers) -> None:
     """After everything above, both servers still answer."""
     for addr in (servers.agent, servers.broker):

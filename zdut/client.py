@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from zdut.common.addresses import server_endpoint
-from zdut.common.flags import go_quote
+from zdut.common.answers import encode_request
 from zdut.common.limits import CLIENT_MAX_FRAME
 from zdut.protocol import (
     INITIAL_WINDOW,
@@ -73,7 +73,6 @@ from zdut.protocol import (
     Unlocked,
     Welcome,
     ZdutError,
-    encode,
     version_drift,
 )
 from zdut.transport.dealer import client_socket, unresolvable
@@ -425,7 +424,7 @@ class Client:
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._calls[rid] = fut
         try:
-            self._send(_encode(msg))
+            self._send(encode_request(msg))
             reply = await asyncio.wait_for(fut, self.call_timeout)
         except TimeoutError:
             raise ZdutError(Code.DEADLINE_EXCEEDED,
@@ -482,17 +481,8 @@ class Client:
         run = Run(self, sid, device, command, args, handler or RunHandler())
         self._runs[sid] = run
         try:
-            self._send(_encode(RunOpen(sid, VERSION, self.user, device, command, args)))
+            self._send(encode_request(RunOpen(sid, VERSION, self.user, device, command, args)))
         except ZdutError as exc:
             run.end(exc)
         return run
 
-
-def _encode(msg: Message) -> bytes:
-    """A request's header; a name or argument that is not UTF-8 (a byte from a non-UTF-8 command line) is the
-    caller's error, not a crash."""
-    try:
-        return encode(msg)
-    except UnicodeEncodeError as exc:
-        bad = exc.object if isinstance(exc.object, str) else ""
-        raise ZdutError(Code.INVALID_ARGUMENT, f"{go_quote(bad)} is not valid UTF-8") from None

@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 import msgspec
 
+from zdut.common.flags import go_quote
 from zdut.protocol import (
+    MAX_HEADER_BYTES,
     UNARY_REQUESTS,
     VERSION,
     AgentInfo,
@@ -31,6 +33,7 @@ from zdut.protocol import (
     RunOpen,
     Welcome,
     ZdutError,
+    encode,
 )
 
 _SERVED_BY = {"agent": "an agent", "broker": "the broker"}
@@ -100,8 +103,25 @@ def oversized(header: bytes | memoryview, limit: int) -> Message | None:
         head = _prefix.decode(header)
     except ValueError:  # msgspec.DecodeError: not even a request's first two fields
         return None
-    why = f"request refused: its header of {len(header)} bytes exceeds {limit} bytes"
-    return refusal(head.tag, head.key, Code.INVALID_ARGUMENT, why)
+    return refusal(head.tag, head.key, Code.INVALID_ARGUMENT, _too_long(len(header), limit))
+
+
+def _too_long(size: int, limit: int) -> str:
+    return f"request refused: its header of {size} bytes exceeds {limit} bytes"
+
+
+def encode_request(msg: Message) -> bytes:
+    """A request's header as a client sends it, refused here in the servers' own words when a server would
+    refuse it: a name or argument that is not UTF-8 (bytes from a non-UTF-8 command line), or a header over
+    MAX_HEADER_BYTES (past a server's frame cap that would be a dropped connection, not an answer)."""
+    try:
+        header = encode(msg)
+    except UnicodeEncodeError as exc:
+        bad = exc.object if isinstance(exc.object, str) else ""
+        raise ZdutError(Code.INVALID_ARGUMENT, f"{go_quote(bad)} is not valid UTF-8") from None
+    if len(header) > MAX_HEADER_BYTES:
+        raise ZdutError(Code.INVALID_ARGUMENT, _too_long(len(header), MAX_HEADER_BYTES))
+    return header
 
 
 def refusal(tag: str, key: int, code: str, message: str) -> Message | None:
