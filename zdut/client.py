@@ -372,8 +372,11 @@ class Client:
             self.on_connection(True)
 
     def _down(self) -> None:
-        """The link dropped: everything in flight fails."""
+        """The link dropped: what arrived before it is still delivered (a run's Done often comes right before
+        an agent that is shutting down closes), then everything still in flight fails."""
         self._connected.clear()
+        if self._pump is not None:
+            self._pump.drain()
         self._fail_all(ZdutError(Code.UNAVAILABLE, f"lost connection to zdut server at {self.address} (closed by "
                                  f"the server or the network, or it sent a frame over {CLIENT_MAX_FRAME >> 20} MiB)"))
         if self.on_connection:
