@@ -47,9 +47,29 @@ def test_changes_locks_of_others_but_not_our_own_or_busy_holds() -> None:
     free = devices(dev("a"), dev("b"), dev("c"))
     taken = devices(dev("a", owner="bob", expires=later), dev("b", owner=ME, expires=later), dev("c", owner="eve"))
     assert changes(free, taken, ME, now) == ['a locked by "bob"']  # ours and a busy hold (a run) are no news
-    assert changes(taken, free, ME, now) == ["a unlocked"]  # we released ours ourselves
+    assert changes(taken, free, ME, now, released={"b"}) == ["a unlocked"]  # we released ours ourselves
     expiring = devices(dev("b", owner=ME, expires=int(now)))
     assert changes(expiring, devices(dev("b")), ME, now) == ["your lock on b expired"]
+
+
+def test_our_lock_broken_by_someone_else_is_news() -> None:
+    """``unlock force`` by another user ends our reservation: the shell says so, and who holds it now; our
+    own unlock (the shell records it) and a busy hold of ours ending are no news."""
+    now = time.time()
+    later = int(now) + 1800
+    ours = devices(dev("a", owner=ME, expires=later), dev("b", owner=ME, expires=later))
+    taken = devices(dev("a"), dev("b", owner="bob", expires=later))
+    broken_b = 'your lock on b was broken: now locked by "bob"'
+    assert changes(ours, taken, ME, now) == ["your lock on a was broken", broken_b]
+    assert changes(ours, taken, ME, now, released={"a"}) == [broken_b]
+    busy = devices(dev("a", owner=ME), dev("b"))
+    assert changes(busy, devices(dev("a"), dev("b")), ME, now) == []
+    view = LabView()
+    view.update(list(ours.values()), ME, now)
+    view.listed = True
+    view.released.add("a")
+    assert view.update(list(taken.values()), ME, now) == [broken_b]
+    assert view.released == set()  # consumed by the list that showed the change
 
 
 def test_labview_first_list_is_silent_and_counts() -> None:

@@ -222,11 +222,15 @@ class Shell:
         if self.device is not None:
             await self.tracker.prepare(self.device)
         try:
-            action = self.cli.plan(resolve(words, self.device, self.tracker.view))
+            words = resolve(words, self.device, self.tracker.view)
+            action = self.cli.plan(words)
         except UsageError as exc:
             self.cli.error(f"{exc} (type help for the grammar)")
             return EXIT_ERROR
-        return await self.perform(action)
+        status = await self.perform(action)
+        if status == 0 and words[1:2] == ["unlock"]:
+            self.tracker.view.released.add(words[0])  # our own unlock: no "your lock was broken" notice
+        return status
 
     async def perform(self, action: Action) -> int:
         try:

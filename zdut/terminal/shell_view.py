@@ -14,7 +14,7 @@ import contextlib
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from zdut.client import Client
@@ -71,11 +71,14 @@ def _lock_text(lock: LockState) -> str:
     return f'in use by "{lock.owner}"' if not lock.expires_at else f'locked by "{lock.owner}"'
 
 
-def changes(old: dict[str, DeviceInfo], new: dict[str, DeviceInfo], me: str, now: float) -> list[str]:
+def changes(old: dict[str, DeviceInfo], new: dict[str, DeviceInfo], me: str, now: float,
+            released: Collection[str] = ()) -> list[str]:
     """One-line notices for what changed between two device lists.
 
     Our own locks and busy holds (which come and go with every run) are left out: the user
-    saw the result of their own command already.  Only the expiry of our own lock is news."""
+    saw the result of their own command already.  News about our own lock: its expiry, and its end by
+    someone else's ``unlock force`` (any end of a lock with time left that is not in ``released``, the
+    devices this shell unlocked itself)."""
     appeared = [n for n in new if n not in old]
     gone = [n for n in old if n not in new]
     offline = [n for n, d in new.items() if n in old and old[n].online and not d.online]
@@ -93,7 +96,11 @@ def changes(old: dict[str, DeviceInfo], new: dict[str, DeviceInfo], me: str, now
         was, lock = old[name].lock, new[name].lock
         if was == lock:
             continue
-        if lock is not None and lock.owner != me and lock.expires_at:
+        if was is not None and was.owner == me and was.expires_at > now + REFRESH_S and name not in released \
+                and (lock is None or lock.owner != me):
+            now_held = f": now {_lock_text(lock)}" if lock is not None and lock.expires_at else ""
+            notices.append(f"your lock on {name} was broken{now_held}")
+        elif lock is not None and lock.owner != me and lock.expires_at:
             notices.append(f"{name} {_lock_text(lock)}")
         elif lock is None and was is not None and was.expires_at:
             if was.owner != me:
@@ -149,6 +156,8 @@ class LabView:
     fetched: dict[str, float] = field(default_factory=dict)
     #: A first device list (and the commands of its devices) has arrived: later lists bring notices.
     listed: bool = False
+    #: Devices this shell unlocked itself since the last list: their locks' end is no news.
+    released: set[str] = field(default_factory=set)
 
     def counts(self) -> tuple[int, int, int]:
         """Online, offline and locked (reserved or busy) devices."""
@@ -162,7 +171,8 @@ class LabView:
     def update(self, devices: Iterable[DeviceInfo], me: str, now: float) -> list[str]:
         """Take a new device list; returns the notices (none before the view is ``listed``)."""
         new = {d.name: d for d in devices}
-        notices = changes(self.devices, new, me, now) if self.listed else []
+        notices = changes(self.devices, new, me, now, self.released) if self.listed else []
+        self.released.clear()
         for name, d in new.items():
             was = self.devices.get(name)
             if was is not None and not was.online and d.online:
