@@ -24,7 +24,7 @@ from zdut.agentd.agent import Agent
 from zdut.agentd.config import ConfigError, load_config
 from zdut.common import logs
 from zdut.common.addresses import server_endpoint
-from zdut.common.limits import AGENT_MAX_FRAME, new_router
+from zdut.common.limits import AGENT_MAX_FRAME, new_router, tcp_keepalive_instead_of_zmtp_heartbeats
 from zdut.common.memtune import tune_malloc
 from zdut.common.paths import state_dir
 from zdut.protocol import (
@@ -207,17 +207,11 @@ async def _listen(agent: Agent, args: argparse.Namespace) -> int:
 
 
 def _direct_router(ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
-    """The ``-a`` socket: routing ids no peer can predict, frames no peer can choose (common.limits), and no
-    ZMTP heartbeats: libzmq 4.3.5 aborts (stream_engine_base.cpp:310, "!_io_error"; libzmq #4364) when its
-    ping timer fires on a connection whose input it stopped (a peer sending requests and reading no replies)
-    and that the peer closed.  The kernel finds dead TCP instead; sessions have their own pings."""
+    """The ``-a`` socket: routing ids no peer can predict, frames no peer can choose, and TCP keepalive in place
+    of the ZMTP heartbeats that can abort libzmq (all in common.limits)."""
     sock = new_router(ctx, AGENT_MAX_FRAME)
     tune(sock)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 0)
-    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 3)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 1)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+    tcp_keepalive_instead_of_zmtp_heartbeats(sock, 1.0)
     return sock
 
 

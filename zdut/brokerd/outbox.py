@@ -22,7 +22,7 @@ from typing import Any
 import zmq
 
 from zdut.brokerd.timers import Coalesced, Timers
-from zdut.common.limits import new_router
+from zdut.common.limits import new_router, tcp_keepalive_instead_of_zmtp_heartbeats
 from zdut.common.logs import hex_id
 from zdut.protocol import CHUNK_SIZE, INITIAL_WINDOW, MAX_HEADER_BYTES, STDIN_WINDOW
 
@@ -69,16 +69,7 @@ def bind_router(ctx: zmq.Context[Any], ep: str, hwm: int, heartbeat_s: float) ->
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.BACKLOG, 1024)  # an agent storm after a broker restart: no SYN retransmit waits
     sock.setsockopt(zmq.LINGER, 500)  # replies in flight at shutdown get a moment, never a hang
-    # No ZMTP heartbeats: libzmq 4.3.5 aborts (stream_engine_base.cpp:310, "!_io_error"; libzmq #4364)
-    # when its ping timer fires on a connection whose input is stopped (a peer flooding faster than
-    # the loop reads) and that the peer has closed.  The kernel finds dead TCP instead (keepalive
-    # probes after 3 heartbeats of silence), so sends to it fail with EHOSTUNREACH; presence and
-    # sessions have their own heartbeats and pings (docs/architecture.md, "Flow control and liveness").
-    idle = min(max(1, round(3 * heartbeat_s)), 32_767)
-    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, idle)
-    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, min(max(1, round(heartbeat_s)), 32_767))
-    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+    tcp_keepalive_instead_of_zmtp_heartbeats(sock, heartbeat_s)  # docs/architecture.md, "Flow control and liveness"
     try:
         sock.bind(ep)
     except zmq.ZMQError:

@@ -33,6 +33,22 @@ def _seed_routing_ids() -> None:
     _libc.srand(ctypes.c_uint(int.from_bytes(os.urandom(4), "little")))
 
 
+def tcp_keepalive_instead_of_zmtp_heartbeats(sock: zmq.Socket[Any], unit_s: float) -> None:
+    """No ZMTP heartbeats on a ROUTER that faces the network: libzmq 4.3.5 aborts (stream_engine_base.cpp:310,
+    "!_io_error"; libzmq #4364) when its ping timer fires on a connection whose input it stopped (a peer
+    sending faster than the loop reads, or reading no replies) and that the peer closed.  The kernel finds
+    dead TCP instead: keepalive probes after 3 ``unit_s`` of silence, every ``unit_s``, 3 of them; sends to
+    a dead peer then fail with EHOSTUNREACH.  Presence and sessions keep their own heartbeats and pings."""
+    def whole_seconds(s: float) -> int:
+        return min(max(1, round(s)), 32_767)
+
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 0)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, whole_seconds(3 * unit_s))
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, whole_seconds(unit_s))
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+
+
 def new_router(ctx: zmq.Context[Any], max_frame: int) -> zmq.Socket[Any]:
     """A ROUTER whose self-assigned routing ids are unpredictable and whose peers' frames are capped
     (ZMQ_MAXMSGSIZE: a larger frame closes that peer's connection before it is allocated)."""
