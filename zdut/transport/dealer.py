@@ -11,14 +11,13 @@ libzmq says nothing when it cannot resolve a host name (it retries quietly, as i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import socket
-import threading
 from typing import Any
 
 import zmq
 
+from zdut.common.daemon import off_loop
 from zdut.common.flags import go_quote
 from zdut.common.limits import CLIENT_MAX_FRAME
 from zdut.transport.links import tune
@@ -43,24 +42,14 @@ async def unresolvable(ep: str, timeout: float) -> str | None:
         return None  # nothing to look up
     except ValueError:
         pass
-    loop = asyncio.get_running_loop()
-    answer: asyncio.Future[str | None] = loop.create_future()
-
-    def settle(why: str | None) -> None:
-        if not answer.done():
-            answer.set_result(why)
-
-    def look_up() -> None:
+    def look_up() -> str | None:
         try:
             socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-            why = None
         except (OSError, UnicodeError) as exc:
-            why = f"cannot resolve host {go_quote(host)}: {exc.args[-1] if exc.args else exc}"
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting any more
-            loop.call_soon_threadsafe(settle, why)
+            return f"cannot resolve host {go_quote(host)}: {exc.args[-1] if exc.args else exc}"
+        return None
 
-    threading.Thread(target=look_up, name="zdut-resolve", daemon=True).start()
     try:
-        return await asyncio.wait_for(answer, timeout)
+        return await asyncio.wait_for(off_loop(look_up), timeout)
     except TimeoutError:
         return f"cannot resolve host {go_quote(host)} within {timeout:g}s"

@@ -21,12 +21,12 @@ import stat
 import tempfile
 import threading
 from collections.abc import AsyncIterable, Callable
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
+from zdut.common.daemon import off_loop
 from zdut.protocol import CHUNK_SIZE, Code, FileAbort, FileChunk, FileEnd, FileOpen, ZdutError
 from zdut.transport.stream import Stream
 
-T = TypeVar("T")
 #: What a file is sent from.
 Source = str | os.PathLike[str] | BinaryIO | AsyncIterable[bytes]
 #: progress(bytes_done, bytes_total); total is -1 when unknown.
@@ -108,30 +108,6 @@ async def open_source(path: str) -> tuple[BinaryIO, int]:
     return os.fdopen(fd, "rb"), st.st_size if stat.S_ISREG(st.st_mode) else -1
 
 
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a daemon thread of its own: a read that never returns (a FIFO nobody writes) keeps
-    neither the loop nor the process's exit waiting, as an executor's thread would."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(value: T | None, exc: BaseException | None) -> None:
-        if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value)  # type: ignore[arg-type]
-
-    def work() -> None:
-        try:
-            value, exc = fn(*args), None
-        except BaseException as e:  # handed to the awaiting task, which re-raises it
-            value, exc = None, e
-        with contextlib.suppress(RuntimeError):  # the loop is gone
-            loop.call_soon_threadsafe(settle, value, exc)
-
-    threading.Thread(target=work, name="zdut-read", daemon=True).start()
-    return await fut
 
 
 def _is_stream(fh: BinaryIO) -> bool:
