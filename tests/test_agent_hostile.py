@@ -22,6 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from conftest import Lab, peak_rss_mb, wait_for
 from zdut import protocol as p
+from zdut.common.addresses import endpoint
 
 MB = 1024 * 1024
 #: libzmq's first self-assigned routing id in a process whose rand() nobody seeded: 0x00 then rand()'s
@@ -184,7 +185,7 @@ def test_peers_claiming_the_next_routing_ids_cannot_crash_the_agent(lab: Lab, ct
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTING_ID, b"\0" + (UNSEEDED_FIRST_ID + i).to_bytes(4, "big"))
-        sock.connect(p.endpoint(addr))
+        sock.connect(endpoint(addr))
         sock.send(p.encode(p.Hello(i, p.VERSION, "mallory")))
         claimers.append(sock)
     for sock in claimers:  # every claim is in place: each was answered under its claimed id

@@ -21,6 +21,7 @@ import zmq
 from conftest import Lab, free_port, peak_rss_mb, wait_for
 from zdut import protocol as p
 from zdut.client import Client, RunHandler
+from zdut.common.addresses import endpoint
 
 MB = 1024 * 1024
 
@@ -39,7 +40,7 @@ def _config(tmp: Path) -> Path:
 def _dealer(ctx: zmq.Context[Any], addr: str) -> zmq.Socket[Any]:
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
-    sock.connect(p.endpoint(addr))
+    sock.connect(endpoint(addr))
     return sock
 
 

@@ -20,6 +20,7 @@ from zdut import protocol as p
 from zdut.agentd.locker import Locker
 from zdut.agentd.run import AgentRun
 from zdut.client import Client
+from zdut.common.addresses import endpoint
 
 ATTEMPTS = 240
 #: How each attempt ends: (command, args, what the client does before closing its socket).
@@ -86,7 +87,7 @@ def test_open_and_vanish_never_leaves_the_device_in_use(lab: Lab, ctx: zmq.Conte
     else:
         _, addr = lab.broker()
         agent = lab.brokered_agent(config, addr)
-    ep = p.endpoint(addr)
+    ep = endpoint(addr)
     for i in range(ATTEMPTS):
         _open_and_vanish(ctx, ep, i + 1, VARIANTS[i % len(VARIANTS)])
     holds: list[Any] = []

@@ -13,6 +13,7 @@ import zmq
 
 from conftest import CONF, Lab, exe, free_port, peak_rss_mb, run_measured, wait_for
 from zdut import protocol as p
+from zdut.common.addresses import endpoint
 
 SUFFIX = b"\n\nprocessed by dummy.FT module\n"
 
@@ -109,7 +110,7 @@ def test_major_version_mismatch_is_refused(lab: Lab) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
-    sock.connect(p.endpoint(addr))
+    sock.connect(endpoint(addr))
     sock.send(p.encode(p.ListDevices(7, "9.0.0", "old@host")))
     assert sock.poll(5000)
     reply = p.decode(sock.recv())

@@ -13,6 +13,7 @@ from conftest import CONF, Lab
 from zdut import protocol as p
 from zdut.agentd.locker import Locker
 from zdut.agentd.run import AgentRun
+from zdut.common.addresses import endpoint
 from zdut.transport.stream import Stream
 
 
@@ -69,7 +70,7 @@ def test_agent_aborts_a_session_with_a_gap(lab: Lab) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
-    sock.connect(p.endpoint(addr))
+    sock.connect(endpoint(addr))
     try:
         sock.send(p.encode(p.RunOpen(1, p.VERSION, "tester", "device2", "repeat", [])))
         got: list[Any] = []

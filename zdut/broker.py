@@ -41,6 +41,7 @@ from zdut.brokerd.sessions import Sessions
 from zdut.brokerd.store import Store, StoreError, default_state_path
 from zdut.brokerd.timers import Timers
 from zdut.common import logs
+from zdut.common.addresses import endpoint
 from zdut.common.logs import Throttle, hex_id
 from zdut.common.memtune import tune_malloc
 from zdut.protocol import (
@@ -77,7 +78,6 @@ from zdut.protocol import (
     ZdutError,
     check_version,
     encode,
-    endpoint,
 )
 
 log = logging.getLogger("zdut.broker")

@@ -13,7 +13,7 @@ Envelopes (see docs/protocol.md):
   the agent's handlers do not know whether a broker sits in between.
 * broker <-> agent control traffic uses an empty client-id frame ``b""``.
 
-It imports nothing from zdut but the package version.
+It imports nothing from zdut but the package version. Addresses are read in common/addresses.
 """
 
 from __future__ import annotations
@@ -480,21 +480,3 @@ def version_drift(client_version: str, server_role: str, server_version: str) ->
         kb = tuple(int(x) for x in sa.groups()[:3])
         relation = "is older than" if ka < kb else "is newer than" if ka > kb else "differs from"
     return f"zdut client {client_version} {relation} {server_role} {server_version} ({reason})"
-
-
-# ---------------------------------------------------------------- addresses
-
-
-def endpoint(addr: str) -> str:
-    """``host:port`` or ``tcp://host:port`` -> a ZeroMQ endpoint.  ``localhost`` means 127.0.0.1
-    (libzmq resolves it, but binding it may pick ::1 only)."""
-    if "://" in addr:
-        return addr
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"invalid address {addr!r}: want host:port or tcp://host:port")
-    if host in ("", "localhost"):
-        host = "127.0.0.1"
-    elif host == "0.0.0.0":
-        host = "*"
-    return f"tcp://{host}:{port}"

@@ -23,14 +23,13 @@ from zmq.utils.monitor import parse_monitor_message
 from zdut.agentd.agent import Agent
 from zdut.agentd.config import ConfigError, load_config
 from zdut.common import logs
-from zdut.common.addresses import server_endpoint
+from zdut.common.addresses import endpoint, server_endpoint
 from zdut.common.limits import AGENT_MAX_FRAME, new_router, tcp_keepalive_instead_of_zmtp_heartbeats
 from zdut.common.memtune import tune_malloc
 from zdut.common.paths import state_dir
 from zdut.protocol import (
     VERSION,
     ZdutError,
-    endpoint,
 )
 from zdut.transport.links import Link, tune
 from zdut.transport.stream import keep_alive

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import zmq
 
 from zdut.agentd.locker import Locker
+from zdut.common.addresses import endpoint
 from zdut.common.backoff import Backoff
 from zdut.protocol import (
     MAX_HEADER_BYTES,
@@ -32,7 +33,6 @@ from zdut.protocol import (
     SessionGone,
     ZdutError,
     encode,
-    endpoint,
 )
 from zdut.transport.links import Link, LoopThrottle, tune
 

@@ -6,7 +6,21 @@ message, so a front end can make it a usage error naming its flag instead of a s
 
 from __future__ import annotations
 
-from zdut.protocol import endpoint
+
+def endpoint(addr: str) -> str:
+    """``host:port`` or ``tcp://host:port`` -> a ZeroMQ endpoint.  ``localhost`` means 127.0.0.1
+    (libzmq resolves it, but binding it may pick ::1 only)."""
+    if "://" in addr:
+        return addr
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"invalid address {addr!r}: want host:port or tcp://host:port")
+    if host in ("", "localhost"):
+        host = "127.0.0.1"
+    elif host == "0.0.0.0":
+        host = "*"
+    return f"tcp://{host}:{port}"
+
 
 WANT = "want host:port or tcp://host:port with a port from 1 to 65535"
 
