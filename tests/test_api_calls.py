@@ -36,7 +36,7 @@ def test_listings_answer(lab: Lab, open_api: Opener) -> None:
     (agent,) = api.agents()  # an agent lists itself
     assert agent.devices == ["device1", "device2", "device3"] and agent.online
     assert api.commands("device2") == ["repeat", "status"]
-    assert api.help("device1", "status").startswith("This dummy module prints")
+    assert api.help("device1", "status").startswith("Report status\n\nThis dummy module prints")
 
 
 def test_unknown_names_are_not_found(lab: Lab, open_api: Opener) -> None:

@@ -71,7 +71,7 @@ def test_real_agents_register_and_serve(lab: Lab, broker: Broker, client: Client
     assert text == b"Hello from dummy status module\nCalled with 1 arguments\nArg 0: x\n"
     assert out[-1][0].code == ""
     assert client.call(lambda r: P.ListCommands(r, P.VERSION, USER, "device2")) == P.CommandList(
-        client.rid, ["repeat", "status"]
+        client.rid, ["repeat", "status"], ["Repeat input", "Report status"]
     )
     lock = client.call(lambda r: P.Lock(r, P.VERSION, "alice", "device2", 600))
     assert isinstance(lock, P.LockResult) and lock.lock.owner == "alice"

@@ -53,7 +53,7 @@ def register(
     busy: dict[str, LockState] | None = None, failed: dict[str, str] | None = None,
 ) -> Register:
     entries = [
-        DeviceEntry(d, [CommandInfo("status", f"status of {d}"), CommandInfo("on", "power on")], *extra)
+        DeviceEntry(d, [CommandInfo("status", f"status of {d}"), CommandInfo("on", "power on", "Power on")], *extra)
         for d in devices
         for extra in [[failed[d]] if failed and d in failed else []]
     ]
@@ -74,7 +74,7 @@ def test_register_and_list(reg: Registry) -> None:
         DeviceInfo("dev1", None, "a", True),
         DeviceInfo("dev2", None, "a", True),
     ]
-    assert reg.commands("dev1") == ["on", "status"]
+    assert reg.commands("dev1") == [("on", "Power on"), ("status", "")]
     assert reg.help_text("dev1", "status") == "status of dev1"
     assert [(a.name, a.devices, a.online, a.address) for a in reg.agent_list()] == [
         ("a", ["dev1", "dev2"], True, "a:1024"),
@@ -275,7 +275,7 @@ def test_persistence_round_trip_lists_devices_offline(reg: Registry, clock: Cloc
     ]
     back = fresh.register(b"r9", register("a", "dev1", "dev2", instance="i2"))
     assert back.restarted and back.replaced_rid is None
-    assert fresh.commands("dev1") == ["on", "status"]
+    assert fresh.commands("dev1") == [("on", "Power on"), ("status", "")]
 
 
 # ------------------------------------------------------------------ issue 10: locks stay true

@@ -296,7 +296,8 @@ def test_registration_listing_and_registry_answers(ctx: zmq.Context[Any], broker
         ("agent-b", ["dev3"], True, "agent-b:9"),
     ]
     assert abs(infos[0].last_seen - time.time()) < 5
-    assert c.call(lambda r: P.ListCommands(r, P.VERSION, USER, "dev1")) == P.CommandList(c.rid, ["cmd", "other"])
+    listed = c.call(lambda r: P.ListCommands(r, P.VERSION, USER, "dev1"))
+    assert listed == P.CommandList(c.rid, ["cmd", "other"], ["", ""])
     assert c.call(lambda r: P.GetDetails(r, P.VERSION, USER, "dev1", "cmd", "help")) == P.Details(
         c.rid, "help of cmd on dev1"
     )

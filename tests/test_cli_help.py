@@ -41,9 +41,9 @@ def test_bad_flag_after_shell_is_a_usage_error(lab: Lab) -> None:
     assert r.returncode != 0 and "extra" in r.stderr
 
 
-def test_device_help_lists_its_commands(lab: Lab) -> None:
+def test_device_help_lists_its_commands_with_their_descs(lab: Lab) -> None:
     _, addr = lab.agent(CONF / "demo.yaml")
     listing = lab.zdut("-s", addr, "device2")
     r = lab.zdut("-s", addr, "device2", "help")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == listing.stdout and "- repeat\n" in r.stdout
+    assert r.stdout == listing.stdout == "- repeat  Repeat input\n- status  Report status\n"

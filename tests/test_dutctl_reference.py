@@ -129,6 +129,10 @@ DOCUMENTED: dict[str, Documented] = {
     "02-version": Documented(18, stdout=version_block("zdut client", "\n")),
     # 16 + 17: a broker's list names each device's agent and its state, and carries no proxy warning.
     "03-server-list": Documented(16, stdout=f"- device1 {AGENT1}\n- device2 {AGENT2}\n", stderr=""),
+    # 28: the config's desc of each command beside its name, and leading its help.
+    "04-server-device1": Documented(28, stdout="- status  Report status\n"),
+    "06-server-device1-status-help": Documented(
+        28, stdout="Report status\n\nThis dummy module prints status information about itself and the environment.\n"),
     # 7: stdin EOF reaches the module, which ends: dummy-repeat fails with "EOF" (dutctl-reference.md, 3).
     "08-server-device2-repeat-eof-no-terminator": Documented(7, stderr="✗ module failed: EOF\n", rc=1),
     # 5: lock and unlock work through the broker as directly (calls 16-20).

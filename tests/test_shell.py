@@ -218,8 +218,9 @@ def test_script_mode_grammar_and_the_first_error_ends_the_script(lab: Lab) -> No
     assert "Called with 2 arguments\nArg 0: foo\nArg 1: bar\n" in out
     assert "Called with 0 arguments\n" in out
     assert '✓ Device "device2" locked by "tester" for 10m' in out
-    assert "- file-transfer\n- status\n" in out
-    unlocked = out.rsplit("- status", 1)[1]  # a lock-result record in JSON, as `lock` gives (differences row 21)
+    assert "- file-transfer  Transfer a file\n- status         Report status\n" in out
+    # a lock-result record in JSON, as `lock` gives (differences row 21)
+    unlocked = out.rsplit("- status         Report status", 1)[1]
     assert '"contentType": "lock-result"' in unlocked and '"Locked": false' in unlocked
     assert json.loads(err)["data"] == 'device "bogus": no such device'  # the one error (in json by now)
     assert out.count("- device1") == 1  # nothing after the failing line ran

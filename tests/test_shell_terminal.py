@@ -212,6 +212,9 @@ def test_completion_of_device_command_and_file_then_run(lab: Lab, tmux: Tmux) ->
     tmux.type("..")
     tmux.keys("Enter")
     tmux.wait_prompt("zdut>")
+    tmux.type("device2 ")
+    tmux.keys("Tab")
+    tmux.wait("repeat  Repeat input")  # the menu shows each command's config desc
 
 
 # ------------------------------------------------------------------ 3 and 5: consoles, Ctrl-], Ctrl-C, Ctrl-D

@@ -19,6 +19,7 @@ from zdut.brokerd.registry import Registry
 from zdut.brokerd.store import AgentRecord, DeviceRecord, Store, StoreError, default_state_path
 from zdut.brokerd.timers import Timers
 from zdut.common.logs import Throttle
+from zdut.protocol import CommandInfo
 
 
 def agent(name: str, *devices: str, last_seen: float = 100.0) -> AgentRecord:
@@ -28,7 +29,7 @@ def agent(name: str, *devices: str, last_seen: float = 100.0) -> AgentRecord:
         "inst-" + name,
         f"{name}:1024",
         last_seen,
-        [DeviceRecord(d, [("on", f"power {d} on"), ("status", "")]) for d in devices],
+        [DeviceRecord(d, [CommandInfo("on", f"power {d} on", "Power on"), CommandInfo("status", "")]) for d in devices],
     )
 
 
@@ -41,7 +42,7 @@ def test_round_trip(tmp_path: Path) -> None:
     loaded = store.load()
     assert [a.name for a in loaded] == ["a", "b"]
     assert [d.name for d in loaded[0].devices] == ["dev1", "dev2"]
-    assert loaded[0].devices[0].commands == [("on", "power dev1 on"), ("status", "")]
+    assert loaded[0].devices[0].commands == [CommandInfo("on", "power dev1 on", "Power on"), CommandInfo("status", "")]
     assert (loaded[0].version, loaded[0].instance, loaded[0].address, loaded[0].last_seen) == (
         "0.1.0",
         "inst-a",

@@ -131,6 +131,10 @@ class AsyncLab:
     async def commands(self, device: str) -> list[str]:
         return await self.client.commands(device)
 
+    async def descriptions(self, device: str) -> dict[str, str]:
+        """Each of ``device``'s commands, in order, with the config's ``desc`` of it ("" where there is none)."""
+        return dict(await self.client.described_commands(device))
+
     async def help(self, device: str, command: str) -> str:
         return await self.client.details(device, command)
 

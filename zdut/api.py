@@ -74,6 +74,9 @@ class Lab:
     def commands(self, device: str) -> list[str]:
         return self._call(self._lab.commands(device))
 
+    def descriptions(self, device: str) -> dict[str, str]:
+        return self._call(self._lab.descriptions(device))
+
     def help(self, device: str, command: str) -> str:
         return self._call(self._lab.help(device, command))
 

@@ -26,10 +26,12 @@ def _usage(exc: UsageError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["completion"], ["__complete"]):  # the shell's: no server address needed
+    if argv[:1] in (["completion"], ["__complete"], ["__complete_described"]):  # the shell's: no server needed
         from zdut.terminal import completion_scripts as scripts
 
-        return scripts.script(argv[1:]) if argv[0] == "completion" else scripts.complete(argv[1:])
+        if argv[0] == "completion":
+            return scripts.script(argv[1:])
+        return scripts.complete(argv[1:], described=argv[0] == "__complete_described")
     try:
         opts, words = parse_flags(argv)
     except UsageError as exc:

@@ -444,9 +444,14 @@ class Client:
         return reply.devices
 
     async def commands(self, device: str) -> builtins.list[str]:
+        return [name for name, _ in await self.described_commands(device)]
+
+    async def described_commands(self, device: str) -> builtins.list[tuple[str, str]]:
+        """(name, desc) of each of ``device``'s commands; desc is "" where the config gives none."""
         reply = await self._call(lambda rid: ListCommands(rid, VERSION, self.user, device))
         assert isinstance(reply, CommandList)
-        return reply.commands
+        descs = reply.descs[: len(reply.commands)]  # a server from before descs sends none
+        return list(zip(reply.commands, [*descs, *[""] * (len(reply.commands) - len(descs))], strict=True))
 
     async def details(self, device: str, command: str, keyword: str = "help") -> str:
         reply = await self._call(lambda rid: GetDetails(rid, VERSION, self.user, device, command, keyword))

@@ -110,6 +110,7 @@ class DeviceInfo(msgspec.Struct, array_like=True, frozen=True):
 class CommandInfo(msgspec.Struct, array_like=True, frozen=True):
     name: str
     help: str
+    desc: str = ""  # the config's one-line desc; a peer or state file from before it sends [name, help]
 
 
 class DeviceEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -168,6 +169,7 @@ class ListCommands(_Msg, tag="cmds", frozen=True):
 class CommandList(_Msg, tag="cmdlist", frozen=True):
     rid: int
     commands: list[str]
+    descs: list[str] = msgspec.field(default_factory=list)  # the desc of each command, "" for none
 
 
 class GetDetails(_Msg, tag="details", frozen=True):

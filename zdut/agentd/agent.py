@@ -134,7 +134,7 @@ class Agent:
     # ------------------------------------------------------------- registration data
     def device_entries(self) -> list[DeviceEntry]:
         return [
-            DeviceEntry(d.name, [CommandInfo(c.name, c.help_text()) for _, c in sorted(d.commands.items())],
+            DeviceEntry(d.name, [CommandInfo(c.name, c.help_text(), c.desc) for _, c in sorted(d.commands.items())],
                         self.failed.get(d.name, ""))
             for _, d in sorted(self.config.devices.items())
         ]
@@ -225,7 +225,7 @@ class Agent:
             msg, "agent", self.name,
             devices=lambda: [DeviceInfo(n, self.locker.state(n), self.name, True, failed.get(n, ""))
                              for n in sorted(devices)],
-            commands=lambda device: sorted(self._device(device).commands),
+            commands=lambda device: [(c.name, c.desc) for _, c in sorted(self._device(device).commands.items())],
             help_text=lambda device, command: self._command(device, command).help_text(),
             agents=lambda: [AgentInfo(self.name, sorted(devices), True, time.time(), VERSION, self.address,
                                       dict(sorted(failed.items())))],

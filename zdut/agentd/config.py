@@ -123,14 +123,16 @@ class Command:
         ]
 
     def help_text(self) -> str:
-        """What ``<device> <command> help`` shows."""
-        for step in self.steps:
-            if step.passthrough:
-                return step.module.help()
-        text = f"Command with {len(self.steps)} module(s): {', '.join(step.module_id for step in self.steps)}"
-        if self.args:
-            text += "\n\nArguments:\n" + "".join(f"  {decl.name}: {decl.desc}\n" for decl in self.args)
-        return text
+        """What ``<device> <command> help`` shows: the config's desc, then the passthrough module's help or
+        dutctl's summary of the modules and arguments."""
+        passthrough = next((step for step in self.steps if step.passthrough), None)
+        if passthrough is not None:
+            text = passthrough.module.help()
+        else:
+            text = f"Command with {len(self.steps)} module(s): {', '.join(step.module_id for step in self.steps)}"
+            if self.args:
+                text += "\n\nArguments:\n" + "".join(f"  {decl.name}: {decl.desc}\n" for decl in self.args)
+        return f"{self.desc}\n\n{text}" if self.desc else text
 
 
 @dataclass

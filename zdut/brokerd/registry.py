@@ -21,6 +21,7 @@ from zdut.protocol import (
     VERSION,
     AgentInfo,
     Code,
+    CommandInfo,
     DeviceInfo,
     LockState,
     Message,
@@ -60,7 +61,7 @@ class Agent:
 class Device:
     name: str
     agent: Agent
-    commands: dict[str, str]  # command -> help
+    commands: dict[str, CommandInfo]  # by name
     lock: LockState | None = None  # the agent's effective hold
     busy: LockState | None = None  # a busy hold under that reservation: listed once the reservation expires
     failed: str = ""  # why its modules failed to initialise at the agent
@@ -114,7 +115,7 @@ class Registry:
             for dev in rec.devices:
                 if dev.name in self.devices:
                     continue  # a unique key in the store; defensive only
-                self.devices[dev.name] = Device(dev.name, agent, dict(dev.commands))
+                self.devices[dev.name] = Device(dev.name, agent, {c.name: c for c in dev.commands})
                 agent.devices.append(dev.name)
             agent.devices.sort()
             if agent.devices:
@@ -124,7 +125,7 @@ class Registry:
         self._changed()
 
     def record(self, agent: Agent) -> AgentRecord:
-        devices = [DeviceRecord(d, sorted(self.devices[d].commands.items())) for d in agent.devices]
+        devices = [DeviceRecord(d, [c for _, c in sorted(self.devices[d].commands.items())]) for d in agent.devices]
         return AgentRecord(agent.name, agent.version, agent.instance, agent.address, self.last_seen(agent), devices)
 
     def take_dirty(self) -> tuple[list[AgentRecord], list[str]]:
@@ -163,7 +164,7 @@ class Registry:
             self.devices[entry.name] = Device(
                 entry.name,
                 agent,
-                {c.name: c.help for c in entry.commands},
+                {c.name: c for c in entry.commands},
                 msg.locks.get(entry.name),
                 msg.busy.get(entry.name),
                 entry.failed,
@@ -277,7 +278,7 @@ class Registry:
         size = 256 + len(agent.name) + len(agent.version) + len(agent.instance) + len(agent.address)
         for name in agent.devices:
             dev = self.devices[name]
-            size += 192 + len(name) + sum(96 + len(c) + len(h) for c, h in dev.commands.items())
+            size += 192 + len(name) + sum(96 + len(c.name) + len(c.help) + len(c.desc) for c in dev.commands.values())
         return size
 
     def _trim(self) -> None:
@@ -403,16 +404,17 @@ class Registry:
             raise ZdutError(Code.UNAVAILABLE, f'agent "{agent.name}" serving device "{name}" is offline')
         return agent
 
-    def commands(self, name: str) -> list[str]:
+    def commands(self, name: str) -> list[tuple[str, str]]:
+        """(name, desc) of each command of device ``name``, by name."""
         self.route(name)
-        return sorted(self.devices[name].commands)
+        return [(c, info.desc) for c, info in sorted(self.devices[name].commands.items())]
 
     def help_text(self, name: str, command: str) -> str:
         self.route(name)
-        text = self.devices[name].commands.get(command)
-        if text is None:
+        info = self.devices[name].commands.get(command)
+        if info is None:
             raise no_such_command(name, command)
-        return text
+        return info.help
 
     def _mark(self, name: str) -> None:
         self.dirty.add(name)

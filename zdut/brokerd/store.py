@@ -28,6 +28,7 @@ from pathlib import Path
 import msgspec
 
 from zdut.common.paths import state_dir
+from zdut.protocol import CommandInfo
 
 APP = "zdut-broker"
 SCHEMA_VERSION = 1
@@ -36,13 +37,14 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS agents (name TEXT PRIMARY KEY, version TEXT NOT NULL, instance TEXT NOT NULL,"
     " address TEXT NOT NULL, last_seen REAL NOT NULL)",
-    # commands: JSON [[command, help], ...]; one column keeps a registration to one row per device.
+    # commands: JSON [[command, help, desc], ...] (older rows [command, help] read with desc ""); one column
+    # keeps a registration to one row per device.
     "CREATE TABLE IF NOT EXISTS devices (name TEXT PRIMARY KEY, agent TEXT NOT NULL, commands TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS devices_by_agent ON devices (agent)",
 )
 
 _commands_json = msgspec.json.Encoder()
-_commands_decoder = msgspec.json.Decoder(list[tuple[str, str]])
+_commands_decoder = msgspec.json.Decoder(list[CommandInfo])
 
 
 class StoreError(Exception):
@@ -52,7 +54,7 @@ class StoreError(Exception):
 @dataclass(slots=True)
 class DeviceRecord:
     name: str
-    commands: list[tuple[str, str]]  # (command, help), sorted by command
+    commands: list[CommandInfo]  # sorted by name
 
 
 @dataclass(slots=True)

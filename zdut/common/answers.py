@@ -60,7 +60,7 @@ def listing(
     name: str,
     *,
     devices: Callable[[], list[DeviceInfo]],
-    commands: Callable[[str], list[str]],
+    commands: Callable[[str], list[tuple[str, str]]],
     help_text: Callable[[str, str], str],
     agents: Callable[[], list[AgentInfo]],
 ) -> Message:
@@ -73,7 +73,8 @@ def listing(
         case ListDevices():
             return DeviceList(msg.rid, devices())
         case ListCommands():
-            return CommandList(msg.rid, commands(msg.device))
+            named = commands(msg.device)  # (name, desc) of each, in order
+            return CommandList(msg.rid, [name for name, _ in named], [desc for _, desc in named])
         case GetDetails():
             if msg.keyword != "help":
                 raise ZdutError(Code.INVALID_ARGUMENT, f'unknown keyword "{msg.keyword}", possible values are: "help"')

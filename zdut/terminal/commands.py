@@ -285,7 +285,7 @@ class Cli:
         return f"\x1b[32m{text}\x1b[0m" if self.out.color and self.out.fmt == "text" else text
 
     async def _commands(self, client: Client, device: str) -> int:
-        cmds = await client.commands(device)
+        cmds = await client.described_commands(device)
         self.out.emit(Content(COMMAND_LIST, cmds, False, self.meta("Commands Response", device=device)))
         return EXIT_OK
 

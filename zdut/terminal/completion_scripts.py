@@ -1,6 +1,7 @@
 """Shell completion for the one-shot ``zdut``: ``zdut completion bash|zsh|fish`` prints a script, and the script
 asks ``zdut __complete WORDS...`` (the words after ``zdut``, the last one the word being completed) for the
-candidates, one a line.
+candidates, one a line.  zsh and fish, which can show what a candidate is, ask ``zdut __complete_described``:
+the same lines, each followed by a tab and its description where it has one (a command's config ``desc``).
 
 Devices and commands come from a small cache file under the state directory: fresh (under
 :data:`FRESH_S`) it answers alone; otherwise the server is asked with a :data:`QUERY_TIMEOUT_S` deadline and, if
@@ -25,7 +26,7 @@ QUERY_TIMEOUT_S = 0.25
 #: Bounds of the cache file: servers kept (the least recently used out first), devices and commands each.
 MAX_SERVERS, MAX_NAMES = 16, 4096
 KEYWORDS = ("list", "agents", "forget", "shell", "version", "help", "completion")
-DEVICE_WORDS = ("lock", "unlock", "help")
+DEVICE_WORDS = {"lock": "reserve the device", "unlock": "release the device", "help": "list the commands"}
 SHELLS = ("bash", "zsh", "fish")
 VALUE_FLAGS = {"s", "f", "u", "log"}
 BOOL_FLAGS = ("-v", "--no-color", "--version", "-h", "--help")
@@ -49,10 +50,16 @@ complete -o default -F _zdut zdut
 ZSH = r"""#compdef zdut
 # zdut completion for zsh: source <(zdut completion zsh)
 _zdut() {
-    local -a candidates
-    candidates=("${(@f)$(${words[1]} __complete "${(@)words[2,CURRENT]}" 2>/dev/null)}")
-    if [[ -n ${candidates[1]} ]]; then
-        compadd -a candidates
+    local -a lines names shown
+    local line
+    lines=("${(@f)$(${words[1]} __complete_described "${(@)words[2,CURRENT]}" 2>/dev/null)}")
+    for line in "${lines[@]}"; do  # NAME, or NAME<tab>DESCRIPTION
+        [[ -n $line ]] || continue
+        names+=("${line%%$'\t'*}")
+        shown+=("${line/$'\t'/  -- }")
+    done
+    if ((${#names})); then
+        compadd -l -d shown -a names
     else
         _files
     fi
@@ -63,7 +70,7 @@ FISH = r"""# zdut completion for fish: zdut completion fish | source
 function __zdut_complete
     set -l words (commandline -opc)
     set -e words[1]
-    zdut __complete $words (commandline -ct) 2>/dev/null
+    zdut __complete_described $words (commandline -ct) 2>/dev/null
 end
 complete -c zdut -a '(__zdut_complete)'
 """
@@ -79,14 +86,21 @@ def script(args: list[str]) -> int:
     return 0
 
 
-def complete(words: list[str]) -> int:
-    """``zdut __complete WORDS...``: the candidates for the last word, one a line; never an error."""
+def complete(words: list[str], described: bool = False) -> int:
+    """``zdut __complete WORDS...``: the candidates for the last word, one a line, each with a tab and its
+    description when ``described`` and it has one; never an error."""
     with contextlib.suppress(Exception):  # a completion that fails offers nothing, it never breaks the shell
-        sys.stdout.write("".join(f"{c}\n" for c in candidates(words or [""])))
+        found = candidates(words or [""])
+        sys.stdout.write("".join(f"{c}\t{_one_line(d)}\n" if described and d else f"{c}\n" for c, d in found))
     return 0
 
 
-def candidates(words: list[str]) -> list[str]:
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def candidates(words: list[str]) -> list[tuple[str, str]]:
+    """(candidate, description or "") for the last of ``words``."""
     *before, current = words
     server, wants = os.environ.get("ZDUT_SERVER") or "localhost:1024", ""
     positional: list[str] = []
@@ -111,14 +125,18 @@ def candidates(words: list[str]) -> list[str]:
     if positional[0] in KEYWORDS:
         return _starting(current, SHELLS) if positional == ["completion"] else []
     if len(positional) == 1:
-        return _starting(current, [*Cache(server).commands(positional[0]), *DEVICE_WORDS])
+        return _starting(current, {**Cache(server).commands(positional[0]), **DEVICE_WORDS})
     if len(positional) == 2:
-        return _starting(current, {"lock": ["30m", "1h", "2h", "8h"], "unlock": ["force"]}.get(positional[1], ["help"]))
+        after = {"lock": dict.fromkeys(["30m", "1h", "2h", "8h"], "lock duration"),
+                 "unlock": {"force": "break anyone's lock"}}
+        return _starting(current, after.get(positional[1], {"help": "usage of the command"}))
     return []
 
 
-def _starting(prefix: str, names: Any) -> list[str]:
-    return [n for n in dict.fromkeys(names) if n.startswith(prefix)]
+def _starting(prefix: str, names: Any) -> list[tuple[str, str]]:
+    """The names (an iterable, or a mapping of name to description) that start with ``prefix``."""
+    described = names if isinstance(names, dict) else dict.fromkeys(names, "")
+    return [(n, d) for n, d in described.items() if n.startswith(prefix)]
 
 
 class Cache:
@@ -135,21 +153,23 @@ class Cache:
         self.entry: dict[str, Any] = entry if isinstance(entry, dict) else {}
 
     def devices(self) -> list[str]:
-        return self._names("devices", None)
+        return list(self._names("devices", None))
 
-    def commands(self, device: str) -> list[str]:
+    def commands(self, device: str) -> dict[str, str]:
+        """Each command of ``device`` with its desc ("" where it has none)."""
         return self._names(f"commands:{device}", device)
 
-    def _names(self, key: str, device: str | None) -> list[str]:
+    def _names(self, key: str, device: str | None) -> dict[str, str]:
         held = self.entry.get(key)
         if isinstance(held, dict) and time.time() - float(held.get("at", 0)) < FRESH_S:
-            return [str(n) for n in held.get("names", [])]
+            return _held(held)
         fetched = _ask(self.server, device)
         if fetched is None:  # the server is away: what we knew
-            return [str(n) for n in held.get("names", [])] if isinstance(held, dict) else []
-        self.entry[key] = {"at": time.time(), "names": fetched[:MAX_NAMES]}
+            return _held(held) if isinstance(held, dict) else {}
+        kept = fetched[:MAX_NAMES]
+        self.entry[key] = {"at": time.time(), "names": [n for n, _ in kept], "descs": [d for _, d in kept]}
         self._save()
-        return fetched
+        return dict(fetched)
 
     def _save(self) -> None:
         self.all.pop(self.server, None)
@@ -165,24 +185,30 @@ class Cache:
             tmp.unlink(missing_ok=True)
 
 
-def _ask(server: str, device: str | None) -> list[str] | None:
-    """The server's device names (or ``device``'s commands) within :data:`QUERY_TIMEOUT_S`; None if it did not
-    answer in time."""
+def _held(entry: dict[str, Any]) -> dict[str, str]:
+    """A cache entry's names with their descs (an entry written before descs has none)."""
+    names, descs = entry.get("names", []), entry.get("descs", [])
+    return {str(n): str(descs[i]) if i < len(descs) else "" for i, n in enumerate(names)}
+
+
+def _ask(server: str, device: str | None) -> list[tuple[str, str]] | None:
+    """The server's device names (or ``device``'s commands with their descs) within :data:`QUERY_TIMEOUT_S`;
+    None if it did not answer in time."""
     import asyncio
 
     from zdut.client import Client
 
-    async def query() -> list[str]:
+    async def query() -> list[tuple[str, str]]:
         client = Client(server, "completion", connect_timeout=QUERY_TIMEOUT_S, call_timeout=QUERY_TIMEOUT_S)
         try:
             await client.connect()
             if device is None:
-                return [d.name for d in await client.list()]
-            return list(await client.commands(device))
+                return [(d.name, "") for d in await client.list()]
+            return await client.described_commands(device)
         finally:
             await client.close()
 
-    async def bounded() -> list[str]:
+    async def bounded() -> list[tuple[str, str]]:
         return await asyncio.wait_for(query(), QUERY_TIMEOUT_S)
 
     try:

@@ -173,7 +173,7 @@ class Output:
         if c.type == DEVICE_LIST:
             return "".join(self._device_line(d) for d in c.data)
         if c.type == COMMAND_LIST:
-            return "".join(f"- {name}\n" for name in c.data)
+            return _command_lines(c.data)
         if c.type == AGENT_LIST:
             return "".join(self._agent_line(a) for a in c.data)
         if c.type == LOCK_RESULT and isinstance(c.data, Unlocked):
@@ -226,6 +226,8 @@ class Output:
 
     # ------------------------------------------------------------- structured
     def _data(self, c: Content) -> Any:
+        if c.type == COMMAND_LIST:  # dutctl's list of names; the descs are for people (docs/differences.md 28)
+            return [entry if isinstance(entry, str) else entry[0] for entry in c.data]
         if c.type == DEVICE_LIST:
             return [device_record(d, with_agent) for d, with_agent in c.data]
         if c.type == LOCK_RESULT and isinstance(c.data, Unlocked):
@@ -271,6 +273,13 @@ class Output:
             data = "|".join(str(x) for x in data)
         fields.append(str(data))
         return ",".join(_csv_field(_one_line(f)) for f in fields)
+
+
+def _command_lines(commands: list[str] | list[tuple[str, str]]) -> str:
+    """``- name`` a line, as dutctl prints them; each desc the config gives follows its name, aligned."""
+    named = [(entry, "") if isinstance(entry, str) else entry for entry in commands]
+    width = max((len(name) for name, desc in named if desc), default=0)
+    return "".join(f"- {name.ljust(width)}  {desc}\n" if desc else f"- {name}\n" for name, desc in named)
 
 
 def _locked(data: tuple[Any, ...]) -> tuple[str, LockState, bool]:
