@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "completion":
             return scripts.script(argv[1:])
         return scripts.complete(argv[1:], described=argv[0] == "__complete_described")
+    if argv[:1] == ["keys"]:  # local files only: no server needed
+        from zdut.common import keys
+
+        return keys.main(argv[1:])
     try:
         opts, words = parse_flags(argv)
     except UsageError as exc:

@@ -79,6 +79,8 @@ DESCRIPTION
     Without arguments, or with `list`, lists the devices the server knows and their locks.
     `agents` lists the agents behind a broker; `forget` drops an offline agent and its devices
     from a broker (and its state file), so that a device locked there can move to another agent.
+    `keys generate NAME [--dir DIR]` writes a CurveZMQ key pair (NAME.key, NAME.key_secret);
+    `keys show FILE` prints its public key (`zdut keys -h`).
     With a device, lists its commands; with a
     command, runs it: output streams as it arrives, stdin is forwarded (raw mode on a terminal
     for interactive commands; Ctrl-] detaches), and files the command names are transferred.

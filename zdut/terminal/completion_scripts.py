@@ -25,7 +25,7 @@ FRESH_S = 60.0
 QUERY_TIMEOUT_S = 0.25
 #: Bounds of the cache file: servers kept (the least recently used out first), devices and commands each.
 MAX_SERVERS, MAX_NAMES = 16, 4096
-KEYWORDS = ("list", "agents", "forget", "shell", "version", "help", "completion")
+KEYWORDS = ("list", "agents", "forget", "shell", "version", "help", "completion", "keys")
 DEVICE_WORDS = {"lock": "reserve the device", "unlock": "release the device", "help": "list the commands"}
 SHELLS = ("bash", "zsh", "fish")
 VALUE_FLAGS = {"s", "f", "u", "log"}
