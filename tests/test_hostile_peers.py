@@ -20,6 +20,7 @@ from test_broker_system import Broker, Client, FakeAgent
 
 from conftest import Lab, peak_rss_mb, wait_for
 from zdut import protocol as p
+from zdut.common.addresses import endpoint
 
 
 def _many_devices(tmp: Path, n: int) -> Path:
@@ -68,7 +69,7 @@ def test_clients_that_never_read_their_replies_cost_a_bounded_budget(lab: Lab, c
     stop = threading.Event()
     counts: list[list[int]] = [[0] for _ in range(3)]
     heard: list[list[str]] = [[] for _ in range(3)]
-    ep = p.endpoint(addr)
+    ep = endpoint(addr)
     floods = [threading.Thread(target=_flood, args=(ctx, ep, stop, counts[i], heard[i])) for i in range(3)]
     for t in floods:
         t.start()
@@ -127,7 +128,7 @@ def test_a_header_over_the_limit_is_answered_at_once(lab: Lab, ctx: zmq.Context[
     """A request whose header is over MAX_HEADER_BYTES is refused with an error that names its size, at
     once, to a raw client and to the real CLI (which waited 4 s or 30 s in silence before)."""
     _, addr = lab.broker()
-    client = Client(ctx, p.endpoint(addr))
+    client = Client(ctx, endpoint(addr))
     try:
         big = "x" * (p.MAX_HEADER_BYTES + 1)
         client.send(p.ListDevices(7, p.VERSION, big))
@@ -175,7 +176,7 @@ def test_peers_claiming_the_next_routing_ids_cannot_crash_the_broker(lab: Lab, c
     """64 DEALERs claim (ZMQ_ROUTING_ID) the next ids libzmq would assign by itself; libzmq aborted the
     broker as soon as one more client connected.  It keeps serving new connections."""
     proc, addr = lab.broker()
-    ep = p.endpoint(addr)
+    ep = endpoint(addr)
     squatters = []
     try:
         for rid in _unseeded_ids(64):
