@@ -17,7 +17,7 @@ def test_api_calls_and_runs(lab: Lab) -> None:
     with Api(addr, user="ci@rack") as api:
         assert [d.name for d in api.devices()] == ["device1", "device2", "device3"]
         assert api.commands("device2") == ["repeat", "status"]
-        assert api.help("device1", "status").startswith("This dummy module prints")
+        assert api.help("device1", "status").startswith("Report status\n\nThis dummy module prints")
         result = api.run("device1", "status", "a", "b")
         assert result.ok and result.text.endswith("Arg 0: a\nArg 1: b\n")
         echo = api.run("device2", "repeat", stdin=b"one\ntwo words\n")

@@ -122,14 +122,15 @@ def test_list_is_default(demo: tuple[Lab, str]) -> None:
 
 
 def test_commands(demo: tuple[Lab, str]) -> None:
-    assert z(demo, "device3").stdout == "- file-transfer\n- status\n"
+    assert z(demo, "device3").stdout == "- file-transfer  Transfer a file\n- status         Report status\n"
 
 
 def test_help_passthrough_and_templated(demo: tuple[Lab, str]) -> None:
     assert z(demo, "device1", "status", "help").stdout == (
-        "This dummy module prints status information about itself and the environment.\n")
+        "Report status\n\nThis dummy module prints status information about itself and the environment.\n")
     text = z(demo, "device3", "file-transfer", "help").stdout
-    assert text.startswith("Command with 2 module(s): dummy-status, dummy-ft\n\nArguments:\n  source-file:")
+    assert text.startswith("Transfer a file\n\nCommand with 2 module(s): dummy-status, dummy-ft\n\nArguments:\n"
+                           "  source-file:")
 
 
 def test_help_not_last_is_a_run(demo: tuple[Lab, str]) -> None:

@@ -354,19 +354,20 @@ def test_passthrough_mode() -> None:
     assert cmd.resolve([]) == [[], ["verbose"]]
 
 
-def test_help_text_passthrough() -> None:
+def test_help_text_passthrough_leads_with_the_desc() -> None:
     cmd = load_case("valid_explicit_passthrough.yaml").devices["device1"].commands["status"]
-    assert cmd.help_text() == "This dummy module repeats the input from the client."
+    assert cmd.help_text() == "Explicit passthrough with helper\n\nThis dummy module repeats the input from the client."
 
 
 def test_help_text_static() -> None:
     cmd = load_case("invalid_no_main_multi.yaml").devices["device1"].commands["status"]
-    assert cmd.help_text() == "Command with 2 module(s): dummy-repeat, dummy-repeat"
+    assert cmd.help_text() == "two modules, neither passthrough\n\nCommand with 2 module(s): dummy-repeat, dummy-repeat"
 
 
 def test_help_text_templating() -> None:
     cmd = _command("dutagent-cfg-example.yaml", "device3", "file-transfer")
     assert cmd.help_text() == (
+        "Transfer a file\n\n"
         "Command with 2 module(s): dummy-status, dummy-ft\n\n"
         "Arguments:\n"
         "  source-file: Source file path\n"
