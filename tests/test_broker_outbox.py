@@ -193,7 +193,7 @@ def test_a_peer_gone_while_parked_is_lost(pair: Pair) -> None:
 def read_next(pair: Pair) -> tuple[bytes, Any]:
     assert pair.router.poll(2000)
     rid = pair.router.recv()
-    return rid, pair.inbox.read(rid, pair.router.recv())
+    return rid, pair.inbox.read(rid, pair.router.recv(copy=False))
 
 
 @pytest.mark.parametrize(

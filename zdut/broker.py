@@ -90,7 +90,6 @@ PENDING_TIMEOUT_S = 60.0
 BATCH = 2048
 
 _NB = int(zmq.NOBLOCK)  # plain ints: enum flags cost a little on every call
-_RCVMORE = int(zmq.RCVMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 _FROM_CLIENT = frozenset({Data, StdinEof, FileOpen, FileChunk, FileEnd, FileAbort, Credit, Ping, Cancel, Resize})
@@ -224,26 +223,27 @@ class Broker:
     # ================================================================ reading
     def _dispatch(self, rid: bytes) -> None:
         sock = self._sock
-        first = sock.recv()  # a ROUTER always delivers at least one frame after the routing id
+        first = sock.recv(copy=False)  # a ROUTER always delivers at least one frame after the routing id
         agent = self.registry.by_rid.get(rid)
         if agent is not None:
             agent.last_rx = self._now
-            if not sock.getsockopt(_RCVMORE):
+            if not first.more:
                 return self._bad(rid, f'agent "{agent.name}" sent a message without a header frame')
-            self._from_agent(agent, first, sock.recv())
-        elif not first:
-            self._from_unregistered(rid)
-        elif first[0] >> 4 == 9:  # a msgpack fixarray: every zdut header starts with one
+            self._from_agent(agent, first.bytes, sock.recv(copy=False))
+        elif not len(first):
+            self._from_unregistered(rid, first.more)
+        elif first.bytes[0] >> 4 == 9:  # a msgpack fixarray: every zdut header starts with one
             self._from_client(rid, first)
         else:
             self._from_stranger(rid)
 
     # ---------------------------------------------------------------- clients
-    def _from_client(self, rid: bytes, header: bytes) -> None:
-        got = self._read(rid, header, answer=True)
+    def _from_client(self, rid: bytes, head: zmq.Frame) -> None:
+        got = self._read(rid, head, answer=True)
         if got is None:
             return
         msg, payload = got
+        header = head.bytes
         kind = msg.__class__
         if kind in _FROM_CLIENT:
             sess = self._sessions.get((rid, msg.sid))
@@ -306,11 +306,12 @@ class Broker:
         self._to_agent(agent, rid, header)
 
     # ---------------------------------------------------------------- agents
-    def _from_agent(self, agent: Agent, cid: bytes, header: bytes) -> None:
-        got = self._read(agent.rid or b"", header, MAX_FRAME if not cid else MAX_HEADER_BYTES)
+    def _from_agent(self, agent: Agent, cid: bytes, head: zmq.Frame) -> None:
+        got = self._read(agent.rid or b"", head, MAX_FRAME if not cid else MAX_HEADER_BYTES)
         if got is None:
             return
         msg, payload = got
+        header = head.bytes
         if not cid:
             self._agent_control(agent, msg)
             return
@@ -348,11 +349,11 @@ class Broker:
         else:
             self._inbox.unexpected(msg, f'agent "{agent.name}"')
 
-    def _from_unregistered(self, rid: bytes) -> None:
+    def _from_unregistered(self, rid: bytes, more: bool) -> None:
         """``[b""][header]`` from a connection the broker does not know: Register, or told to register."""
-        if not self._sock.getsockopt(_RCVMORE):
+        if not more:
             return self._bad(rid, "empty frame without a header")
-        got = self._read(rid, self._sock.recv(), MAX_FRAME)
+        got = self._read(rid, self._sock.recv(copy=False), MAX_FRAME)
         if got is None:
             return
         if isinstance(got[0], Register):
