@@ -1,10 +1,8 @@
 """zdut-broker: one ROUTER that clients and agents both connect to.
 
-Agents connect out (DEALER) and register their devices; clients talk to the
-broker exactly as to an agent.  The broker answers listings from its registry
-and relays everything else to the owning agent, prefixed with the client's
-routing id.  It decodes only the small header and forwards payload frames
-untouched.
+Agents connect out (DEALER) and register their devices; clients talk to the broker exactly as to an
+agent.  The broker answers listings from its registry and relays everything else to the owning agent,
+prefixed with the client's routing id.  It decodes only the small header and forwards payload frames untouched.
 
 Hot path rules (docs/architecture.md, "Concurrency"): one thread and one poll
 loop; frames are read and written one at a time (never *_multipart); every send
@@ -121,6 +119,7 @@ class Broker:
         self.name = name or f"{socket.gethostname()}:{self.endpoint.rpartition(':')[2]}"
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        self._events = cast(Callable[[int], int], self._sock.get)  # typed once: cast() per batch shows in profiles
         self._now = mono()
         self._stopping = False
         self._backlog = False
@@ -192,7 +191,7 @@ class Broker:
 
     def _drain(self) -> bool:
         """Handle up to BATCH messages; True if more may be waiting."""
-        recv, dispatch, events = self._sock.recv, self._dispatch, cast(Callable[[int], int], self._sock.get)
+        recv, dispatch, events = self._sock.recv, self._dispatch, self._events
         for i in range(BATCH):
             if i and not events(_EVENTS) & _POLLIN:  # cheaper than the zmq.Again that would end the batch
                 return False
