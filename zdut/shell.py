@@ -40,6 +40,7 @@ from zdut.terminal.commands import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_U
 from zdut.terminal.completion import ShellCompleter
 from zdut.terminal.output import FORMATS
 from zdut.terminal.printer import OutputFailed
+from zdut.terminal.safe_text import safe
 from zdut.terminal.shell_view import CONNECTED, CONNECTING, Tracker, resolve
 
 HELP = """\
@@ -266,7 +267,8 @@ class Shell:
         text = HELP
         if self.device is not None:
             commands = self.tracker.view.commands.get(self.device)
-            text += f"Using {self.device}; its commands: {', '.join(commands) if commands else '(not known yet)'}\n"
+            listed = ", ".join(map(safe, commands)) if commands else "(not known yet)"
+            text += f"Using {safe(self.device)}; its commands: {listed}\n"
         return self._write(text)
 
     def _format(self, args: list[str]) -> int:
@@ -313,12 +315,13 @@ class Shell:
         return status
 
     # ------------------------------------------------------------- display
+    # Device and server names, owners and notices came from other processes: shown with controls escaped.
     def prompt(self) -> FormattedText:
         parts = [("class:zdut", "zdut")]
         if self.tracker.state != CONNECTED:
             parts.append(("class:state", f" ({self.tracker.state})"))
         if self.device is not None:
-            parts.append(("class:device", f" {self.device}"))
+            parts.append(("class:device", f" {safe(self.device)}"))
         parts.append(("", "> "))
         return FormattedText(parts)
 
@@ -326,7 +329,7 @@ class Shell:
         t = self.tracker
         where = t.address
         if t.client is not None:
-            where += f" ({t.client.server_role} {t.client.server_name})"
+            where += f" ({safe(t.client.server_role)} {safe(t.client.server_name)})"
         if t.state == CONNECTED:
             state = [("", " connected")]
         elif t.state == CONNECTING:
@@ -336,7 +339,7 @@ class Shell:
         online, offline, locked = t.view.counts()
         fresh = t.view.listed and t.state == CONNECTED  # a lost direct agent's devices are unknown, not online
         counts = f" | {online} online, {offline} offline, {locked} locked" if fresh else ""
-        notice = f" | {self.notice}" if self.notice else ""
+        notice = f" | {safe(self.notice)}" if self.notice else ""
         return FormattedText([("", f" {where}"), *state, ("", counts + notice)])
 
     def _invalidate(self) -> None:
@@ -364,7 +367,7 @@ class Shell:
     def _print_notices(self, notices: list[str]) -> None:
         color = self.cli.out.color and not self.opts.no_color
         for text in notices:
-            line = f"· {text}"
+            line = f"· {safe(text)}"
             sys.stdout.write(f"{GRAY}{line}{RESET}\n" if color else line + "\n")
         sys.stdout.flush()
 

@@ -36,6 +36,7 @@ from zdut.terminal.output import (
     Unlocked,
 )
 from zdut.terminal.printer import EXIT_BROKEN_PIPE, CliRunHandler, GuardedOutput, OutputFailed, Printer
+from zdut.terminal.safe_text import safe
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_SERVER = "localhost:1024"
@@ -140,7 +141,8 @@ def parse_flags(argv: list[str]) -> tuple[Options, list[str]]:
 
 
 class Warnings:
-    """dutctl's client log: buffered warnings (summary at exit), live debug lines, or nothing."""
+    """dutctl's client log: buffered warnings (summary at exit), live debug lines, or nothing.  A line may
+    quote the server (its version, an agent's warning): its control characters are escaped."""
 
     def __init__(self, level: str, out: Output) -> None:
         self.level, self.out = level, out
@@ -148,13 +150,13 @@ class Warnings:
 
     def warn(self, text: str) -> None:
         if self.level == "debug":
-            self.out.err.write(f"WARN {text}\n")
+            self.out.err.write(f"WARN {safe(text)}\n")
         elif self.level == "warn":
-            self.items.append(text)
+            self.items.append(safe(text))
 
     def debug(self, text: str) -> None:
         if self.level == "debug":
-            self.out.err.write(f"DEBUG {text}\n")
+            self.out.err.write(f"DEBUG {safe(text)}\n")
 
     def flush(self) -> None:
         if self.items:
@@ -279,7 +281,8 @@ class Cli:
 
     async def _forget(self, client: Client, agent: str) -> int:
         devices = await client.forget(agent)
-        text = f'✓ Agent "{agent}" forgotten, with its devices: {", ".join(devices) or "none"}'
+        show = safe if self.out.fmt == "text" else str  # the other formats escape by themselves
+        text = f'✓ Agent "{show(agent)}" forgotten, with its devices: {", ".join(map(show, devices)) or "none"}'
         self.out.emit(Content(GENERAL, self._green(text), False, self.meta("Forget Response", agent=agent)))
         return EXIT_OK
 

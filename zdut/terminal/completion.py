@@ -1,4 +1,7 @@
-"""Tab completion for the shell, from the Tracker's cache only: never a network round trip here."""
+"""Tab completion for the shell, from the Tracker's cache only: never a network round trip here.
+
+Names and help texts come from other processes: a name with a control character is not offered (as by
+``zdut __complete``), and what the menu shows beside a name has its controls escaped (``safe_text``)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 
+from zdut.terminal.safe_text import clean, safe
 from zdut.terminal.shell_view import KEYWORDS, LabView, resolve
 
 FORMAT_NAMES = ("text", "json", "yaml", "oneline")
@@ -80,7 +84,8 @@ def _words(
     current: str, names: Iterable[str], meta: Callable[[str], str | None] = lambda _: None
 ) -> Iterator[Completion]:
     """The names starting with ``current``; a single match gets its trailing space, as in bash."""
-    matches = sorted({n for n in names if n.startswith(current)})
+    matches = sorted({n for n in names if n.startswith(current) and clean(n)})
     for name in matches:
         text = name + " " if len(matches) == 1 else name
-        yield Completion(text, -len(current), display=name, display_meta=meta(name))
+        shown = meta(name)
+        yield Completion(text, -len(current), display=name, display_meta=None if shown is None else safe(shown))

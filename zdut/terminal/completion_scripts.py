@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from zdut.common.paths import state_dir
+from zdut.terminal.safe_text import clean, safe
 
 FRESH_S = 60.0
 QUERY_TIMEOUT_S = 0.25
@@ -88,15 +89,19 @@ def script(args: list[str]) -> int:
 
 def complete(words: list[str], described: bool = False) -> int:
     """``zdut __complete WORDS...``: the candidates for the last word, one a line, each with a tab and its
-    description when ``described`` and it has one; never an error."""
+    description when ``described`` and it has one; never an error.
+
+    A name with a control character (a newline would make a second candidate, an ESC would drive the terminal,
+    a bidi override would hide what is typed) is not offered: ``zdut list`` shows it, escaped.  A description
+    has its controls escaped."""
     with contextlib.suppress(Exception):  # a completion that fails offers nothing, it never breaks the shell
-        found = candidates(words or [""])
+        found = [(c, d) for c, d in candidates(words or [""]) if clean(c)]
         sys.stdout.write("".join(f"{c}\t{_one_line(d)}\n" if described and d else f"{c}\n" for c, d in found))
     return 0
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return safe(" ".join(text.split()))
 
 
 def candidates(words: list[str]) -> list[tuple[str, str]]:

@@ -1,6 +1,9 @@
 """Rendering results as dutctl does: text, json, yaml and oneline (csv).
 
-Every result is a ``Content``; error content goes to stderr, the rest to stdout.
+Every result is a ``Content``; error content goes to stderr, the rest to stdout.  Every string another process
+sent (names, owners, descs, help and error texts, versions, reasons) reaches the terminal with its control
+characters escaped: in text through ``safe_text.safe``, in the other formats by their own escapes
+(docs/differences.md 29).  Module output alone is written as it came: it is a console's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import yaml
 
 from zdut.common.durations import format_left
 from zdut.protocol import AgentInfo, DeviceInfo, LockState
+from zdut.terminal.safe_text import FORMAT_CONTROLS, is_unsafe, safe, safe_lines
 
 FORMATS = ("text", "json", "yaml", "oneline", "csv")
 
@@ -157,7 +161,7 @@ class Output:
         if key == self._last_meta:
             return
         self._last_meta = key
-        md = dict(content.metadata)
+        md = {safe(k): safe(v) for k, v in content.metadata.items()}
         line = f"# connected to {md.pop('server', '?')} ({md.pop('msg', '')})"
         if "device" in md:
             line += f' device "{md.pop("device")}"'
@@ -169,7 +173,7 @@ class Output:
 
     def _text(self, c: Content) -> str:
         if c.is_error:
-            return self._paint(_RED, f"✗ {c.data}") + "\n"
+            return self._paint(_RED, f"✗ {safe_lines(str(c.data))}") + "\n"
         if c.type == DEVICE_LIST:
             return "".join(self._device_line(d) for d in c.data)
         if c.type == COMMAND_LIST:
@@ -180,19 +184,20 @@ class Output:
             return self._paint(_GREEN, _unlocked_text(c.data)) + "\n"
         if c.type == LOCK_RESULT:
             device, lock, kept = _locked(c.data)
+            device, owner = safe(device), safe(lock.owner)
             if lock.expires_at:
                 left = format_left(lock.expires_at - time.time())
-                text = f'✓ Device "{device}" locked by "{lock.owner}" for {left}'
+                text = f'✓ Device "{device}" locked by "{owner}" for {left}'
                 if kept:
                     text += " (kept: your lock already lasted longer; a lock is never shortened)"
                 return self._paint(_GREEN, text) + "\n"
-            return self._paint(_GREEN, f'✓ Device "{device}" in use by "{lock.owner}"') + "\n"
+            return self._paint(_GREEN, f'✓ Device "{device}" in use by "{owner}"') + "\n"
         if c.type == FILE_TRANSFER:
             direction, path, size = c.data
             arrow = "↑" if direction == "sent" else "↓"
-            return self._paint(_CYAN, f'{arrow} {direction} "{path}" ({human_size(size)})') + "\n"
+            return self._paint(_CYAN, f'{arrow} {direction} "{safe(path)}" ({human_size(size)})') + "\n"
         if c.type == COMMAND_DETAIL:
-            return f"{c.data}\n"
+            return f"{safe_lines(c.data)}\n"
         if c.type == VERSION_T:
             return f"{c.data}\n"
         text = str(c.data)
@@ -200,18 +205,18 @@ class Output:
 
     def _device_line(self, entry: tuple[DeviceInfo, bool]) -> str:
         d, with_agent = entry
-        line = f"- {d.name}"
+        line = f"- {safe(d.name)}"
         if d.failed:
-            line += " " + self._paint(_RED, f"[FAILED: {d.failed}]")
+            line += " " + self._paint(_RED, f"[FAILED: {safe(d.failed)}]")
         notes = []
         if d.lock is not None:
             if d.lock.expires_at:
                 left = format_left(d.lock.expires_at - time.time())
-                notes.append(f'[locked by "{d.lock.owner}" for {left}]')
+                notes.append(f'[locked by "{safe(d.lock.owner)}" for {left}]')
             else:
-                notes.append(f'[in use by "{d.lock.owner}"]')
+                notes.append(f'[in use by "{safe(d.lock.owner)}"]')
         if with_agent:
-            notes.append(f"(agent {d.agent}, {'online' if d.online else 'OFFLINE'})")
+            notes.append(f"(agent {safe(d.agent)}, {'online' if d.online else 'OFFLINE'})")
         if notes:
             line += " " + self._paint(_GRAY, " ".join(notes))
         return line + "\n"
@@ -220,9 +225,10 @@ class Output:
         state = self._paint(_GREEN, "online") if a.online else self._paint(_RED, "offline")
         ago = max(0, int(time.time() - a.last_seen))
         devices = ", ".join(
-            self._paint(_RED, f"{d} (FAILED: {a.failed[d]})") if d in a.failed else d for d in a.devices
+            self._paint(_RED, f"{safe(d)} (FAILED: {safe(a.failed[d])})") if d in a.failed else safe(d)
+            for d in a.devices
         ) or "no devices"
-        return f"- {a.name} {state} (last seen {ago}s ago, version {a.version or '?'}): {devices}\n"
+        return f"- {safe(a.name)} {state} (last seen {ago}s ago, version {safe(a.version) or '?'}): {devices}\n"
 
     # ------------------------------------------------------------- structured
     def _data(self, c: Content) -> Any:
@@ -277,7 +283,7 @@ class Output:
 
 def _command_lines(commands: list[str] | list[tuple[str, str]]) -> str:
     """``- name`` a line, as dutctl prints them; each desc the config gives follows its name, aligned."""
-    named = [(entry, "") if isinstance(entry, str) else entry for entry in commands]
+    named = [(safe(entry), "") if isinstance(entry, str) else (safe(entry[0]), safe(entry[1])) for entry in commands]
     width = max((len(name) for name, desc in named if desc), default=0)
     return "".join(f"- {name.ljust(width)}  {desc}\n" if desc else f"- {name}\n" for name, desc in named)
 
@@ -288,23 +294,18 @@ def _locked(data: tuple[Any, ...]) -> tuple[str, LockState, bool]:
 
 
 def _unlocked_text(u: Unlocked) -> str:
-    text = f'✓ Device "{u.device}" unlocked'
+    text = f'✓ Device "{safe(u.device)}" unlocked'
     if u.broke:
-        text += f': broke the lock of "{u.broke}"'
+        text += f': broke the lock of "{safe(u.broke)}"'
         if u.cancelled:
             text += f", cancelled {u.cancelled} running session{'s' if u.cancelled != 1 else ''}"
     return text
 
 
 def _one_line(text: str) -> str:
-    """A oneline field never breaks its line: backslash, line breaks, tabs and other controls escaped
-    as in C (``\\n``, ``\\x1b``), so one record stays one line whatever the data holds."""
-    return "".join(_C_ESCAPES.get(c) or (_yaml_code(c) if _is_control(c) else c) for c in text)
-
-
-def _is_control(c: str) -> bool:
-    o = ord(c)
-    return o < 0x20 or 0x7F <= o <= 0x9F or c in "\u2028\u2029"
+    """A oneline field never breaks its line: backslash, line breaks, tabs and other controls (bidi ones too)
+    escaped as in C (``\\n``, ``\\x1b``, ``\\u202e``), so one record stays one line whatever the data holds."""
+    return "".join(_C_ESCAPES.get(c) or (_yaml_code(c) if is_unsafe(c) else c) for c in text)
 
 
 def _device_token(d: DeviceInfo) -> str:
@@ -340,10 +341,12 @@ def _lower_keys(data: Any) -> Any:
 
 # ------------------------------------------------------------------ JSON as Go's encoding/json writes it
 # dutctl uses json.MarshalIndent: 2-space indent, UTF-8 as is, but <, > and & (HTML) and the JavaScript line
-# separators escaped. These characters only ever occur inside strings, so replacing them is safe.
+# separators escaped. These characters only ever occur inside strings, so replacing them is safe.  Beyond
+# Go, DEL, the C1 controls and the bidi controls are escaped too, so that no JSON reaches a terminal with them
+# raw (C0 controls are escaped by every JSON encoder).
 
-_GO_JSON_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
-                                  "\u2029": "\\u2029"})
+_GO_JSON_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
+                                  **{c: f"\\u{ord(c):04x}" for c in [*map(chr, range(0x7F, 0xA0)), *FORMAT_CONTROLS]}})
 
 
 def to_json(value: Any) -> str:
@@ -422,10 +425,12 @@ def _yaml_literal_ok(text: str) -> bool:
 
 
 def _yaml_printable(c: str) -> bool:
-    """libyaml's IS_PRINTABLE, less every line break (NEL, U+2028, U+2029 too): what may appear unescaped."""
+    """libyaml's IS_PRINTABLE, less every line break (NEL, U+2028, U+2029 too) and the bidi controls (which
+    yaml.v3 would write raw; docs/differences.md 29): what may appear unescaped."""
     o = ord(c)
-    return (0x20 <= o <= 0x7E or 0xA0 <= o <= 0x2027 or 0x202A <= o <= 0xD7FF or (0xE000 <= o <= 0xFFFD and o != 0xFEFF)
-            or 0x10000 <= o <= 0x10FFFF)
+    return c not in FORMAT_CONTROLS and (
+        0x20 <= o <= 0x7E or 0xA0 <= o <= 0x2027 or 0x202A <= o <= 0xD7FF or (0xE000 <= o <= 0xFFFD and o != 0xFEFF)
+        or 0x10000 <= o <= 0x10FFFF)
 
 
 def _yaml_code(c: str) -> str:

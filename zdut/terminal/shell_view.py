@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from zdut.client import Client
 from zdut.common.backoff import Backoff
 from zdut.protocol import Code, DeviceInfo, LockState, ZdutError
+from zdut.terminal.safe_text import safe
 
 #: Device list poll period; connection changes and the shell's own commands wake it early.
 REFRESH_S = 2.0
@@ -78,7 +79,8 @@ def changes(old: dict[str, DeviceInfo], new: dict[str, DeviceInfo], me: str, now
     Our own locks and busy holds (which come and go with every run) are left out: the user
     saw the result of their own command already.  News about our own lock: its expiry, and its end by
     someone else's ``unlock force`` (any end of a lock with time left that is not in ``released``, the
-    devices this shell unlocked itself)."""
+    devices this shell unlocked itself).  The names and owners in them came from other processes: each notice
+    has its control characters escaped."""
     appeared = [n for n in new if n not in old]
     gone = [n for n in old if n not in new]
     offline = [n for n, d in new.items() if n in old and old[n].online and not d.online]
@@ -107,7 +109,7 @@ def changes(old: dict[str, DeviceInfo], new: dict[str, DeviceInfo], me: str, now
                 notices.append(f"{name} unlocked")
             elif was.expires_at <= now + REFRESH_S:
                 notices.append(f"your lock on {name} expired")
-    return notices
+    return [safe(n) for n in notices]
 
 
 class HelpCache:
