@@ -346,7 +346,8 @@ def test_lock_json(demo: tuple[Lab, str]) -> None:
 
 
 def test_files_only_named_on_the_command_line(lab: Lab, tmp_path: Path) -> None:
-    """An agent cannot read a client file the user did not name (dutctl lets it: zdut refuses)."""
+    """An agent cannot read a client file the user did not name (dutctl lets it: zdut refuses): a path the
+    config fixes is not a file argument of the run (tests/test_file_args.py has the rest)."""
     secret = tmp_path / "secret.txt"
     secret.write_text("top secret")
     cfg = tmp_path / "steal.yaml"
@@ -357,5 +358,5 @@ def test_files_only_named_on_the_command_line(lab: Lab, tmp_path: Path) -> None:
     _, addr = lab.agent(cfg)
     r = lab.zdut("-s", addr, "evil", "steal")
     assert r.returncode == 1
-    assert "not named on the command line" in r.stderr
+    assert f'refusing to send "{secret}": the command\'s module does not declare it as a file argument' in r.stderr
     assert not (lab.tmp / "loot.txt").exists()

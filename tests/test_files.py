@@ -194,7 +194,7 @@ def test_the_client_discards_a_download_with_a_bad_digest_and_says_so(tmp_path: 
 
     def answer(msg: p.Message) -> list[Any]:
         if isinstance(msg, p.RunOpen):
-            return [p.RunStarted(msg.sid, 0, False), p.FileOpen(msg.sid, 0, 1, str(dest), 3),
+            return [p.RunStarted(msg.sid, 0, False, {str(dest): "receive"}), p.FileOpen(msg.sid, 0, 1, str(dest), 3),
                     (p.FileChunk(msg.sid, 0, 1, 0), b"abc"), p.FileEnd(msg.sid, 0, 1, hashlib.sha256(b"xyz").digest())]
         if isinstance(msg, p.Cancel):
             return [p.Done(msg.sid, 0, p.Code.CANCELED, "module execution aborted: canceled by the client")]
@@ -211,7 +211,7 @@ def test_a_read_error_mid_upload_aborts_the_transfer(ctx: zmq.Context[Any]) -> N
 
     def answer(msg: p.Message) -> list[Any]:
         if isinstance(msg, p.RunOpen):
-            return [p.RunStarted(msg.sid, 0, False), p.FileRequest(msg.sid, 0, 1, unreadable)]
+            return [p.RunStarted(msg.sid, 0, False, {unreadable: "send"}), p.FileRequest(msg.sid, 0, 1, unreadable)]
         if isinstance(msg, p.FileAbort):
             return [p.Done(msg.sid, 0, msg.code, f"module failed: {msg.message}")]
         return []

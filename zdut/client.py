@@ -127,13 +127,12 @@ class RunHandler:
         self.warnings.append(text)
 
 
-def allowed_paths(args: list[str]) -> set[str]:
-    """Client files a command may touch: the arguments the user typed, and each side of ``src:dst``."""
-    allowed = set()
-    for arg in args:
-        allowed.add(os.path.normpath(arg))
-        if arg.count(":") == 1:
-            allowed.update(os.path.normpath(p) for p in arg.split(":") if p)
+def allowed_files(files: dict[str, str]) -> dict[str, set[str]]:
+    """RunStarted.files as the client checks it: normalised path -> the ways it may move (send, receive)."""
+    allowed: dict[str, set[str]] = {}
+    for path, way in files.items():
+        ways = {"send", "receive"} if way == "both" else {way} & {"send", "receive"}
+        allowed.setdefault(os.path.normpath(path), set()).update(ways)
     return allowed
 
 
@@ -150,9 +149,10 @@ class Run:
         loop = asyncio.get_running_loop()
         self.started: asyncio.Future[bool] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()
-        self._allowed = allowed_paths(args)
+        self._allowed: dict[str, set[str]] = {}  # RunStarted.files: until it says, no file moves
         self._downloads = Downloads(  # a download to - or /dev/stdout is the command's stdout, in its order
-            self.stream, self._allowed_path, lambda data, consumed: handler.output(STDOUT, data, consumed),
+            self.stream, functools.partial(self._allowed_path, "receive"),
+            lambda data, consumed: handler.output(STDOUT, data, consumed),
             self._refuse, self._verify_failed, functools.partial(handler.progress, "received"),
             functools.partial(handler.transferred, "received"))
         self._tasks: set[asyncio.Task[None]] = set()
@@ -203,6 +203,7 @@ class Run:
                 self.handler.output(msg.stream, bytes(payload), lambda: self.stream.consumed(n))
             case RunStarted():
                 if not self.started.done():
+                    self._allowed = allowed_files(msg.files)
                     self.started.set_result(msg.interactive)
                 self.handler.started(msg.interactive)
             case Credit():
@@ -245,16 +246,17 @@ class Run:
         with contextlib.suppress(ZdutError):
             self.stream.send(FileAbort, xfer=xfer, code=code, message=text)
 
-    def _allowed_path(self, path: str) -> bool:
-        return os.path.normpath(path) in self._allowed
+    def _allowed_path(self, way: str, path: str) -> bool:
+        """Whether the command's modules declared ``path`` as a file argument the client may ``way``."""
+        return way in self._allowed.get(os.path.normpath(path), ())
 
     # ------------------------------------------------------------- files
     async def _upload(self, req: FileRequest) -> None:
         """The agent asks for one of our files."""
         path = req.path
-        if not self._allowed_path(path):
-            self._refuse(req.xfer, Code.PERMISSION_DENIED,
-                         f'refusing to send "{path}": the agent asked for a file not named on the command line')
+        if not self._allowed_path("send", path):
+            self._refuse(req.xfer, Code.PERMISSION_DENIED, f'refusing to send "{path}": the command\'s module does '
+                         'not declare it as a file argument to upload')
             return
         try:
             fh, size = await open_source(path)

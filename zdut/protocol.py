@@ -262,11 +262,14 @@ class RunOpen(_Msg, tag="run", frozen=True):
 
 class RunStarted(_Msg, tag="started", frozen=True):
     """Agent -> client, first session message: the command passed the lock check
-    and runs; ``interactive`` tells the client to offer raw mode on a terminal."""
+    and runs; ``interactive`` tells the client to offer raw mode on a terminal.
+    ``files``: the only client paths the run may move, path -> "send" | "receive" |
+    "both" (the modules' declared file arguments; docs/protocol.md, "Which files")."""
 
     sid: int
     seq: int
     interactive: bool
+    files: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Data(_Msg, tag="data", frozen=True):
@@ -283,7 +286,7 @@ class StdinEof(_Msg, tag="eof", frozen=True):
 
 
 class FileRequest(_Msg, tag="freq", frozen=True):
-    """Agent asks the client for a file the user named."""
+    """Agent asks the client for a file that RunStarted.files declares for sending."""
 
     sid: int
     seq: int

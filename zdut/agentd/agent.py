@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zdut.agentd.config import AgentConfig, Command
+from zdut.agentd.file_args import declared_files
 from zdut.agentd.locker import Locker
 from zdut.agentd.run import AgentRun
 from zdut.common.answers import listing, no_such_command, no_such_device
@@ -271,7 +272,7 @@ class Agent:
                 await step.module.run(session, args)
 
         interactive = any(step.module.wants_terminal(args) for step, args in zip(command.steps, step_args, strict=True))
-        run.start(interactive, body)
+        run.start(interactive, body, declared_files(command, step_args))
 
     def _close_run(self, key: tuple[int, bytes, int], run: AgentRun) -> None:
         """A run closed (its own close step released the hold): forget it."""

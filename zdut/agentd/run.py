@@ -115,8 +115,9 @@ class AgentRun:
         self.interactive = False  # a console session (the client reads the user's keystrokes)
 
     # ------------------------------------------------------------- lifecycle
-    def start(self, interactive: bool, body: Callable[[AgentRun], Any]) -> None:
-        """Take the busy hold and run ``body`` in this run's own task.
+    def start(self, interactive: bool, body: Callable[[AgentRun], Any], files: dict[str, str] | None = None) -> None:
+        """Take the busy hold and run ``body`` in this run's own task; RunStarted tells the client ``files``,
+        the only paths it may send or write (``agentd.file_args``).
 
         From here every path (success, module error, cancel, client lost, a send that fails) ends in
         ``_close``, called by the task's done callback: that runs even for a task cancelled before its
@@ -128,16 +129,16 @@ class AgentRun:
             return
         self._held = True
         self.interactive = interactive
-        self.task = asyncio.get_running_loop().create_task(self._main(interactive, body))
+        self.task = asyncio.get_running_loop().create_task(self._main(interactive, body, files or {}))
         self.task.add_done_callback(self._finished)
 
     def refuse(self, error: ZdutError) -> None:
         """The run cannot start: say why and close (no hold was taken)."""
         self._close(error.code, error.message)
 
-    async def _main(self, interactive: bool, body: Callable[[AgentRun], Any]) -> tuple[str, str]:
+    async def _main(self, interactive: bool, body: Callable[[AgentRun], Any], files: dict[str, str]) -> tuple[str, str]:
         try:
-            self.stream.send(RunStarted, interactive=interactive)
+            self.stream.send(RunStarted, interactive=interactive, files=files)
             await body(self)
         except ModuleError as exc:
             return exc.code, f"module failed: {exc.message}"

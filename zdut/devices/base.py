@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 import msgspec
 
@@ -31,6 +31,27 @@ class ModuleError(ZdutError):
 
 class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
     """Options of a module that takes no ``with:`` keys."""
+
+
+class FileArg(NamedTuple):
+    """A client-side file that one of a module's arguments names, for one run (``Module.file_args``).
+
+    The client sends or writes nothing else: a ``request_file`` or ``send_file`` for a path no module of the
+    command declares is refused (PermissionDenied), however the user spelt the command line."""
+
+    #: The position, in the module's own args for this run, of the argument that names the file.  It counts
+    #: only if that argument is the user's: passed through, or a step arg that is exactly ``${name}``.
+    arg: int
+    #: The name the module gives ``request_file``/``send_file`` (the argument itself, one side of its
+    #: ``src:dst``, its base name: whatever the module derives from it).
+    path: str
+    #: The client may send it: the module calls ``request_file(path)`` (an upload to the agent).
+    send: bool = False
+    #: The client may receive it: the module calls ``send_file(path, ...)`` (a download to the client).
+    receive: bool = False
+    #: 0 or 1 when only one side of a ``src:dst`` argument is the file: a templated step arg then counts if
+    #: that side is exactly ``${name}`` (``${src}:/fixed``).  None: the argument as a whole.
+    side: int | None = None
 
 
 class IncomingFile(Protocol):
@@ -67,10 +88,12 @@ class Session(Protocol):
         """One line of stdin including its newline; the final partial line at EOF; b"" after EOF."""
 
     def request_file(self, name: str) -> IncomingFile:
-        """Ask the client for the file ``name``; iterate the result for its bytes."""
+        """Ask the client for the file ``name``; iterate the result for its bytes.  The client sends it only
+        if ``Module.file_args`` declared ``name`` with ``send`` for this run."""
 
     async def send_file(self, name: str, source: str | os.PathLike[str] | AsyncIterator[bytes], size: int = -1) -> None:
-        """Send a file to the client as ``name`` from a local path or an async byte iterator."""
+        """Send a file to the client as ``name`` from a local path or an async byte iterator.  The client
+        writes it only if ``Module.file_args`` declared ``name`` with ``receive`` for this run."""
 
     @property
     def terminal_size(self) -> tuple[int, int] | None:
@@ -96,8 +119,6 @@ class Module(abc.ABC, Generic[OptionsT]):
     Options: ClassVar[type[msgspec.Struct]] = NoOptions
     #: True if the module reads stdin (the client then forwards it in raw mode on a terminal).
     interactive: ClassVar[bool] = False
-    #: Names of arguments that are client-side files this module may request or send.
-    #: Used only for documentation; the client allows exactly the paths the user typed.
 
     def __init__(self, options: OptionsT) -> None:
         self.options: OptionsT = options
@@ -118,6 +139,15 @@ class Module(abc.ABC, Generic[OptionsT]):
         Defaults to the class's ``interactive``; a module with both scripted and console modes decides
         per run from its arguments."""
         return self.interactive
+
+    def file_args(self, args: list[str]) -> list[FileArg]:
+        """The client-side files this run's arguments name, and which way each may move (see ``FileArg``).
+
+        The agent tells the client (``RunStarted.files``), and the client transfers nothing else: a module
+        that calls ``request_file`` or ``send_file`` declares those paths here.  ``args`` are this run's,
+        unchecked (``run`` reports bad ones): declare what the module would transfer, nothing for args it
+        would refuse.  The default declares nothing, so a module gets no file access."""
+        return []
 
     @abc.abstractmethod
     async def run(self, session: Session, args: list[str]) -> None:

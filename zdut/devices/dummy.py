@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from zdut.devices import scratch
-from zdut.devices.base import Module, ModuleError, NoOptions, Session
+from zdut.devices.base import FileArg, Module, ModuleError, NoOptions, Session
 
 FT_SUFFIX = b"\n\nprocessed by dummy.FT module\n"
 
@@ -63,6 +63,11 @@ class DummyFT(Module[NoOptions]):
             "Arguments: <input> <output>: the client's <input> is uploaded, processed and\n"
             "delivered back to the client as <output>."
         )
+
+    def file_args(self, args: list[str]) -> list[FileArg]:
+        if len(args) != 2:
+            return []
+        return [FileArg(0, args[0], send=True), FileArg(1, args[1], receive=True)]
 
     async def run(self, session: Session, args: list[str]) -> None:
         await session.print("Hello from dummy file transfer module\n")

@@ -21,7 +21,7 @@ import msgspec
 
 from zdut.common.flags import FlagError, parse_flags
 from zdut.devices import scratch
-from zdut.devices.base import Module, ModuleError, Session
+from zdut.devices.base import FileArg, Module, ModuleError, Session
 
 UPLOAD = "upload"
 DOWNLOAD = "download"
@@ -142,6 +142,24 @@ class File(Module[FileOptions]):
             raise ModuleError("operation must be set in config: must be 'upload' or 'download'")
         if options.operation not in (UPLOAD, DOWNLOAD):
             raise ModuleError(f"invalid operation {options.operation!r}: must be 'upload' or 'download'")
+
+    def file_args(self, args: list[str]) -> list[FileArg]:
+        """The client's end, when the runtime argument names it: an upload's source, a download's
+        destination (one side of ``src:dst``, or a source's base name).  A configured end is not one."""
+        o = self.options
+        try:
+            src, dst = resolve_paths(o.source, o.destination, args)
+        except ModuleError:
+            return []
+        if not args:
+            return []  # both ends configured
+        operand = len(args) - 1  # the one operand is the last argument (``--`` may precede it)
+        side = None if ":" not in args[operand] else 0 if o.operation == UPLOAD else 1
+        if o.operation == UPLOAD and not o.source:
+            return [FileArg(operand, src, send=True, side=side)]
+        if o.operation == DOWNLOAD and not o.destination:
+            return [FileArg(operand, dst, receive=True, side=side)]
+        return []
 
     async def run(self, session: Session, args: list[str]) -> None:
         o = self.options

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 
 from zdut.devices import scratch
-from zdut.devices.base import Module, ModuleError, OptionsT, Session
+from zdut.devices.base import FileArg, Module, ModuleError, OptionsT, Session
 from zdut.devices.process import exit_message, run_streaming
 
 SUPPORTED_TOOLS = ("flashrom", "flashprog", "dpcmd")
@@ -123,6 +123,12 @@ class Flash(_ToolModule[FlashOptions]):
         if self._basename() != "dpcmd" and options.programmer in ("", None):
             raise ModuleError("programmer must be configured")
 
+    def file_args(self, args: list[str]) -> list[FileArg]:
+        """``write IMAGE`` uploads the client's IMAGE, ``read IMAGE`` downloads into it."""
+        if len(args) != 2 or args[0] not in ("read", "write"):
+            return []
+        return [FileArg(1, args[1], send=args[0] == "write", receive=args[0] == "read")]
+
     def _basename(self) -> str:
         return os.path.basename(self.options.tool)
 
@@ -206,6 +212,9 @@ class FlashEmulate(_ToolModule[FlashEmulateOptions]):
 
     async def init(self) -> None:
         self._require_tool(self.options.tool, "emulation tool")
+
+    def file_args(self, args: list[str]) -> list[FileArg]:
+        return [FileArg(0, args[0], send=True)] if len(args) == 1 else []
 
     def cmdline(self, tool: str, image: Path) -> list[str]:
         argv = [tool]

@@ -386,7 +386,9 @@ class DirectWriter(FileWriter):
 
 class Downloads:
     """The files the agent sends one Run: the one being received (FileOpen, FileChunk..., FileEnd; one at a
-    time) and finished ones a thread still writes.  ``close`` discards what is unfinished, on every way out."""
+    time) and finished ones a thread still writes.  ``close`` discards what is unfinished, on every way out.
+    ``allowed(path)`` says whether the run declared ``path`` for receiving (RunStarted.files): nothing else is
+    opened, not even ``-`` or /dev/stdout."""
 
     def __init__(self, stream: Stream, allowed: Callable[[str], bool], stdout: Sink,
                  refuse: Callable[[int, str, str], None], failed: Callable[[ZdutError], None],
@@ -407,8 +409,8 @@ class Downloads:
                 self.current = None
                 dl.discard()
             if not self.allowed(msg.path):
-                self.refuse(msg.xfer, Code.PERMISSION_DENIED,
-                            f'refusing to write "{msg.path}": the agent sent a file not named on the command line')
+                self.refuse(msg.xfer, Code.PERMISSION_DENIED, f'refusing to write "{msg.path}": the command\'s '
+                            'module does not declare it as a file argument to download')
                 return
             try:
                 self.current = open_writer(msg.xfer, msg.path, msg.size, self.stdout, self._write_failed(msg.xfer))
