@@ -24,6 +24,7 @@ from tqdm import tqdm
 from zdut.client import RunHandler
 from zdut.protocol import STDERR
 from zdut.terminal.output import FILE_TRANSFER, MODULE_OUTPUT, Content, Output
+from zdut.terminal.safe_text import safe
 
 #: Smaller transfers end before a bar could tell anything.
 PROGRESS_MIN_BYTES = 1024 * 1024
@@ -93,6 +94,7 @@ class Printer:
         self._idle.set()
         self._pending = 0
         self._lock = threading.Lock()
+        self._pollers: dict[int, select.poll] = {}  # one per output fd: half the cost of a select() per write
         self._thread = threading.Thread(target=self._work, name="zdut-output", daemon=True)
         self._thread.start()
 
@@ -100,7 +102,7 @@ class Printer:
                fd: int | None = None, size: int = 0) -> None:
         """Queue ``write``; small writes to an fd that can take them now are done inline (no thread hop,
         which is most of a console echo's latency), as long as nothing is queued before them."""
-        if fd is not None and size <= select.PIPE_BUF and self._pending == 0 and _writable(fd):
+        if fd is not None and size <= select.PIPE_BUF and self._pending == 0 and self._writable(fd):
             if self._write(write):
                 self._fail()
             if done is not None:
@@ -110,6 +112,17 @@ class Printer:
             self._pending += 1
             self._idle.clear()
         self._queue.put((write, done))
+
+    def _writable(self, fd: int) -> bool:
+        """Whether a write to ``fd`` goes through now (a reader that went away counts: the write then fails)."""
+        poller = self._pollers.get(fd)
+        if poller is None:
+            poller = self._pollers[fd] = select.poll()
+            poller.register(fd, select.POLLOUT)
+        try:
+            return any(not events & select.POLLNVAL for _, events in poller.poll(0))
+        except (OSError, ValueError):
+            return False
 
     def _write(self, write: Callable[[], object]) -> bool:
         """Write unless an earlier write failed; True if this one is the first to fail."""
@@ -150,11 +163,6 @@ class Printer:
         self._queue.put(None)
 
 
-def _writable(fd: int) -> bool:
-    try:
-        return bool(select.select([], [fd], [], 0)[1])
-    except (OSError, ValueError):
-        return False
 
 
 class CliRunHandler(RunHandler):
@@ -197,7 +205,7 @@ class CliRunHandler(RunHandler):
         if bar is None:
             arrow = "↑" if direction == "sent" else "↓"
             bar = self._bar = tqdm(
-                total=total if total >= 0 else None, desc=f"{arrow} {path}", unit="B", unit_scale=True,
+                total=total if total >= 0 else None, desc=f"{arrow} {safe(path)}", unit="B", unit_scale=True,
                 unit_divisor=1024, file=_BarStream(self.out), ncols=_columns(self.out.err),
                 mininterval=PROGRESS_INTERVAL_S, leave=False)
         bar.update(done - bar.n)
