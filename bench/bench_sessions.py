@@ -5,6 +5,7 @@ Each figure is printed beside a raw pyzmq DEALER/ROUTER baseline measured in the
 same run on the same machine, because these machines are noisy.
 
     .venv/bin/python bench/bench_sessions.py [--lines 2000] [--mb 256] [--broker-mb 1024]
+    .venv/bin/python bench/bench_sessions.py --echo-rounds 5   # the brokered echo beside the chain, 5 times
 """
 
 from __future__ import annotations
@@ -451,6 +452,26 @@ def machine_note() -> str:
                                                                     if ns == 0 else "")
 
 
+def echo_rounds(rounds: int, lines: int) -> None:
+    """The issue 10 figure: zdut's brokered echo over the same-run chain's, p50 and p99, round after round
+    (alternating, so that a noisy spell hits both)."""
+    with tempfile.TemporaryDirectory() as d:
+        procs, _, broker = start_lab(Path(d), Path(d))
+        try:
+            print(f"machine: {machine_note()}")
+            for i in range(rounds):
+                chain, ours = sorted(raw_chain_baseline(lines)), sorted(zdut_echo(broker, lines))
+                p50s = chain[len(chain) // 2], ours[len(ours) // 2]
+                p99s = chain[int(len(chain) * 0.99)], ours[int(len(ours) * 0.99)]
+                print(f"round {i + 1}: chain p50 {p50s[0] * 1e6:4.0f} p99 {p99s[0] * 1e6:4.0f} us | zdut via broker "
+                      f"p50 {p50s[1] * 1e6:4.0f} p99 {p99s[1] * 1e6:4.0f} us | ratio p50 {p50s[1] / p50s[0]:.2f} "
+                      f"p99 {p99s[1] / p99s[0]:.2f}", flush=True)
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+                p.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=2000)
@@ -458,7 +479,12 @@ def main() -> None:
     ap.add_argument("--broker-mb", type=int, default=1024, help="file size for the brokered round trip (MiB)")
     ap.add_argument("--disk", action="store_true",
                     help="keep the transferred files on disk instead of tmpfs (/dev/shm): measures the disk too")
+    ap.add_argument("--echo-rounds", type=int, default=0, metavar="N",
+                    help="only the brokered echo beside the same-shape chain, N times alternating, with the ratios")
     args = ap.parse_args()
+    if args.echo_rounds:
+        echo_rounds(args.echo_rounds, args.lines)
+        return
     tune_malloc()  # what the zdut CLI does at start, for the in-process library figures
     shm = Path("/dev/shm")
     with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory(
