@@ -109,12 +109,16 @@ class Lab:
             assert proc.alive(), proc.text()
         return proc, addr
 
+    def broker_args(self, port: int, heartbeat: float = 0.5) -> list[str]:
+        """The command line of a zdut-broker on ``port`` with its own state file (without waiting for it)."""
+        return [exe("zdut-broker"), "-s", f"127.0.0.1:{port}", "--state", str(self.tmp / f"broker-{port}.sqlite3"),
+                "--heartbeat", str(heartbeat), "--log", "debug"]
+
     def broker(self, port: int | None = None, *extra: str, heartbeat: float = 0.5) -> tuple[Proc, str]:
         """Start a zdut-broker on a free port with its own state file; wait until it answers."""
         port = port or free_port()
         addr = f"127.0.0.1:{port}"
-        proc = self.spawn([exe("zdut-broker"), "-s", addr, "--state", str(self.tmp / f"broker-{port}.sqlite3"),
-                           "--heartbeat", str(heartbeat), "--log", "debug", *extra], "broker")
+        proc = self.spawn([*self.broker_args(port, heartbeat), *extra], "broker")
         wait_for(lambda: self.zdut("-s", addr, "list", timeout=5).returncode == 0 or not proc.alive(), 15,
                  f"broker on {addr}")
         assert proc.alive(), proc.text()
