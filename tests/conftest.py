@@ -131,6 +131,15 @@ class Lab:
                  f"{config} online at {broker}")
         return proc
 
+    def serve(self, config: str | Path, how: str) -> str:
+        """The address a client uses for ``config``'s devices: ``how`` "direct" (the agent's own) or "brokered"
+        (a broker's, which the agent registered with)."""
+        if how == "direct":
+            return self.agent(config)[1]
+        _, broker = self.broker()
+        self.brokered_agent(config, broker)
+        return broker
+
     def devices_of(self, config: str | Path) -> list[str]:
         from zdut.agentd.config import load_config
 

@@ -65,11 +65,7 @@ def config(lab: Lab) -> Path:
 @pytest.fixture(params=["direct", "brokered"])
 def server(request: pytest.FixtureRequest, lab: Lab, config: Path) -> str:
     """The address a client uses: the agent's own, or a broker's it registered with."""
-    if request.param == "direct":
-        return lab.agent(config)[1]
-    _, broker = lab.broker()
-    lab.brokered_agent(config, broker)
-    return broker
+    return lab.serve(config, request.param)
 
 
 def test_the_command_list_shows_each_desc_aligned(lab: Lab, server: str) -> None:

@@ -94,11 +94,7 @@ def assert_inert(lab: Lab, *args: str, ok: bool | None = None) -> tuple[str, str
 def server(request: pytest.FixtureRequest, lab: Lab) -> str:
     config = lab.tmp / "hostile.yaml"
     config.write_text(CONFIG)
-    if request.param == "direct":
-        return lab.agent(config)[1]
-    _, broker = lab.broker()
-    lab.brokered_agent(config, broker)
-    return broker
+    return lab.serve(config, request.param)
 
 
 def test_hostile_names_descs_help_and_owners_reach_no_terminal_raw(lab: Lab, server: str) -> None:
