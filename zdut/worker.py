@@ -22,8 +22,11 @@ from zmq.utils.monitor import parse_monitor_message
 
 from zdut.agentd.agent import Agent
 from zdut.agentd.config import ConfigError, load_config
+from zdut.agentd.keyed import FAILED_EVENTS, HandshakeWatch, KeyedLink
+from zdut.agentd.security import AgentSecurity
 from zdut.common import logs
 from zdut.common.addresses import endpoint, server_endpoint
+from zdut.common.keys import KeyFileError
 from zdut.common.limits import AGENT_MAX_FRAME, new_router, tcp_keepalive_instead_of_zmtp_heartbeats
 from zdut.common.memtune import tune_malloc
 from zdut.common.paths import state_dir
@@ -49,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "--server is given, then no direct address)")
     p.add_argument("--server", "-server", action="append", default=[], metavar="ADDR", type=address,
                    help="register with the zdut-broker at ADDR; repeat for several brokers")
+    p.add_argument("--keys", "-keys", metavar="DIR", type=Path,
+                   help="turn CURVE security on with the keys in DIR: DIR/server.key_secret (this agent's pair), "
+                        "DIR/users/NAME.key and DIR/admins (who may use -a, and unlock force there), "
+                        "DIR/brokers/NAME.key (the brokers it trusts). The key for --server ADDR is "
+                        "brokers/ADDR.key (ADDR as given, e.g. brokers/lab1:1024.key), else brokers/HOST.key, "
+                        "else the only key in brokers/. Key files added or removed take effect within 5s. "
+                        "Default: security off (anyone reaching -a acts as any user)")
     p.add_argument("--name", help="stable agent name brokers know it by (default HOST:PORT of -a, else HOST/CONFIG)")
     p.add_argument("--state", type=Path, help="lock state file (default $XDG_STATE_HOME/zdut/agent-NAME.json)")
     p.add_argument("--check-config", "-check-config", action="store_true",
@@ -103,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.address and not args.server:
         args.address = "localhost:1024"
+    security = None
+    if args.keys is not None:
+        try:
+            security = AgentSecurity(args.keys)
+        except KeyFileError as exc:
+            print(f"zdut-agent: --keys: {exc}", file=sys.stderr)
+            return 1
+        missing = [security.missing_broker(s) for s in args.server if security.broker_key(s) is None]
+        if missing:
+            print(f"zdut-agent: {missing[0]}", file=sys.stderr)
+            return 1
+    args.security = security
     tune_malloc()
     name = agent_name(args)
     state = args.state or state_dir() / f"agent-{name.replace('/', '_').replace(':', '_')}.json"
@@ -157,31 +179,53 @@ CLEANUP_S = 5.0
 async def _listen(agent: Agent, args: argparse.Namespace) -> int:
     """Serve on ``-a`` and through every ``--server`` until SIGINT/SIGTERM, then shut down (docs/architecture.md,
     "Shutdown")."""
-    from zdut.agentd.uplink import Uplink  # the broker link; imported here to keep --check-config light
+    from zdut.agentd.uplink import Curve, Uplink  # the broker link; imported here to keep --check-config light
 
+    security: AgentSecurity | None = args.security
     ctx = zmq.Context()
+    watch = None
     tasks: list[asyncio.Task[Any]] = []
     peers: _Peers | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    direct: Link | None = None
     try:
+        if security is None:
+            log.warning("security off: %s; --keys DIR turns CURVE security on",
+                        f"the direct port {args.address} lets anyone who reaches it act as any user"
+                        if args.address else "brokers are reached without CURVE and trusted unchecked")
+        else:
+            security.start_zap(ctx)  # bound before the direct ROUTER binds: libzmq asks only a bound handler
         if args.address:
             sock = _direct_router(ctx)
+            if security is not None:
+                security.ring.secure_server(sock)
+                watch = HandshakeWatch(str(security.root))
             try:
                 sock.bind(endpoint(args.address))
             except (zmq.ZMQError, ValueError) as exc:
                 print(f"zdut-agent: cannot listen on {args.address}: {exc}", file=sys.stderr)
                 return 1
-            peers = _Peers(sock)
-            direct = Link(sock, f"direct {args.address}")
+            peers = _Peers(sock, watch)
+            if security is None:
+                direct = Link(sock, f"direct {args.address}")
+            else:
+                direct = KeyedLink(sock, f"direct {args.address}", security.admit, security.known)
             tasks.append(asyncio.create_task(direct.run(lambda p, m, d: agent.handle(direct, p, m, d))))
-            log.info("serving %d devices on %s", len(agent.config.devices), args.address)
+            log.info("serving %d devices on %s%s", len(agent.config.devices), args.address,
+                     f" (CURVE, keys in {security.root})" if security is not None else "")
         for server in args.server:
-            uplink = Uplink(agent, ctx, server)
+            curve = None
+            if security is not None:
+                name, key = security.broker_key(server) or ("", None)
+                curve = Curve(security.pair, key, name, str(security.root))
+            uplink = Uplink(agent, ctx, server, curve)
             agent.uplinks.append(uplink)
             tasks.append(asyncio.create_task(uplink.run()))
+        if security is not None:
+            security.start(agent, direct)
         tasks.append(asyncio.create_task(keep_alive(agent.watched)))
         await stop.wait()
         consoles, running = agent.begin_shutdown(args.drain)
@@ -200,6 +244,8 @@ async def _listen(agent: Agent, args: argparse.Namespace) -> int:
         await asyncio.gather(*tasks, return_exceptions=True)
         if peers is not None:
             peers.close()
+        if security is not None:
+            security.close()
         for uplink in agent.uplinks:
             uplink.close(EXIT_LINGER_MS)
         ctx.destroy(linger=EXIT_LINGER_MS)
@@ -216,17 +262,25 @@ def _direct_router(ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
 
 class _Peers:
     """How many clients are connected to the direct ROUTER, kept from its socket monitor (read as events come,
-    so its queue never grows and no event is lost to its HWM)."""
+    so its queue never grows and no event is lost to its HWM); with security on, its failed handshakes go to
+    a HandshakeWatch (libzmq allows one monitor per socket)."""
 
-    def __init__(self, sock: zmq.Socket[Any]) -> None:
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+    def __init__(self, sock: zmq.Socket[Any], watch: HandshakeWatch | None = None) -> None:
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+        self._watch = watch
+        self._monitor = sock.get_monitor_socket(events | (FAILED_EVENTS if watch is not None else 0))
         self._count = 0
         asyncio.get_running_loop().add_reader(self._monitor.fileno(), self.count)
+        self.count()  # ZMQ_FD is edge-like: it wakes the loop only once ZMQ_EVENTS has been read
 
     def count(self) -> int:
         while not self._monitor.closed and self._monitor.poll(0):
-            event = parse_monitor_message(self._monitor.recv_multipart())["event"]
-            self._count += 1 if event == zmq.EVENT_ACCEPTED else -1
+            message = parse_monitor_message(self._monitor.recv_multipart())
+            event = message["event"]
+            if event in (zmq.EVENT_ACCEPTED, zmq.EVENT_DISCONNECTED):
+                self._count += 1 if event == zmq.EVENT_ACCEPTED else -1
+            elif self._watch is not None:
+                self._watch.event(event, message["value"])
         return self._count
 
     def close(self) -> None:

@@ -5,21 +5,29 @@ devices, and from then on relays client traffic that the broker prefixes with
 the client's id.  When the broker goes silent for ``LIVENESS`` heartbeats, or
 answers ``Reregister``, the agent starts over on a fresh socket with
 exponential backoff: no agent restart is ever needed.
+
+With ``--keys DIR`` the DEALER is a CURVE client holding the agent's pair and trusting one broker key
+(``agentd.security`` says which); a socket monitor tells a handshake the broker refused (it does not know our
+key) from one that broke (we hold the wrong broker key), logs each cause once, and ends the connection at once
+so that the retry follows the backoff instead of libzmq's 100 ms reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from typing import Any, Protocol
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from zdut.agentd.locker import Locker
 from zdut.common.addresses import endpoint
 from zdut.common.backoff import Backoff
+from zdut.common.keyring import secure_client
 from zdut.protocol import (
     MAX_HEADER_BYTES,
     VERSION,
@@ -34,7 +42,7 @@ from zdut.protocol import (
     ZdutError,
     encode,
 )
-from zdut.transport.links import Link, LoopThrottle, tune
+from zdut.transport.links import EVENTS, NOBLOCK, POLLIN, Link, LoopThrottle, int_option, tune
 
 log = logging.getLogger("zdut.agentd.uplink")
 throttled = LoopThrottle(log)  # lines a broker can cause once per message
@@ -66,11 +74,27 @@ class Served(Protocol):
     def session_gone(self, link: Link, peer: bytes, sid: int) -> None: ...
 
 
+_HANDSHAKE = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class Curve:
+    """What a secure uplink holds: the agent's pair, the broker key it trusts (None: none yet) and where
+    they come from (for the log lines)."""
+
+    def __init__(self, pair: tuple[bytes, bytes], server_key: bytes | None, key_name: str, keys: str) -> None:
+        self.pair, self.server_key, self.key_name, self.keys = pair, server_key, key_name, keys
+
+
 class Uplink:
-    def __init__(self, agent: Served, ctx: zmq.Context[Any], address: str) -> None:
+    def __init__(self, agent: Served, ctx: zmq.Context[Any], address: str, curve: Curve | None = None) -> None:
         self.agent = agent
         self.ctx = ctx
         self.address = address
+        self.curve = curve
+        self._rekeyed = asyncio.Event()
+        self._told: set[str] = set()  # handshake failure causes already logged (until a handshake succeeds)
+        self._quiet = False  # the connection ended for a cause already logged: its retry line is debug
         self.instance = secrets.token_hex(8)
         self.link: Link | None = None
         self.registered = False
@@ -105,18 +129,46 @@ class Uplink:
             self.link.sock.close(linger=linger_ms)
             self.link = None
 
+    def rekey(self, server_key: bytes | None, key_name: str) -> None:
+        """The broker key serving this uplink is now ``server_key`` (None: none): a change ends the current
+        connection (its sessions end) and the next one uses the new key, or waits for one."""
+        curve = self.curve
+        if curve is None or curve.server_key == server_key:
+            return
+        was = curve.key_name
+        curve.server_key, curve.key_name = server_key, key_name
+        self._told.clear()
+        if server_key is None:
+            why = f"broker key {was} gone from {curve.keys}/brokers: disconnected until a key for it is there"
+        else:
+            why = f"broker key now {key_name} ({curve.keys}/brokers): reconnecting with it"
+        log.warning("broker %s: %s", self.address, why)
+        self._quiet = True  # said here: the reconnect line is debug
+        self._rekeyed.set()
+        ended = getattr(self, "_ended", None)
+        if ended is not None and not ended.done():
+            ended.set_result(why)
+
     # ------------------------------------------------------------- connection loop
     async def run(self) -> None:
         backoff = Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S)
         while True:
+            while self.curve is not None and self.curve.server_key is None:
+                self._rekeyed.clear()
+                await self._rekeyed.wait()
             started = time.monotonic()
+            self._quiet = False
             reason = await self._connection()
             self.close()
             if time.monotonic() - started > 10 * self.heartbeat_s:
                 backoff.reset()  # it worked for a while: retry promptly
             delay = backoff.next_delay()
-            log.warning("broker %s: %s; reconnecting in %.2gs", self.address, reason, delay)
-            await asyncio.sleep(delay)
+            log.log(logging.DEBUG if self._quiet else logging.WARNING, "broker %s: %s; reconnecting in %.2gs",
+                    self.address, reason, delay)
+            if self.curve is None or self.curve.server_key is not None:
+                self._rekeyed.clear()
+                with contextlib.suppress(TimeoutError):  # a new key cuts the wait short
+                    await asyncio.wait_for(self._rekeyed.wait(), delay)
 
     async def _connection(self) -> str:
         """One socket's life: returns why it ended."""
@@ -124,11 +176,16 @@ class Uplink:
         tune(sock)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)  # a larger frame drops the connection before it is allocated
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing towards a broker that is not there
+        self._ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        monitor = None
+        if self.curve is not None:
+            assert self.curve.server_key is not None
+            secure_client(sock, self.curve.pair, self.curve.server_key)
+            monitor = self._watch(sock)
         sock.connect(endpoint(self.address))
         link = self.link = Link(sock, f"broker {self.address}")
         self.registered = False
         self._last_rx = time.monotonic()
-        self._ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         pump = asyncio.create_task(link.run(self._on_message))
         last_register = 0.0
         try:
@@ -146,7 +203,46 @@ class Uplink:
             return self._ended.result()
         finally:
             pump.cancel()
-            self.agent.drop_link_sessions(link, f"connection to broker {self.address} lost")
+            if monitor is not None:
+                asyncio.get_running_loop().remove_reader(monitor.fileno())
+                monitor.close(linger=0)
+            lost = f"connection to broker {self.address} lost"
+            self.agent.drop_link_sessions(link, f"{lost}: {self._ended.result()}" if self._ended.done() else lost)
+
+    def _watch(self, sock: zmq.Socket[Any]) -> zmq.Socket[Any]:
+        """A monitor on a secure uplink's socket (before it connects): a failed handshake ends the connection."""
+        monitor = sock.get_monitor_socket(_HANDSHAKE)
+        option = int_option(monitor)
+
+        def events() -> None:
+            while not monitor.closed and option(EVENTS) & POLLIN:
+                event = parse_monitor_message(monitor.recv_multipart(NOBLOCK))
+                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self._told.clear()
+                    continue
+                self._handshake_failed(event["event"], event["value"])
+
+        asyncio.get_running_loop().add_reader(monitor.fileno(), events)
+        events()  # ZMQ_FD is edge-like: it wakes the loop only once ZMQ_EVENTS has been read
+        return monitor
+
+    def _handshake_failed(self, event: int, value: int) -> None:
+        assert self.curve is not None
+        keys, name = self.curve.keys, self.curve.key_name
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            cause = (f"broker {self.address} refused our key (is the public key of {keys}/server.key_secret in "
+                     "the broker's agents/?)")
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            cause = f"broker {self.address} does not speak CURVE (is its security off? this agent has --keys {keys})"
+        else:
+            cause = (f"broker {self.address} broke off the CURVE handshake: is {keys}/brokers/{name}.key that "
+                     "broker's public key?")
+        self._quiet = True  # the cause is logged (once): the reconnect line is debug
+        if cause not in self._told:
+            self._told.add(cause)
+            log.error("%s", cause)
+        if not self._ended.done():
+            self._ended.set_result("CURVE handshake failed")
 
     def _on_message(self, peer: bytes, msg: Message, payload: Any) -> None:
         self._last_rx = time.monotonic()
