@@ -9,7 +9,6 @@ read, and asks ``admit(link, peer, message, principal)`` before the agent's hand
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +17,7 @@ import zmq
 
 from zdut.common.keyring import Principal, peer_of
 from zdut.protocol import Message
-from zdut.transport.links import BATCH, EVENTS, POLLIN, Link, dropped, recv_message
+from zdut.transport.links import Handler, Link, recv_message
 
 log = logging.getLogger("zdut.agent")
 
@@ -56,32 +55,16 @@ class KeyedLink(Link):
         if self.known(peer_of(frames[1]) if len(frames) > 1 else None):
             super().oversize(peer, header)
 
-    def drain(self) -> None:  # Pump.drain, with the frames kept for their User-Id
-        self._scheduled = False
-        handler, raw, keeping, option = self.handler, self.sock, self._keeping, self._option
-        if handler is None or raw.closed:
-            return
-        for _ in range(BATCH):
-            if not option(EVENTS) & POLLIN:
-                return
-            keeping.frames.clear()
-            try:
-                item = recv_message(keeping, True, self.limit, self.oversize)  # type: ignore[arg-type]
-            except zmq.Again:
-                return
-            if item is None:
-                continue
-            frames = keeping.frames
-            who = peer_of(frames[1]) if len(frames) > 1 else None  # the header frame: the peer's own
-            try:
-                if self.admit(self, item[0], item[1], who):
-                    handler(*item)
-            except Exception:  # one bad message must not stop the socket
-                dropped(logging.ERROR, "handler error", "error handling %s", type(item[1]).__name__, exc_info=True)
-        keeping.frames.clear()
-        if not raw.closed:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.drain)
+    def receive(self) -> tuple[bytes, Message, Any] | None:
+        self._keeping.frames.clear()
+        return recv_message(self._keeping, True, self.limit, self.oversize)  # type: ignore[arg-type]
+
+    def deliver(self, handler: Handler, item: tuple[bytes, Message, Any]) -> None:
+        frames = self._keeping.frames
+        who = peer_of(frames[1]) if len(frames) > 1 else None  # the header frame: the peer's own
+        frames.clear()
+        if self.admit(self, item[0], item[1], who):
+            handler(*item)
 
 
 FAILED_EVENTS = _FAILED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL

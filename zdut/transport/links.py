@@ -126,25 +126,33 @@ class Pump:
 
     def drain(self) -> None:
         self._scheduled = False
-        handler, raw, with_peer, option = self.handler, self.sock, self.with_peer, self._option
+        handler, raw, option = self.handler, self.sock, self._option
         if handler is None or raw.closed:
             return
         for _ in range(BATCH):
             if not option(EVENTS) & POLLIN:
                 return
             try:
-                item = recv_message(raw, with_peer, self.limit, self.oversize)
+                item = self.receive()
             except zmq.Again:
                 return
             if item is not None:
                 try:
-                    handler(*item)
+                    self.deliver(handler, item)
                 except Exception:  # one bad message must not stop the socket
                     dropped(logging.ERROR, "handler error", "error handling %s", type(item[1]).__name__,
                             exc_info=True)
         if not raw.closed:  # more waiting: go on after whatever else the loop has to do (ZMQ_FD will not tell)
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.drain)
+
+    def receive(self) -> tuple[bytes, Message, Any] | None:
+        """One message from the socket (None: dropped as malformed); zmq.Again when there is none."""
+        return recv_message(self.sock, self.with_peer, self.limit, self.oversize)
+
+    def deliver(self, handler: Handler, item: tuple[bytes, Message, Any]) -> None:
+        """Hand one received message on (a subclass may judge it first)."""
+        handler(*item)
 
     def oversize(self, peer: bytes, header: bytes) -> None:
         """A header over ``limit`` (the frame itself is capped by ZMQ_MAXMSGSIZE): dropped, logged."""
