@@ -22,10 +22,11 @@ from zmq.utils.monitor import parse_monitor_message
 
 from zdut.agentd.agent import Agent
 from zdut.agentd.config import ConfigError, load_config
-from zdut.agentd.keyed import FAILED_EVENTS, HandshakeWatch, KeyedLink
+from zdut.agentd.keyed import KeyedLink
 from zdut.agentd.security import AgentSecurity
 from zdut.common import logs
 from zdut.common.addresses import endpoint, server_endpoint
+from zdut.common.handshakes import FAILED_EVENTS, HandshakeWatch
 from zdut.common.keys import KeyFileError
 from zdut.common.limits import AGENT_MAX_FRAME, new_router, tcp_keepalive_instead_of_zmtp_heartbeats
 from zdut.common.memtune import tune_malloc
@@ -202,7 +203,7 @@ async def _listen(agent: Agent, args: argparse.Namespace) -> int:
             sock = _direct_router(ctx)
             if security is not None:
                 security.ring.secure_server(sock)
-                watch = HandshakeWatch(str(security.root))
+                watch = HandshakeWatch(str(security.root), log)
             try:
                 sock.bind(endpoint(args.address))
             except (zmq.ZMQError, ValueError) as exc:

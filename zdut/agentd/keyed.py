@@ -1,5 +1,5 @@
-"""The agent's direct port with security on: a Link that knows which key sent each message, and a socket
-monitor that says (once) why a peer's handshake failed.
+"""The agent's direct port with security on: a Link that knows which key sent each message (why a peer's
+handshake failed is said by ``common.handshakes.HandshakeWatch``, which the broker shares).
 
 libzmq attaches the ZAP handler's User-Id to every frame of an authenticated connection, readable only on a
 ``zmq.Frame`` (docs/zeromq-notes 2.5, pitfall 4). ``transport.links.recv_message`` reads frames that way but
@@ -9,7 +9,6 @@ read, and asks ``admit(link, peer, message, principal)`` before the agent's hand
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +17,6 @@ import zmq
 from zdut.common.keyring import Principal, peer_of
 from zdut.protocol import Message
 from zdut.transport.links import Handler, Link, recv_message
-
-log = logging.getLogger("zdut.agent")
 
 #: admit(link, peer, message, principal): whether the agent's handler gets the message (admit answers a refusal).
 Admit = Callable[[Link, bytes, Message, "Principal | None"], bool]
@@ -65,51 +62,3 @@ class KeyedLink(Link):
         frames.clear()
         if self.admit(self, item[0], item[1], who):
             handler(*item)
-
-
-FAILED_EVENTS = _FAILED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-           | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-
-
-def server_failure(event: int, value: int, keys: str) -> tuple[str, str] | None:
-    """(cause, line) for a failed handshake on the CURVE direct port; None for what the ZAP handler already
-    logged (an unknown key: it names the address and the key) and for a plain disconnect."""
-    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return None
-    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-        return "null", ("refused a connection without CURVE (a client not given a key pair, or a server with "
-                        f"security off): this agent's direct port takes only the keys in {keys}")
-    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
-        return "server key", ("refused a connection whose CURVE hello does not decrypt: the peer holds the wrong "
-                              f"server key for this agent (give it the public key of {keys}/server.key_secret)")
-    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-        return f"protocol {value:#x}", f"a CURVE handshake failed: ZMTP protocol error {value:#x}"
-    return None  # NO_DETAIL: the peer hung up (or the TCP connection broke) during the handshake
-
-
-class HandshakeWatch:
-    """Logs the failed handshakes the direct ROUTER's socket monitor reports, once per cause.
-
-    libzmq allows one monitor per socket, so the monitor is the worker's (it counts connected peers too) and
-    hands failure events here: :data:`FAILED_EVENTS` are the ones to ask it for. libzmq 4.3 without its draft
-    API names only our own endpoint in a monitor event, never the peer's address (and the accepted
-    connection's fd is closed by the time the event is read), so "once per peer" is once per cause here: a
-    NULL peer, a peer holding the wrong server key. Unknown keys are the ZAP handler's to log (once per address
-    and key), so they are only a debug line here."""
-
-    def __init__(self, keys: str) -> None:
-        self._keys = keys
-        self._told: set[str] = set()
-
-    def event(self, event: int, value: int) -> None:
-        failure = server_failure(event, value, self._keys)
-        if failure is None:
-            log.debug("%s", "a handshake refused by ZAP (again): it logs each address and key once"
-                      if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else f"a peer left during its handshake ({value})")
-            return
-        cause, line = failure
-        if cause in self._told:
-            log.debug("%s (again)", line)
-        else:
-            self._told.add(cause)
-            log.warning("%s", line)
