@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from zdut.common.answers import refusal
+from zdut.common.identity import user_refusal
 from zdut.common.keyring import AGENT_KINDS, BROKER, RELOAD_S, USER, KeyRing, Principal, ZapHandler
 from zdut.common.keys import PUBLIC_SUFFIX, KeyFileError, load_public
-from zdut.protocol import SESSION, UNARY_REQUESTS, Code, Message, RunOpen, Unlock, ZdutError, encode
+from zdut.protocol import SESSION, UNARY_REQUESTS, Code, Message, RunOpen, ZdutError, encode
 from zdut.transport.links import EVENTS, POLLIN, Link, LoopThrottle, int_option
 
 if TYPE_CHECKING:
@@ -148,13 +149,7 @@ class AgentSecurity:
         if who.kind != USER:
             return (f'key "{who.name}" is a {who.kind} key, not a user key: a broker reaches this agent through '
                     "its own uplink (--server), not on the direct port")
-        if msg.user != who.name:
-            return (f'user "{msg.user}" refused: this connection\'s key is user "{who.name}" '
-                    "(with security on, -u must be your key's name)")
-        if isinstance(msg, Unlock) and msg.force and not self.ring.is_admin(who):
-            return (f'unlock force refused: user "{who.name}" is not an admin of this agent '
-                    f"(the admins are listed in {self.root / 'admins'})")
-        return None
+        return user_refusal(msg, who, self.ring, "agent")
 
     # ------------------------------------------------------------- reload
     def start(self, agent: Agent, direct: Link | None) -> None:
