@@ -12,36 +12,34 @@ is NOBLOCK on a ROUTER_MANDATORY socket and never stalls the loop.
 ``inbox`` (reading and checking input), ``outbox`` (sending, parking,
 congestion), ``sessions`` (what is relayed for whom, and how each ends),
 ``registry`` (who serves what), ``membership`` (agents joining and leaving),
-``timers`` and ``autosave`` (the SQLite store kept in step).
+``timers`` and ``autosave`` (the SQLite store kept in step), ``guard`` (``--keys``: who may do
+what), ``cli`` (the process around it).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, cast
 
 import zmq
 
+from zdut.brokerd import cli
 from zdut.brokerd.autosave import AutoSave
+from zdut.brokerd.guard import BrokerGuard
 from zdut.brokerd.inbox import Inbox
 from zdut.brokerd.membership import Membership
 from zdut.brokerd.outbox import HWM, MAX_FRAME, Outbox, bind_router
 from zdut.brokerd.registry import Agent, Registry
 from zdut.brokerd.sessions import Sessions
-from zdut.brokerd.store import Store, StoreError, default_state_path
+from zdut.brokerd.store import Store
 from zdut.brokerd.timers import Timers
-from zdut.common import logs
 from zdut.common.addresses import endpoint
 from zdut.common.logs import Throttle, hex_id
-from zdut.common.memtune import tune_malloc
 from zdut.protocol import (
     MAX_HEADER_BYTES,
     SESSION_TIMEOUT_S,
@@ -108,17 +106,23 @@ class Broker:
         ctx: zmq.Context[Any] | None = None,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
+        guard: BrokerGuard | None = None,
     ) -> None:
         self.heartbeat_s = heartbeat_s
         self.mono = mono
         self.registry = Registry(heartbeat_s, wall, mono)
         if store is not None:
             self.registry.load(store.load())
-        self._sock = bind_router(ctx or zmq.Context.instance(), endpoint(address), hwm, heartbeat_s)
+        ctx = ctx or zmq.Context.instance()
+        self._guard = guard
+        if guard is not None:
+            guard.bind_zap(ctx)  # before the ROUTER binds: libzmq asks only a bound handler
+        self._sock = bind_router(ctx, endpoint(address), hwm, heartbeat_s, guard.secure if guard else None)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.name = name or f"{socket.gethostname()}:{self.endpoint.rpartition(':')[2]}"
         self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
+        for sock in [self._sock, *(guard.sockets() if guard else ())]:
+            self._poller.register(sock, zmq.POLLIN)
         self._events = cast(Callable[[int], int], self._sock.get)  # typed once: cast() per batch shows in profiles
         self._now = mono()
         self._stopping = False
@@ -143,6 +147,7 @@ class Broker:
             self._throttle,
             self._to_agent,
             self._registry_changed,
+            guard.vet_register if guard else None,
         )
         self._client_handlers: dict[type, Callable[[bytes, Any, bytes], None]] = {
             Hello: self._c_local,
@@ -155,6 +160,12 @@ class Broker:
             Forget: lambda rid, msg, header: self._send(rid, encode(self._members.forget(msg))),
             RunOpen: self._c_run,
         }
+        self._handle: Callable[[bytes, zmq.Frame], None] = self._dispatch  # a message whose first frame is read
+        if guard is not None:  # the key checks sit in front; without --keys the hot path is untouched
+            guard.attach(self._sock, self._inbox, self._outbox, self.registry, self._sessions, self._members,
+                         self._timers, self._throttle, self.stats)
+            self._client_handlers = {kind: guard.checked(h) for kind, h in self._client_handlers.items()}
+            self._handle = guard.keyed(self._dispatch)
         every = self._timers.every
         every(1.0, self._sweep)
         every(10.0, self._throttle.flush)
@@ -172,6 +183,8 @@ class Broker:
         if self._backlog or self._poller.poll(timeout):
             self._now = timers.now = self.mono()
             self._backlog = self._drain()
+            if self._guard is not None:  # ZAP and handshake events, between batches: never behind a backlog
+                self._guard.service()
             if self._outbox.parked:  # reading may have taken long enough for a full pipe to have room again
                 self._outbox.retry()
             if self._lost:
@@ -188,10 +201,12 @@ class Broker:
         if self._autosave is not None:
             self._autosave.close()
         self._sock.close()
+        if self._guard is not None:
+            self._guard.close()
 
     def _drain(self) -> bool:
         """Handle up to BATCH messages; True if more may be waiting."""
-        recv, dispatch, events = self._sock.recv, self._dispatch, self._events
+        recv, dispatch, events = self._sock.recv, self._handle, self._events
         for i in range(BATCH):
             if i and not events(_EVENTS) & _POLLIN:  # cheaper than the zmq.Again that would end the batch
                 return False
@@ -200,7 +215,7 @@ class Broker:
             except zmq.Again:
                 return False
             try:
-                dispatch(rid)
+                dispatch(rid, recv(copy=False))  # a ROUTER always delivers at least one frame after the routing id
             except Exception:  # a bug must cost one message, never the broker
                 self._throttle(
                     logging.ERROR, "internal", "internal error handling a message from %s", hex_id(rid), exc_info=True
@@ -220,9 +235,8 @@ class Broker:
         )
 
     # ================================================================ reading
-    def _dispatch(self, rid: bytes) -> None:
+    def _dispatch(self, rid: bytes, first: zmq.Frame) -> None:
         sock = self._sock
-        first = sock.recv(copy=False)  # a ROUTER always delivers at least one frame after the routing id
         agent = self.registry.by_rid.get(rid)
         if agent is not None:
             agent.last_rx = self._now
@@ -301,7 +315,7 @@ class Broker:
         except ZdutError as exc:
             self._send(rid, encode(Done(msg.sid, 1, exc.code, exc.message)))
             return
-        self._sessions.open(rid, msg.sid, agent, msg.device, self._now)
+        self._sessions.open(rid, msg.sid, agent, msg.device, self._now, msg.user)
         self._to_agent(agent, rid, header)
 
     # ---------------------------------------------------------------- agents
@@ -420,79 +434,11 @@ class Broker:
 
 # ==================================================================== process
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="zdut-broker",
-        description="Let agents register their devices and relay zdut clients to them.",
-        allow_abbrev=False,
-    )
-    p.add_argument(
-        "-s",
-        "--listen",
-        default="localhost:1024",
-        metavar="ADDR",
-        help="listen on host:port or tcp://host:port (default %(default)s)",
-    )
-    p.add_argument("--state", type=Path, metavar="PATH", help=f"registry file (default {default_state_path()})")
-    p.add_argument(
-        "--heartbeat",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="heartbeat interval towards agents; silent for 3 intervals = offline (default %(default)s)",
-    )
-    p.add_argument("--log", "-log", default="info", metavar="LEVEL", help="debug|info|warn|error (default %(default)s)")
-    p.add_argument("--log-json", action="store_true", help="log JSON lines")
-    p.add_argument("-v", "--version", action="version", version=f"zdut broker {VERSION}")
-    return p
+build_parser = cli.build_parser  # the flags, for tools that read a command line (tests/test_deploy_units.py)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (0.01 <= args.heartbeat <= 3600):
-        parser.error("--heartbeat must be between 0.01 and 3600 seconds")
-    try:
-        ep = endpoint(args.listen)
-    except ValueError as exc:
-        parser.error(str(exc))
-    logs.setup(args.log, args.log_json)
-    tune_malloc()
-    path = args.state or default_state_path()
-    try:
-        store = Store(path)
-    except StoreError as exc:
-        print(f"zdut-broker: {exc}", file=sys.stderr)
-        return 1
-    try:
-        broker = Broker(ep, store, heartbeat_s=args.heartbeat)
-    except StoreError as exc:
-        store.close()
-        print(f"zdut-broker: {exc}", file=sys.stderr)
-        return 1
-    except zmq.ZMQError as exc:
-        store.close()
-        print(f"zdut-broker: cannot listen on {ep}: {exc}", file=sys.stderr)
-        return 1
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: broker.stop())
-    reg = broker.registry
-    log.info(
-        "listening on %s as %s (state %s: %d known agents, %d devices; heartbeat %gs)",
-        broker.endpoint,
-        broker.name,
-        path,
-        len(reg.agents),
-        len(reg.devices),
-        args.heartbeat,
-    )
-    try:
-        broker.serve()
-    finally:
-        broker.close()
-        log.info("stopped")
-    return 0
+    return cli.main(argv, Broker)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from zdut.brokerd.timers import Timers
 from zdut.common.logs import Throttle, hex_id
 from zdut.protocol import (
     VERSION,
+    Code,
     Error,
     Forget,
     Forgotten,
@@ -60,6 +61,7 @@ class Membership:
         throttle: Throttle,
         to_agent: Callable[[Agent, bytes, bytes], None],
         changed: Callable[[], None],
+        vet: Callable[[Register], str | None] | None = None,
     ) -> None:
         self.name = name
         self.heartbeat_s = heartbeat_s
@@ -70,6 +72,7 @@ class Membership:
         self._throttle = throttle
         self._to_agent = to_agent
         self._changed = changed
+        self._vet = vet  # with --keys: why a registration is refused before the registry sees it, or None
         self._rereg_sent: dict[bytes, float] = {}
         self._takeovers: dict[str, deque[float]] = {}
         timers.every(min(0.25, heartbeat_s / 4), self._housekeeping)
@@ -77,6 +80,8 @@ class Membership:
 
     def register(self, rid: bytes, msg: Register) -> None:
         try:
+            if self._vet is not None and (problem := self._vet(msg)) is not None:
+                raise ZdutError(Code.PERMISSION_DENIED, problem)
             reg = self._registry.register(rid, msg)
         except ZdutError as exc:
             self._throttle(

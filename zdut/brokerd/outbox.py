@@ -61,9 +61,13 @@ _NB = int(zmq.NOBLOCK)
 _send = zmq.backend.Socket.send
 
 
-def bind_router(ctx: zmq.Context[Any], ep: str, hwm: int, heartbeat_s: float) -> zmq.Socket[Any]:
+def bind_router(
+    ctx: zmq.Context[Any], ep: str, hwm: int, heartbeat_s: float,
+    prepare: Callable[[zmq.Socket[Any]], None] | None = None,
+) -> zmq.Socket[Any]:
     """The broker's one socket, with the options the rules above rely on.  new_router: no peer can
-    predict (and claim) the routing ids it assigns, and no frame over MAX_FRAME is ever allocated."""
+    predict (and claim) the routing ids it assigns, and no frame over MAX_FRAME is ever allocated.
+    ``prepare`` sets what must be set before the bind (with --keys: CURVE, ZAP, the socket monitor)."""
     sock = new_router(ctx, MAX_FRAME)
     sock.setsockopt(zmq.SNDHWM, min(hwm, SNDHWM) if hwm else 0)  # hwm 0: no limits (benchmarks)
     sock.setsockopt(zmq.RCVHWM, hwm)
@@ -71,6 +75,8 @@ def bind_router(ctx: zmq.Context[Any], ep: str, hwm: int, heartbeat_s: float) ->
     sock.setsockopt(zmq.LINGER, 500)  # replies in flight at shutdown get a moment, never a hang
     tcp_keepalive_instead_of_zmtp_heartbeats(sock, heartbeat_s)  # docs/architecture.md, "Flow control and liveness"
     try:
+        if prepare is not None:
+            prepare(sock)
         sock.bind(ep)
     except zmq.ZMQError:
         sock.close(0)

@@ -96,6 +96,8 @@ class Registry:
         self.agents: dict[str, Agent] = {}
         self.devices: dict[str, Device] = {}
         self.by_rid: dict[bytes, Agent] = {}
+        #: With --keys: a device stays with the agent (key) that registered it, offline or not.
+        self.pinned = False
         #: Agents whose persisted record is stale, and agents to delete from the store.
         self.dirty: set[str] = set()
         self.deleted: set[str] = set()
@@ -200,13 +202,20 @@ class Registry:
             if holder is None or holder.agent.name == msg.agent:
                 continue
             other = holder.agent
-            if other.rid is None:
-                self._check_unlocked(holder)
-            elif other.rid != rid:
+            if other.rid is not None and other.rid != rid:
                 raise ZdutError(
                     Code.ALREADY_EXISTS,
                     f'device "{entry.name}" is already registered by agent "{other.name}" (online)',
                 )
+            if self.pinned:
+                raise ZdutError(
+                    Code.PERMISSION_DENIED,
+                    f'device "{entry.name}" is registered by agent "{other.name}" '
+                    f'({"online" if other.rid is not None else "offline"}): with security on, only the key of '
+                    f'agent "{other.name}" may register it (or "zdut forget {other.name}" once it is offline)',
+                )
+            if other.rid is None:
+                self._check_unlocked(holder)
 
     def _check_unlocked(self, dev: Device) -> None:
         """A device held at its offline agent stays there."""

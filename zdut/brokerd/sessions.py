@@ -25,13 +25,14 @@ MAX_PENDING = 64
 
 
 class Session:
-    __slots__ = ("agent", "client", "device", "down_seq", "last", "sid")
+    __slots__ = ("agent", "client", "device", "down_seq", "last", "sid", "user")
 
-    def __init__(self, client: bytes, sid: int, agent: Agent, device: str, now: float) -> None:
+    def __init__(self, client: bytes, sid: int, agent: Agent, device: str, now: float, user: str = "") -> None:
         self.client = client
         self.sid = sid
         self.agent = agent
         self.device = device
+        self.user = user  # the RunOpen's (with --keys, its key's name): a removed key's sessions end
         self.last = now  # monotonic time of the last message either way
         self.down_seq = 0  # last seq the agent sent: a Done the broker makes up follows it
 
@@ -72,9 +73,9 @@ class Sessions:
         return key in self._by_key
 
     # ------------------------------------------------------------- sessions
-    def open(self, client: bytes, sid: int, agent: Agent, device: str, now: float) -> Session:
+    def open(self, client: bytes, sid: int, agent: Agent, device: str, now: float, user: str = "") -> Session:
         key = (client, sid)
-        sess = Session(client, sid, agent, device, now)
+        sess = Session(client, sid, agent, device, now, user)
         self._by_key[key] = sess
         self._by_client.setdefault(client, {})[sid] = sess
         self._by_agent.setdefault(agent.name, {})[key] = sess
@@ -172,6 +173,13 @@ class Sessions:
             self._send(key[0], encode(Error(p.rid, Code.UNAVAILABLE, message)))
         if sessions or pending:
             log.info("%s: ended %d sessions and %d pending requests", message, len(sessions), len(pending))
+
+    def end_user(self, user: str, message: str) -> int:
+        """Fail every session of ``user`` (its key was removed) with PermissionDenied; returns how many."""
+        sessions = [s for s in self._by_key.values() if s.user == user]
+        for sess in sessions:
+            self.fail(sess, Code.PERMISSION_DENIED, message)
+        return len(sessions)
 
     def end_client(self, client: bytes) -> None:
         """A client is unreachable: its agents hear SessionGone for each of its sessions."""
