@@ -12,11 +12,8 @@ import asyncio
 import builtins
 import contextlib
 import functools
-import getpass
 import itertools
 import os
-import secrets
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +21,7 @@ import zmq
 
 from zdut.common.addresses import server_endpoint
 from zdut.common.answers import encode_request
+from zdut.common.client_config import ClientKeys, default_user
 from zdut.common.limits import CLIENT_MAX_FRAME
 from zdut.protocol import (
     INITIAL_WINDOW,
@@ -78,7 +76,7 @@ from zdut.protocol import (
 from zdut.transport.dealer import client_socket, unresolvable
 from zdut.transport.files import Downloads, FileSender, open_source
 from zdut.transport.links import Pump
-from zdut.transport.monitor import ConnectionMonitor
+from zdut.transport.monitor import ConnectionMonitor, Verdict
 from zdut.transport.stream import Stream, Watched, keep_alive
 
 CONNECT_TIMEOUT_S = 10.0
@@ -89,15 +87,6 @@ CALL_TIMEOUT_S = 30.0
 REFUSED_GRACE_S = 1.0
 #: A host name that takes longer than this to resolve is reported as such.
 RESOLVE_TIMEOUT_S = 1.5
-
-
-def default_user() -> str:
-    """``$USER@hostname`` as dutctl, else ``unknown-<hex>``."""
-    try:
-        user = os.environ.get("USER") or getpass.getuser()
-        return f"{user}@{socket.gethostname()}"
-    except Exception:
-        return f"unknown-{secrets.token_hex(4)}"
 
 
 class RunHandler:
@@ -281,12 +270,13 @@ class Run:
 
 
 class Client:
-    """One connection to a zdut server (broker or agent)."""
+    """One connection to a zdut server (broker or agent); with ``keys`` (``common.client_config.client_keys``) a
+    CURVE one, whose user is the key's name unless ``user`` says otherwise (which a secure server refuses)."""
 
     def __init__(self, address: str, user: str | None = None, *, connect_timeout: float = CONNECT_TIMEOUT_S,
-                 call_timeout: float = CALL_TIMEOUT_S) -> None:
-        self.address = address
-        self.user = user if user is not None else default_user()
+                 call_timeout: float = CALL_TIMEOUT_S, keys: ClientKeys | None = None) -> None:
+        self.address, self.keys = address, keys
+        self.user = user if user is not None else default_user(keys)
         self.connect_timeout = connect_timeout
         self.call_timeout = call_timeout
         self.server_version = ""
@@ -302,6 +292,8 @@ class Client:
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
         self.on_connection: Callable[[bool], None] | None = None
+        #: The server refused a reconnection's handshake (a key removed, security switched): this link is over.
+        self.on_refused: Callable[[ZdutError], None] | None = None
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -329,9 +321,9 @@ class Client:
         if problem:
             raise self._unreachable(problem)
         self._ctx = zmq.Context()
-        sock = client_socket(self._ctx)
+        sock = client_socket(self._ctx, self.keys)
         pump = self._pump = Pump(sock, with_peer=False, limit=MAX_REPLY_BYTES)
-        monitor = ConnectionMonitor(sock, self._up, self._down, REFUSED_GRACE_S)
+        monitor = ConnectionMonitor(sock, self._up, self._down, REFUSED_GRACE_S, self.keys, self._refused)
         sock.connect(ep)
         self._tasks.append(asyncio.create_task(monitor.run()))
         self._tasks.append(asyncio.create_task(pump.run(lambda _, msg, payload: self._dispatch(msg, payload))))
@@ -342,8 +334,8 @@ class Client:
         waiter.cancel()
         if not self._connected.is_set():
             failed = monitor.failed
-            why = failed.result() if failed in done else f"no connection within {self.connect_timeout:g}s"
-            raise self._unreachable(why)
+            verdict = failed.result() if failed in done else Verdict(f"no connection within {self.connect_timeout:g}s")
+            raise self._unreachable(*verdict)
         reply = await self._call(lambda rid: Hello(rid, VERSION, self.user))
         assert isinstance(reply, Welcome)
         self.server_version, self.server_role, self.server_name = reply.version, reply.role, reply.name
@@ -351,8 +343,12 @@ class Client:
         if drift:
             self.warnings.append(drift)
 
-    def _unreachable(self, why: str) -> ZdutError:
-        return ZdutError(Code.UNAVAILABLE, f"cannot reach zdut server at {self.address} ({why})")
+    def _unreachable(self, why: str, code: str = Code.UNAVAILABLE) -> ZdutError:
+        return ZdutError(code, f"cannot reach zdut server at {self.address} ({why})")
+
+    def _refused(self, verdict: Verdict) -> None:
+        if self.on_refused:
+            self.on_refused(self._unreachable(*verdict))
 
     async def close(self) -> None:
         for run in list(self._runs.values()):

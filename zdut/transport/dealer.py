@@ -1,4 +1,5 @@
-"""The client's socket towards its server: a DEALER that fails fast and caps what a server can make it allocate.
+"""The client's socket towards its server: a DEALER that fails fast, caps what a server can make it allocate, and
+is a CURVE client when the client holds keys (``common.client_config``).
 
 ZMQ_MAXMSGSIZE makes libzmq read a frame's size from its header and drop the connection when the frame is
 larger than :data:`~zdut.common.limits.CLIENT_MAX_FRAME` (the longest reply there is), before allocating it:
@@ -17,17 +18,22 @@ from typing import Any
 
 import zmq
 
+from zdut.common.client_config import ClientKeys
 from zdut.common.daemon import off_loop
 from zdut.common.flags import go_quote
+from zdut.common.keyring import secure_client
 from zdut.common.limits import CLIENT_MAX_FRAME
 from zdut.transport.links import tune
 
 
-def client_socket(ctx: zmq.Context[Any]) -> zmq.Socket[Any]:
+def client_socket(ctx: zmq.Context[Any], keys: ClientKeys | None = None) -> zmq.Socket[Any]:
+    """The DEALER, not yet connected (CURVE options must be set before it connects)."""
     sock = ctx.socket(zmq.DEALER)
     tune(sock)
     sock.setsockopt(zmq.IMMEDIATE, 1)  # fail fast instead of queueing towards nobody
     sock.setsockopt(zmq.MAXMSGSIZE, CLIENT_MAX_FRAME)
+    if keys is not None:
+        secure_client(sock, keys.pair, keys.server_key)
     return sock
 
 
