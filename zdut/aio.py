@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zdut.client import Client, Run, RunHandler
+from zdut.common.client_config import KeyConfigError, PathArg, client_keys
 from zdut.common.durations import lock_seconds
 from zdut.protocol import PRINT, STDERR, STDOUT, AgentInfo, Code, DeviceInfo, LockState, Unlocked, ZdutError
 
@@ -100,10 +101,20 @@ class _Collector(RunHandler):
 
 class AsyncLab:
     """A connection to a zdut broker or agent, for coroutines.  ``address`` defaults to $ZDUT_SERVER, then
-    ``localhost:1024``; ``user`` to ``$USER@hostname``; ``timeout`` bounds each unary call."""
+    ``localhost:1024``; ``timeout`` bounds each unary call.  ``key`` (your ``NAME.key_secret``) and ``server_key``
+    (the server's public key file) make it a CURVE connection, for a server with security on; each defaults to
+    $ZDUT_KEY / $ZDUT_SERVER_KEY, then the config file (``~/.config/zdut/config.toml``), as for ``zdut``.  A key
+    that cannot be used, or half a pair: InvalidArgument, before anything connects.  ``user`` defaults to the
+    key's name with a key (a secure server takes no other), else ``$USER@hostname``."""
 
-    def __init__(self, address: str | None = None, user: str | None = None, *, timeout: float = 30.0) -> None:
-        self.client = Client(address or os.environ.get("ZDUT_SERVER") or DEFAULT_SERVER, user, call_timeout=timeout)
+    def __init__(self, address: str | None = None, user: str | None = None, *, timeout: float = 30.0,
+                 key: PathArg | None = None, server_key: PathArg | None = None) -> None:
+        address = address or os.environ.get("ZDUT_SERVER") or DEFAULT_SERVER
+        try:
+            keys = client_keys(address, key, server_key, given_as=("key=", "server_key="))
+        except KeyConfigError as exc:
+            raise ZdutError(Code.INVALID_ARGUMENT, str(exc)) from None
+        self.client = Client(address, user, call_timeout=timeout, keys=keys)
 
     async def connect(self) -> AsyncLab:
         """Connect and exchange versions: Unavailable if nobody answers, InvalidArgument for a bad address."""

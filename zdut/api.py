@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from zdut.aio import AsyncLab, RunResult
+from zdut.common.client_config import PathArg
 from zdut.protocol import AgentInfo, Code, DeviceInfo, LockState, Unlocked, ZdutError
 
 __all__ = ["AsyncLab", "Lab", "RunResult", "ZdutError"]
@@ -31,14 +32,15 @@ T = TypeVar("T")
 
 
 class Lab:
-    """A connection to a zdut broker or agent."""
+    """A connection to a zdut broker or agent (the arguments are ``zdut.aio.AsyncLab``'s)."""
 
-    def __init__(self, address: str | None = None, user: str | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(self, address: str | None = None, user: str | None = None, *, timeout: float = 30.0,
+                 key: PathArg | None = None, server_key: PathArg | None = None) -> None:
         if _loop_running():  # a blocking call would stall that loop (and asyncio refuses to nest loops)
             raise RuntimeError("zdut.api.Lab blocks; in a thread that runs an event loop (Jupyter, async code) "
                                "use zdut.aio.AsyncLab")
+        self._lab = AsyncLab(address, user, timeout=timeout, key=key, server_key=server_key)  # raises: no loop yet
         self._loop = asyncio.new_event_loop()
-        self._lab = AsyncLab(address, user, timeout=timeout)
         try:
             self._call(self._lab.connect())
         except BaseException:

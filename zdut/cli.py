@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from zdut.common.client_config import KeyConfigError, client_keys
 from zdut.common.memtune import tune_malloc
 from zdut.terminal.commands import (
     EXIT_INTERRUPTED,
@@ -49,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     if opts.help or words == ["help"]:  # asked for: stdout, exit 0 (docs/differences.md row 15)
         sys.stdout.write(HELP)
         return EXIT_OK
+    if not opts.version and words[:1] != ["version"]:  # every other command talks to a server
+        try:
+            opts.keys = client_keys(opts.server, opts.key, opts.server_key)
+        except KeyConfigError as exc:  # not a grammar problem: the line alone, without the usage
+            sys.stderr.write(f"{exc}\n")
+            return EXIT_USAGE
     tune_malloc()  # the shell transfers files too
     if words and words[0] == "shell":
         from zdut.shell import main as shell_main  # prompt-toolkit only when needed

@@ -32,7 +32,8 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.output import ColorDepth
 from prompt_toolkit.styles import Style
 
-from zdut.client import Client, Run, default_user
+from zdut.client import Client, Run
+from zdut.common.client_config import default_user
 from zdut.common.paths import state_dir
 from zdut.protocol import ZdutError
 from zdut.terminal import shell_words
@@ -118,7 +119,8 @@ class Shell:
         self.opts, self.interactive = opts, interactive
         self.script = not interactive if script is None else script
         self.cli = ShellCli(opts, self)
-        self.tracker = Tracker(opts.server, opts.user or default_user(), self._notify, self._invalidate)
+        self.tracker = Tracker(opts.server, opts.user or default_user(opts.keys), self._notify, self._invalidate,
+                               opts.keys)
         self.device: str | None = None
         #: What Ctrl-C does right now: cancel the command being executed, or nothing.
         self.on_interrupt: Callable[[], None] | None = None

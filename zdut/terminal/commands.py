@@ -19,6 +19,7 @@ from typing import Any
 from zdut.client import Client, Run
 from zdut.common import flags
 from zdut.common.addresses import server_endpoint
+from zdut.common.client_config import ClientKeys
 from zdut.common.durations import format_duration, lock_seconds
 from zdut.protocol import VERSION, ZdutError
 from zdut.terminal.console import attach
@@ -67,7 +68,13 @@ OPTIONS = """OPTIONS
     -f FORMAT      output format: text (default), json, yaml, oneline (alias csv)
     -v             verbose: include metadata (server, device, command) in the output
     --no-color     disable colours (they are only used on a terminal anyway)
-    -u USER        identity for locks and runs (default $USER@hostname)
+    -u USER        identity for locks and runs (default: the key's name with a key, else $USER@hostname;
+                   a server with security on refuses any other name)
+    --key FILE     your secret key (NAME.key_secret, from `zdut keys generate NAME`): talk CURVE
+                   as user NAME (default $ZDUT_KEY, else the config file's key)
+    --server-key FILE
+                   the server's public key (default $ZDUT_SERVER_KEY, else the config file's
+                   server_key); --key and --server-key go together
     --log LEVEL    client log: warn (default, summary at exit), debug (live), none
     --version      show the version (as `zdut version`)
     -h, --help     show this help (as `zdut help`)
@@ -88,9 +95,20 @@ DESCRIPTION
     `help` after a command shows its usage. `lock` reserves a device (default 30m, Go duration
     syntax such as 1h30m); `unlock force` breaks anyone's lock and cancels their sessions on
     the device. Flags go before the device.
-    Exit status: 0 success, 1 error, 2 bad flag, 130 interrupted, 141 output closed (as by head).
+    Exit status: 0 success, 1 error, 2 bad flag or config file, 130 interrupted, 141 output
+    closed (as by head).
 
-{OPTIONS}"""
+{OPTIONS}
+FILES
+    $XDG_CONFIG_HOME/zdut/config.toml (default ~/.config/zdut/config.toml): the keys for servers
+    with security on, as paths (relative ones to the file's directory). A server's table wins over
+    [default] field by field; --key/--server-key and $ZDUT_KEY/$ZDUT_SERVER_KEY win over both:
+        [default]
+        key = "alice.key_secret"
+        server_key = "lab.key"
+        [servers."lab2:1024"]
+        server_key = "lab2.key"
+"""
 
 
 class UsageError(Exception):
@@ -107,9 +125,13 @@ class Options:
     log: str = "warn"
     help: bool = False
     version: bool = False
+    key: str | None = None
+    server_key: str | None = None
+    #: What --key and --server-key, the environment and the config file settle on (``zdut.cli.main``).
+    keys: ClientKeys | None = None
 
 
-_VALUE_FLAGS = {"s": "server", "f": "fmt", "u": "user", "log": "log"}
+_VALUE_FLAGS = {"s": "server", "f": "fmt", "u": "user", "log": "log", "key": "key", "server-key": "server_key"}
 _BOOL_FLAGS = {"v": "verbose", "no-color": "no_color", "h": "help", "help": "help", "version": "version"}
 
 
@@ -203,7 +225,7 @@ class Cli:
             self.error(str(exc))
             self.out.err.write("\n" + SYNOPSIS + "\n" + OPTIONS)
             return EXIT_ERROR
-        client = Client(self.opts.server, self.opts.user)
+        client = Client(self.opts.server, self.opts.user, keys=self.opts.keys)
         try:
             try:
                 await client.connect()

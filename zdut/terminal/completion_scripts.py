@@ -29,7 +29,7 @@ MAX_SERVERS, MAX_NAMES = 16, 4096
 KEYWORDS = ("list", "agents", "forget", "shell", "version", "help", "completion", "keys")
 DEVICE_WORDS = {"lock": "reserve the device", "unlock": "release the device", "help": "list the commands"}
 SHELLS = ("bash", "zsh", "fish")
-VALUE_FLAGS = {"s", "f", "u", "log"}
+VALUE_FLAGS = {"s", "f", "u", "log", "key", "server-key"}
 BOOL_FLAGS = ("-v", "--no-color", "--version", "-h", "--help")
 FLAG_VALUES = {"f": ("text", "json", "yaml", "oneline", "csv"), "log": ("debug", "warn", "none")}
 
@@ -107,30 +107,33 @@ def _one_line(text: str) -> str:
 def candidates(words: list[str]) -> list[tuple[str, str]]:
     """(candidate, description or "") for the last of ``words``."""
     *before, current = words
-    server, wants = os.environ.get("ZDUT_SERVER") or "localhost:1024", ""
+    given: dict[str, str] = {}  # the value flags typed so far
+    wants = ""
     positional: list[str] = []
     for word in before:
         if wants:
-            server = word if wants == "s" else server
-            wants = ""
+            given[wants], wants = word, ""
         elif positional or not word.startswith("-") or word in ("-", "--"):
             positional.append(word)
         else:
             name, eq, value = word.lstrip("-").partition("=")
             if name in VALUE_FLAGS and not eq:
                 wants = name
-            elif name == "s":
-                server = value
+            elif name in VALUE_FLAGS:
+                given[name] = value
     if wants:
-        return _starting(current, FLAG_VALUES.get(wants, ()))
+        return _starting(current, FLAG_VALUES.get(wants, ()))  # --key FILE: none, so the shell offers files
     if not positional and current.startswith("-"):
-        return _starting(current, [*(f"-{f}" for f in sorted(VALUE_FLAGS) if len(f) == 1), "--log", *BOOL_FLAGS])
+        return _starting(current, [*(f"-{f}" if len(f) == 1 else f"--{f}" for f in sorted(VALUE_FLAGS)),
+                                   *BOOL_FLAGS])
+    server = given["s"] if "s" in given else os.environ.get("ZDUT_SERVER") or "localhost:1024"
+    keys = given.get("key"), given.get("server-key")
     if not positional:
-        return _starting(current, [*KEYWORDS, *Cache(server).devices()])
+        return _starting(current, [*KEYWORDS, *Cache(server, *keys).devices()])
     if positional[0] in KEYWORDS:
         return _starting(current, SHELLS) if positional == ["completion"] else []
     if len(positional) == 1:
-        return _starting(current, {**Cache(server).commands(positional[0]), **DEVICE_WORDS})
+        return _starting(current, {**Cache(server, *keys).commands(positional[0]), **DEVICE_WORDS})
     if len(positional) == 2:
         after = {"lock": dict.fromkeys(["30m", "1h", "2h", "8h"], "lock duration"),
                  "unlock": {"force": "break anyone's lock"}}
@@ -145,10 +148,12 @@ def _starting(prefix: str, names: Any) -> list[tuple[str, str]]:
 
 
 class Cache:
-    """One server's device names and their commands, in ``$XDG_STATE_HOME/zdut/completion.json``."""
+    """One server's device names and their commands, in ``$XDG_STATE_HOME/zdut/completion.json``; asked with
+    the keys the command line, the environment or the config file name for it (as ``zdut`` would be)."""
 
-    def __init__(self, server: str) -> None:
+    def __init__(self, server: str, key: str | None = None, server_key: str | None = None) -> None:
         self.server, self.path = server, state_dir() / "completion.json"
+        self.key, self.server_key = key, server_key
         try:
             data = json.loads(self.path.read_text())
             self.all: dict[str, Any] = data if isinstance(data, dict) else {}
@@ -168,7 +173,7 @@ class Cache:
         held = self.entry.get(key)
         if isinstance(held, dict) and time.time() - float(held.get("at", 0)) < FRESH_S:
             return _held(held)
-        fetched = _ask(self.server, device)
+        fetched = _ask(self.server, device, self.key, self.server_key)
         if fetched is None:  # the server is away: what we knew
             return _held(held) if isinstance(held, dict) else {}
         kept = fetched[:MAX_NAMES]
@@ -196,15 +201,19 @@ def _held(entry: dict[str, Any]) -> dict[str, str]:
     return {str(n): str(descs[i]) if i < len(descs) else "" for i, n in enumerate(names)}
 
 
-def _ask(server: str, device: str | None) -> list[tuple[str, str]] | None:
+def _ask(server: str, device: str | None, key: str | None = None,
+         server_key: str | None = None) -> list[tuple[str, str]] | None:
     """The server's device names (or ``device``'s commands with their descs) within :data:`QUERY_TIMEOUT_S`;
-    None if it did not answer in time."""
+    None if it did not answer in time, or the keys for it cannot be settled (``zdut`` itself says why)."""
     import asyncio
 
     from zdut.client import Client
+    from zdut.common.client_config import client_keys
 
     async def query() -> list[tuple[str, str]]:
-        client = Client(server, "completion", connect_timeout=QUERY_TIMEOUT_S, call_timeout=QUERY_TIMEOUT_S)
+        keys = client_keys(server, key, server_key)  # with keys, the user must be the key's
+        client = Client(server, None if keys else "completion", connect_timeout=QUERY_TIMEOUT_S,
+                        call_timeout=QUERY_TIMEOUT_S, keys=keys)
         try:
             await client.connect()
             if device is None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from zdut.client import Client
 from zdut.common.backoff import Backoff
+from zdut.common.client_config import ClientKeys
 from zdut.protocol import Code, DeviceInfo, LockState, ZdutError
 from zdut.terminal.safe_text import safe
 
@@ -195,12 +196,15 @@ class Tracker:
     """The shell's connection and its cached view of the lab.
 
     Connects in the background (the prompt does not wait), retries until a server answers,
-    then follows the client's link state: ZeroMQ reconnects by itself, we only report it."""
+    then follows the client's link state: ZeroMQ reconnects by itself, we only report it. A server that refuses
+    our key (or wants one) is said once, then retried quietly: its admin may be adding the key right now.
+    libzmq gives up a link whose reconnection was refused, so then a new client takes over."""
 
     def __init__(
-        self, address: str, user: str, notify: Callable[[list[str]], None], changed: Callable[[], None]
+        self, address: str, user: str, notify: Callable[[list[str]], None], changed: Callable[[], None],
+        keys: ClientKeys | None = None,
     ) -> None:
-        self.address, self.user = address, user
+        self.address, self.user, self.keys = address, user, keys
         self.notify, self.changed = notify, changed
         self.view = LabView()
         self.state = CONNECTING
@@ -252,11 +256,13 @@ class Tracker:
             self.state = state
             self.changed()
 
-    async def _connect(self) -> None:
+    async def _connect(self, told: str = "") -> None:
+        """Connect, retrying; ``told`` is the refusal already said (a refusal is said once, not per retry)."""
         backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
         while True:
-            client = Client(self.address, self.user)
+            client = Client(self.address, self.user, keys=self.keys)
             client.on_connection = lambda up, c=client: self._link(c, up)
+            client.on_refused = lambda exc, c=client: self._refused(c, exc)
             try:
                 await client.connect()
             except ZdutError as exc:
@@ -264,15 +270,36 @@ class Tracker:
                 self.error = exc.message
                 self._attempted.set()
                 self._set_state(DISCONNECTED)
-                if exc.code not in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED):
-                    return  # a bad address or an incompatible server: retrying cannot help
+                transient = exc.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)  # nobody there (yet)
+                if not transient and exc.message != told:
+                    told = exc.message
+                    self.notify([exc.message])
+                if not transient and exc.code != Code.UNAUTHENTICATED:
+                    return  # a bad address, an incompatible server, a user the key does not allow
                 await asyncio.sleep(backoff.next_delay())
                 continue
             self.client = client
             self._attempted.set()
             self._set_state(CONNECTED)
+            if told:
+                self.notify([f"connected to {self.address}"])
             self._wake.set()
             return
+
+    def _refused(self, client: Client, exc: ZdutError) -> None:
+        """The server refused the handshake of a reconnection (our key removed, security turned on or off):
+        libzmq will not try that link again, so a new client does, quietly after this one notice."""
+        if client is not self.client:
+            return
+        self.client, self.error = None, exc.message
+        self._set_state(DISCONNECTED)
+        self.notify([exc.message])
+
+        async def replace() -> None:
+            await client.close()
+            await self._connect(told=exc.message)
+
+        self._tasks.append(asyncio.create_task(replace()))
 
     def _link(self, client: Client, up: bool) -> None:
         if client is not self.client:
