@@ -86,7 +86,9 @@ class Lab:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs: list[Proc] = []
-        self.env = {**os.environ, "XDG_STATE_HOME": str(tmp / "state"), "USER": "tester", "ZDUT_SERVER": ""}
+        self.env = {**os.environ, "XDG_STATE_HOME": str(tmp / "state"), "USER": "tester", "ZDUT_SERVER": "",
+                    # no keys from the developer's own config or shell: with one, every CLI call would be CURVE
+                    "XDG_CONFIG_HOME": str(tmp / "config"), "ZDUT_KEY": "", "ZDUT_SERVER_KEY": ""}
 
     def spawn(self, args: list[str], name: str, env: dict[str, str] | None = None) -> Proc:
         log = self.tmp / f"{name}-{len(self.procs)}.log"
