@@ -68,8 +68,8 @@ OPTIONS = """OPTIONS
     -f FORMAT      output format: text (default), json, yaml, oneline (alias csv)
     -v             verbose: include metadata (server, device, command) in the output
     --no-color     disable colours (they are only used on a terminal anyway)
-    -u USER        identity for locks and runs (default: the key's name with a key, else $USER@hostname;
-                   a server with security on refuses any other name)
+    -u USER        identity for locks and runs (default: the key's name with a key, else
+                   $USER@hostname; a server with security on refuses any other name)
     --key FILE     your secret key (NAME.key_secret, from `zdut keys generate NAME`): talk CURVE
                    as user NAME (default $ZDUT_KEY, else the config file's key)
     --server-key FILE
