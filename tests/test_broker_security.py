@@ -198,6 +198,20 @@ def test_null_and_unknown_keys_get_nothing_while_a_known_key_is_served(world: Wo
     assert set(listing(world)) >= {"device1", "device2", "device3"}  # and the broker serves on
 
 
+def test_keys_made_up_per_attempt_cannot_flood_the_log(world: World) -> None:
+    def refusals() -> tuple[int, int]:  # (ZAP lines at warning level, handshakes the monitor saw refused by ZAP)
+        return lines(world.broker, "refused a connection from"), world.broker.text().count("refused by ZAP")
+
+    logged, refused = refusals()
+    socks = [peer(world.ctx, world.addr, zmq.curve_keypair(), world.server) for _ in range(20)]
+    for sock in socks:
+        sock.send(p.encode(p.ListDevices(1, p.VERSION, "x")))
+    wait_for(lambda: refusals()[1] - refused >= 20, 10, "20 made-up keys refused")
+    assert refusals()[0] - logged <= 5, world.broker.text()[-3000:]  # the broker's log throttle: 5 per 10 s
+    for sock in socks:
+        sock.close()
+
+
 def test_zap_is_answered_while_another_peer_floods_the_broker(world: World) -> None:
     flooder = subprocess.Popen([sys.executable, "-c", FLOOD, world.addr, str(world.tmp / "cli" / "frank.key_secret"),
                                 str(world.keys / "server.key"), "6"], stdout=subprocess.PIPE, text=True)

@@ -79,8 +79,10 @@ class BrokerGuard:
 
     # ------------------------------------------------------------- sockets
     def bind_zap(self, ctx: zmq.Context[Any]) -> None:
-        """Bind the ZAP handler in ``ctx``: before the ROUTER binds, since libzmq asks only a bound handler."""
-        self.zap = ZapHandler(ctx, self.ring)
+        """Bind the ZAP handler in ``ctx``: before the ROUTER binds, since libzmq asks only a bound handler.
+        It logs each refused address and key once; a peer making up a key per attempt would still make a line
+        per attempt, so those lines go through the broker's log throttle too (which counts what it leaves out)."""
+        self.zap = ZapHandler(ctx, self.ring, lambda text: self._throttle(logging.WARNING, "refused keys", "%s", text))
 
     def secure(self, sock: zmq.Socket[Any]) -> None:
         """Make the ROUTER (before it binds) a CURVE server behind ZAP, watched by a socket monitor."""

@@ -44,6 +44,8 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"zdut"
 #: How often a server looks at its key directory (the issue allows 5 s for a change to take effect).
 RELOAD_S = 1.0
+#: Refused (address, key) pairs a ZAP handler remembers so as to log each once; past this it starts over.
+MAX_TOLD = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,8 @@ class ZapHandler:
         key = credentials[0] if mechanism == b"CURVE" and credentials and len(credentials[0]) == 32 else b""
         if (address, key) in self._told:
             return
+        if len(self._told) >= MAX_TOLD:  # peers choose their keys: what is remembered of them stays bounded
+            self._told.clear()
         self._told.add((address, key))
         what = f"key {z85.encode(key).decode()}" if key else f"mechanism {mechanism.decode(errors='replace')}"
         self._refused(f"refused a connection from {address}: {what} is not in {self.ring.root}")
