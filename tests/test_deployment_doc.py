@@ -318,6 +318,14 @@ def test_the_checked_blocks_set_up_a_lab_that_works(lab: Lab, tmp_path: Path) ->
     real = [line.replace(DOC_KEYS, str(broker_keys)) for line in keyless]
     wait_for(lambda: any(line in brk.text() for line in real), 5, "the refusal in the broker's log")
 
+    # A key the broker does not list: refused, and logged as the doc's table says.
+    mallory = lab.zdut("keys", "generate", "mallory", "--dir", str(tmp_path / "mallory"))
+    assert mallory.returncode == 0, mallory.stderr
+    r = lab.zdut("-s", f"127.0.0.1:{port}", "--key", str(tmp_path / "mallory" / "mallory.key_secret"),
+                 "--server-key", str(broker_keys / "server.key"), "list")
+    assert r.returncode == 1 and "the server refused key mallory" in r.stderr, r.stderr
+    wait_for(lambda: f"is not in {broker_keys}" in brk.text(), 5, "the unknown key in the broker's log")
+
     # The log lines of section 7 this lab produced.
     doc, addr = DOC.read_text(), f"127.0.0.1:{port}"
     seen = {"broker": brk.text(), **{name: proc.text() for name, proc in zip(AGENTS, agents, strict=True)}}
@@ -326,7 +334,10 @@ def test_the_checked_blocks_set_up_a_lab_that_works(lab: Lab, tmp_path: Path) ->
                           ("broker", '[broker] agent "bench1" registered from '),
                           ("broker", ": 1 devices, version "),
                           ("bench1", "[agentd.uplink] registered with broker broker.lab:1024 ("),
-                          ("bench1", ") as bench1: 1 devices")]:
+                          ("bench1", ") as bench1: 1 devices"),
+                          ("broker", "[broker] refused a connection from "),
+                          ("broker", f" is not in {DOC_KEYS}`")]:
         assert fragment in doc, fragment
-        assert fragment.replace(DOC_KEYS, str(broker_keys)).replace("broker.lab:1024", addr) in seen[who], fragment
+        logged = fragment.replace(DOC_KEYS, str(broker_keys)).replace("broker.lab:1024", addr).removesuffix("`")
+        assert logged in seen[who], fragment
     assert all(line in doc for line in keyless)
