@@ -185,8 +185,10 @@ def test_a_removed_key_ends_its_session_and_an_added_key_gets_in(lab: Lab, keys:
     assert done is not None, agent.text()[-2000:]
     print(f"Done {time.monotonic() - removed:.2f}s after the key went: {done.message}")
     assert done.code == p.Code.PERMISSION_DENIED and 'the key of user "bob" was removed' in done.message, done
-    bob.send(listing("bob", 10))
-    assert reply(bob, object, SILENCE_S) is None  # its connection is refused from now on
+    bob.send(listing("bob", 10))  # its connection is refused from now on, and told why
+    refused = reply(bob, p.Error, 5.0)
+    assert refused is not None and refused.code == p.Code.PERMISSION_DENIED, refused
+    assert 'the key of user "bob" was removed' in refused.message, refused
 
     mallory = peer(ctx, addr, pair(keys, "mallory"), srv)
     mallory.send(listing("mallory", 1))

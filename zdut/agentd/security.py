@@ -125,6 +125,9 @@ class AgentSecurity:
         if who is None or not self.ring.holds(who):
             throttled(logging.INFO, "dropped: unknown key", "dropped %s from a connection whose key %s",
                       type(msg).__name__, "is gone from " + str(self.root) if who else "is unknown")
+            if who is not None and isinstance(msg, (RunOpen, *UNARY_REQUESTS)):  # it proved who it was: say why
+                self._refuse(link, peer, msg, f'the key of {who.kind} "{who.name}" was removed from {self.root}: '
+                             "connect with a key this agent lists")
             return False
         if isinstance(msg, SESSION):
             assert self.agent is not None
@@ -137,12 +140,17 @@ class AgentSecurity:
             return True
         throttled(logging.WARNING, "refused on the direct port", "refused %s from key %s: %s", type(msg).__name__,
                   who.user_id, problem)
+        self._refuse(link, peer, msg, problem)
+        return False
+
+    @staticmethod
+    def _refuse(link: Link, peer: bytes, msg: Any, problem: str) -> None:
+        """Answer a request (RunOpen or unary) with PERMISSION_DENIED and why."""
         key = msg.sid if isinstance(msg, RunOpen) else msg.rid
         reply = refusal(str(type(msg).__struct_config__.tag), key, Code.PERMISSION_DENIED, problem)
         if reply is not None:
             with contextlib.suppress(ZdutError):
                 link.send(peer, encode(reply))
-        return False
 
     def refusal(self, msg: Any, who: Principal) -> str | None:
         """Why a request from ``who`` on the direct port is refused, or None."""
