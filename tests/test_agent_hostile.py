@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 import zmq
 from test_agent_limits import _config, _dealer, _until
 from zmq.utils.monitor import recv_monitor_message
@@ -23,6 +24,8 @@ from zmq.utils.monitor import recv_monitor_message
 from conftest import Lab, peak_rss_mb, wait_for
 from zdut import protocol as p
 from zdut.common.addresses import endpoint
+
+pytestmark = pytest.mark.serial  # latencies under a flood must stay under 2 s: run alone, not beside another worker
 
 MB = 1024 * 1024
 #: libzmq's first self-assigned routing id in a process whose rand() nobody seeded: 0x00 then rand()'s

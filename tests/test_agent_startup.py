@@ -17,6 +17,8 @@ from test_terminal import Tmux, tmux  # noqa: F401 - the fixture, driving a real
 
 from conftest import CONF, Lab, exe, free_port, wait_for
 
+pytestmark = pytest.mark.serial  # the user is told of a SIGTERM within 1 s: run alone, not beside another worker
+
 TRACE_MODULE = '''
 import os
 

@@ -27,6 +27,8 @@ from zdut import protocol as p
 from zdut.common import keys as keys_module
 from zdut.common.keys import load_pair, load_public
 
+pytestmark = pytest.mark.serial  # a handshake under a flood is timed: run alone, not beside another worker
+
 DEMO = CONF / "demo.yaml"
 USERS = ("alice", "bob", "carol", "erin", "frank")
 AGENTS = ("rack1", "rack2", "rack3", "rack4")

@@ -25,6 +25,8 @@ from zdut.api import Lab as ApiLab
 from zdut.client import Client
 from zdut.protocol import ZdutError
 
+pytestmark = pytest.mark.serial  # session ends and releases are timed (1-5 s): run alone, not beside another worker
+
 #: A device whose command echoes stdin (and fails on EOF), and one that runs any shell command line.
 CONFIG = """version: 0.1.0
 devices:

@@ -30,6 +30,8 @@ from zdut.protocol import Code, ZdutError
 from zdut.terminal.commands import HELP
 from zdut.terminal.shell_view import CONNECTED, Tracker
 
+pytestmark = pytest.mark.serial  # each refusal is told within 3 s: run alone, not beside another worker
+
 DEMO = CONF / "demo.yaml"
 DEVICES = ["device1", "device2", "device3"]
 #: The issue's budget for a refused handshake, from starting ``zdut`` to its exit.

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import CONF, Lab, exe
 
+pytestmark = pytest.mark.serial  # completion answers within 1-1.5 s: run alone, not beside another worker
+
 
 def bash_complete(lab: Lab, *words: str) -> tuple[list[str], float]:
     """What the generated bash function offers for ``zdut WORDS...`` (the last word being completed)."""

@@ -18,6 +18,8 @@ from conftest import CONF, Lab, free_port
 from zdut.client import Client
 from zdut.protocol import Code, ZdutError
 
+pytestmark = pytest.mark.serial  # each connection failure must be told within 2 s: run alone, not beside another worker
+
 NOT_ZMTP = "the port answered, but not in ZMTP: is it a zdut server?"
 SILENT = "the port accepted the connection but sent no ZMTP greeting within 1.2s: is it a zdut server?"
 

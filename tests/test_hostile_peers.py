@@ -15,12 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 from test_broker_system import Broker, Client, FakeAgent
 
 from conftest import Lab, peak_rss_mb, wait_for
 from zdut import protocol as p
 from zdut.common.addresses import endpoint
+
+pytestmark = pytest.mark.serial  # others must be served within seconds under attack: run alone
 
 
 def _many_devices(tmp: Path, n: int) -> Path:

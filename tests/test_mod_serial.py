@@ -509,6 +509,7 @@ def _through_monitor(board: Bootloader, client_out: int, size: int, timeout: flo
     return time.monotonic() - start
 
 
+@pytest.mark.serial  # compares two timings: run alone, not beside another worker
 def test_monitor_streams_200mb_in_linear_time_and_bounded_memory(lab, board: Bootloader) -> None:
     """A chatty console at full pty speed through a real agent and client: the agent keeps nothing beyond what
     it forwards, so 200 MB take about four times as long as 50 MB and the agent stays small."""

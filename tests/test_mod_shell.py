@@ -15,6 +15,8 @@ from zdut.devices.base import ModuleError, decode_options
 from zdut.devices.shell import TOO_MANY_ARGS, Shell
 from zdut.devices.testing import LocalSession
 
+pytestmark = pytest.mark.serial  # kill grace periods are timed: run alone, not beside another worker
+
 
 async def make(**with_: object) -> Shell:
     return await make_module(Shell, **with_)

@@ -15,6 +15,8 @@ from zdut.devices.base import NoOptions
 from zdut.devices.process import TailBuffer, exit_message, exit_text, group_alive, run_captured, run_streaming
 from zdut.devices.testing import LocalSession
 
+pytestmark = pytest.mark.serial  # kill grace periods are timed: run alone, not beside another worker
+
 
 def sh(script: str) -> list[str]:
     return ["/bin/sh", "-c", script]

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import CONF, Lab, Proc, exe, free_port, wait_for
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
+pytestmark = [pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)"),
+              pytest.mark.serial]  # the prompt must appear within 0.5 s: run alone, not beside another worker
 
 TESTS = Path(__file__).resolve().parent
 STATUS_OUT = "Hello from dummy status module\nCalled with 0 arguments\n"
