@@ -204,6 +204,26 @@ def test_a_removed_key_ends_its_session_and_an_added_key_gets_in(lab: Lab, keys:
     assert got is not None, "an added key was not let in within 5s"
 
 
+def test_a_key_replaced_under_its_name_ends_the_old_keys_session(lab: Lab, keys: Path, ctx: zmq.Context[Any]) -> None:
+    """Overwriting users/bob.key with another key is bob's old key removed: its console ends, its connection is
+    refused, and the new key's holder is bob."""
+    agent, addr = start(lab, keys)
+    srv = server_key(keys)
+    bob = peer(ctx, addr, pair(keys, "bob"), srv)
+    bob.send(p.encode(p.RunOpen(9, p.VERSION, "bob", "device2", "repeat", [])))
+    assert reply(bob, p.RunStarted) is not None
+    seqs = itertools.count(1)
+    shutil.copy(keys / "cli" / "mallory.key", keys / "agent" / "users" / "bob.key")
+    done = reply(bob, p.Done, 5.0, 9, seqs)
+    assert done is not None and done.code == p.Code.PERMISSION_DENIED, (done, agent.text()[-2000:])
+    bob.send(listing("bob", 10))
+    refused = reply(bob, p.Error, 5.0)
+    assert refused is not None and 'the key of user "bob" was removed' in refused.message, refused
+    new_bob = peer(ctx, addr, pair(keys, "mallory"), srv)  # the holder of the key now filed as bob
+    new_bob.send(listing("bob", 11))
+    assert isinstance(reply(new_bob, p.DeviceList, 5.0), p.DeviceList)
+
+
 class Broker:
     """A raw CURVE ROUTER with a ZAP handler: what a secure zdut-broker looks like to an agent's uplink."""
 
@@ -256,7 +276,7 @@ def test_the_uplink_registers_only_with_the_broker_whose_key_it_holds(lab: Lab, 
     agent, _ = start(lab, keys, "--server", addr)
     got = broker.serve(10)
     assert got is not None, agent.text()[-2000:]
-    assert isinstance(got[0], p.Register) and got[1] == Principal(AGENT, "rack1"), got
+    assert isinstance(got[0], p.Register) and (got[1].kind, got[1].name) == (AGENT, "rack1"), got
     os.remove(keys / "agent" / "brokers" / f"{addr}.key")  # the broker is no longer trusted: the uplink goes
     wait_for(lambda: broker.serve(0.1) is None and broker.disconnects >= 1, 5, "the uplink to close")
     assert lines(agent, f"broker key {addr} gone from") == 1, agent.text()[-2000:]

@@ -25,7 +25,7 @@ from zdut.common.keyring import (
     peer_of,
     secure_client,
 )
-from zdut.common.keys import KeyFileError, load_pair
+from zdut.common.keys import KeyFileError, load_pair, load_public
 
 
 def generate(name: str, directory: Path) -> Path:
@@ -50,14 +50,19 @@ def keys(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def held(keys: Path, kind: str, name: str) -> Principal:
+    """The principal a ring makes of cli/NAME.key listed as ``kind``."""
+    return Principal(kind, name, load_public(keys / "cli" / f"{name}.key").decode())
+
+
 def test_the_ring_names_each_key_and_its_kind(keys: Path) -> None:
     ring = KeyRing(keys / "srv", BROKER_KINDS)
     alice = load_pair(keys / "cli" / "alice.key_secret")[0]
-    assert ring.principal(alice) == Principal(USER, "alice")
-    assert ring.principal(load_pair(keys / "cli" / "rack1.key_secret")[0]) == Principal(AGENT, "rack1")
+    assert ring.principal(alice) == held(keys, USER, "alice")
+    assert ring.principal(load_pair(keys / "cli" / "rack1.key_secret")[0]) == held(keys, AGENT, "rack1")
     assert ring.principal(load_pair(keys / "cli" / "mallory.key_secret")[0]) is None
-    assert ring.is_admin(Principal(USER, "alice")) and not ring.is_admin(Principal(USER, "bob"))
-    assert not ring.is_admin(Principal(AGENT, "alice"))  # an agent key named like an admin is no admin
+    assert ring.is_admin(held(keys, USER, "alice")) and not ring.is_admin(held(keys, USER, "bob"))
+    assert not ring.is_admin(held(keys, AGENT, "alice"))  # an agent key named like an admin is no admin
     assert ring.names(USER) == ["alice", "bob"] and ring.names(AGENT) == ["rack1"]
 
 
@@ -66,12 +71,23 @@ def test_a_reload_sees_keys_added_and_removed(keys: Path) -> None:
     mallory = load_pair(keys / "cli" / "mallory.key_secret")[0]
     assert ring.reload() == set()  # nothing changed
     shutil.copy(keys / "cli" / "mallory.key", keys / "srv" / "users")
-    assert ring.reload() == set() and ring.principal(mallory) == Principal(USER, "mallory")
+    assert ring.reload() == set() and ring.principal(mallory) == held(keys, USER, "mallory")
     os.remove(keys / "srv" / "users" / "bob.key")
-    assert ring.reload() == {Principal(USER, "bob")} and not ring.holds(Principal(USER, "bob"))
+    assert ring.reload() == {held(keys, USER, "bob")} and not ring.holds(held(keys, USER, "bob"))
     (keys / "srv" / "admins").write_text("bob\n")
     ring.reload()
-    assert not ring.is_admin(Principal(USER, "alice")) and not ring.is_admin(Principal(USER, "bob"))  # bob has no key
+    assert not ring.is_admin(held(keys, USER, "alice")) and not ring.is_admin(held(keys, USER, "bob"))  # bob has no key
+
+
+def test_a_key_replaced_under_the_same_name_is_a_removal_of_the_old_one(keys: Path) -> None:
+    ring = KeyRing(keys / "srv", BROKER_KINDS)
+    old = held(keys, USER, "bob")
+    assert ring.holds(old)
+    shutil.copy(keys / "cli" / "mallory.key", keys / "srv" / "users" / "bob.key")  # bob's file, mallory's key
+    assert ring.reload() == {old} and not ring.holds(old)  # what bob's old connections carry is refused
+    new = ring.principal(load_public(keys / "cli" / "mallory.key"))
+    assert new == Principal(USER, "bob", new.key if new else "") and ring.holds(new) and new.key != old.key
+    assert Principal.from_user_id(new.user_id) == new  # Z85 has ':' in its alphabet: the split is by length
 
 
 def test_bad_files_are_skipped_and_a_shared_key_counts_for_nobody(keys: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -149,8 +165,8 @@ def test_only_known_keys_get_through_and_each_message_names_its_key(
     for i, peer in enumerate(peers):
         peer.send(b"message %d" % i)
     got = exchange(zap, sock, peers, want=len(peers), deadline_s=2.0)
-    assert sorted(got, key=lambda m: m[0]) == [(b"message 0", Principal(USER, "alice")),
-                                               (b"message 1", Principal(AGENT, "rack1"))]
+    assert sorted(got, key=lambda m: m[0]) == [(b"message 0", held(keys, USER, "alice")),
+                                               (b"message 1", held(keys, AGENT, "rack1"))]
     assert len(refusals) == 1 and "127.0.0.1" in refusals[0] and "is not in" in refusals[0]  # mallory, once
     for peer in peers:
         peer.close(0)

@@ -37,7 +37,7 @@ import zmq
 from zdut.common.answers import refusal
 from zdut.common.identity import user_refusal
 from zdut.common.keyring import AGENT_KINDS, BROKER, RELOAD_S, USER, KeyRing, Principal, ZapHandler
-from zdut.common.keys import PUBLIC_SUFFIX, KeyFileError, load_public
+from zdut.common.keys import PUBLIC_SUFFIX
 from zdut.protocol import SESSION, UNARY_REQUESTS, Code, Message, RunOpen, ZdutError, encode
 from zdut.transport.links import EVENTS, POLLIN, Link, LoopThrottle, int_option
 
@@ -77,13 +77,7 @@ class AgentSecurity:
     # ------------------------------------------------------------- broker keys
     def broker_keys(self) -> dict[str, bytes]:
         """name -> public key of each broker key the ring holds now."""
-        keys: dict[str, bytes] = {}
-        for name in self.ring.names(BROKER):
-            with contextlib.suppress(KeyFileError):
-                key = load_public(self.root / "brokers" / f"{name}{PUBLIC_SUFFIX}")
-                if self.ring.principal(key) == Principal(BROKER, name):  # the file is still what the ring read
-                    keys[name] = key
-        return keys
+        return {who.name: who.key.encode() for who in self.ring.principals() if who.kind == BROKER}
 
     def broker_key(self, address: str, keys: dict[str, bytes] | None = None) -> tuple[str, bytes] | None:
         """(name, key) of the broker key serving ``--server address`` (module docstring), or None."""

@@ -225,8 +225,7 @@ class BrokerGuard:
 
     # ------------------------------------------------------------- reload
     def _rebuild(self) -> None:
-        self._held = {p.user_id: p for kind in BROKER_KINDS.values()
-                      for p in (Principal(kind, name) for name in self.ring.names(kind))}
+        self._held = {p.user_id: p for p in self.ring.principals()}
 
     def reload(self) -> None:
         """Re-read DIR; end what the keys removed have open (module docstring)."""

@@ -44,26 +44,31 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"zdut"
 #: How often a server looks at its key directory (the issue allows 5 s for a change to take effect).
 RELOAD_S = 1.0
+Z85_KEY_LEN = 40  # a CURVE public key in Z85
 #: Refused (address, key) pairs a ZAP handler remembers so as to log each once; past this it starts over.
 MAX_TOLD = 10_000
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is at the other end of a connection: the kind and name of the key it proved it holds."""
+    """Who is at the other end of a connection: the kind and name of the key it proved it holds, and that key
+    (Z85), so that a key file replaced under the same name is a removal for the connections of the old key."""
 
     kind: str
     name: str
+    key: str = ""
 
     @property
     def user_id(self) -> str:
         """What the ZAP reply names it: libzmq attaches this to every message of the connection."""
-        return f"{self.kind}:{self.name}"
+        return f"{self.kind}:{self.name}:{self.key}"
 
     @staticmethod
     def from_user_id(user_id: str) -> Principal | None:
-        kind, sep, name = user_id.partition(":")
-        return Principal(kind, name) if sep and kind in (USER, AGENT, BROKER) and name else None
+        kind, sep, rest = user_id.partition(":")
+        name, key = rest[:-Z85_KEY_LEN - 1], rest[-Z85_KEY_LEN:]  # Z85 has ':' in its alphabet: split by length
+        ok = sep and kind in (USER, AGENT, BROKER) and name and rest[-Z85_KEY_LEN - 1:-Z85_KEY_LEN] == ":"
+        return Principal(kind, name, key) if ok else None
 
 
 def peer_of(frame: zmq.Frame) -> Principal | None:
@@ -93,6 +98,7 @@ class KeyRing:
         public, secret = load_pair(self.root / SERVER_PAIR)
         self.public, self.secret = public, secret
         self._by_key: dict[bytes, Principal] = {}
+        self._held: frozenset[Principal] = frozenset()
         self.admins: frozenset[str] = frozenset()
         self._stamp: _Stamp | None = None
         self._complained: set[str] = set()  # files already logged as unusable
@@ -104,14 +110,15 @@ class KeyRing:
         return self._by_key.get(z85.encode(public_key) if len(public_key) == 32 else public_key)
 
     def holds(self, who: Principal) -> bool:
-        """Whether ``who``'s key is still in the ring (a removed key's old connections are refused)."""
-        return who in self._principals
+        """Whether ``who``'s key is still in the ring under its name (a removed or replaced key's old connections
+        are refused)."""
+        return who in self._held
 
     def is_admin(self, who: Principal) -> bool:
         return who.kind == USER and who.name in self.admins and self.holds(who)
 
     def names(self, kind: str) -> list[str]:
-        return sorted(p.name for p in self._principals if p.kind == kind)
+        return sorted(p.name for p in self._held if p.kind == kind)
 
     # ------------------------------------------------------------- loading
     def reload(self) -> set[Principal]:
@@ -134,11 +141,12 @@ class KeyRing:
                     continue
                 if key in by_key:
                     clashes.add(key)
-                by_key[key] = Principal(kind, name)
+                by_key[key] = Principal(kind, name, key.decode())
         for key in clashes:  # one key under two names: whoever holds it would be either; it is neither
             self._complain(f"clash:{key!r}", f"ignoring a public key listed under several names in {self.root}")
             del by_key[key]
         self._by_key, self._stamp = by_key, stamp
+        self._held = frozenset(by_key.values())  # holds() runs per message: one set, built here
         self.admins = self._read_admins()
         now = set(by_key.values())
         if now != before:
@@ -147,9 +155,8 @@ class KeyRing:
                      ", ".join(sorted(self.admins)) or "none")
         return before - now
 
-    @property
-    def _principals(self) -> set[Principal]:
-        return set(self._by_key.values())
+    def principals(self) -> frozenset[Principal]:
+        return self._held
 
     def _read_admins(self) -> frozenset[str]:
         try:
