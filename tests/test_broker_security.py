@@ -335,6 +335,16 @@ def test_unlock_force_is_for_the_brokers_admins(world: World) -> None:
     assert listing(world)["device3"].lock is None
 
 
+def test_forget_is_for_the_brokers_admins(world: World) -> None:
+    """Forgetting an offline agent frees its device names for another agent key: an admin's call."""
+    carol, alice = world.client("carol"), world.client("alice")
+    err = request(carol, p.Forget(1, p.VERSION, "carol", "nosuch"), p.Error)
+    assert err is not None and err.code == p.Code.PERMISSION_DENIED, err
+    assert err.message.startswith('forget refused: user "carol" is not an admin of this broker'), err
+    err = request(alice, p.Forget(2, p.VERSION, "alice", "nosuch"), p.Error)  # let through, to the broker's answer
+    assert err is not None and err.code != p.Code.PERMISSION_DENIED, err
+
+
 # ---------------------------------------------------------------- keys added and removed at runtime
 
 

@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn CURVE security on with the keys in DIR: DIR/server.key_secret (this broker's pair; clients and "
         "agents are given its public half), DIR/users/NAME.key (a user: its requests act as NAME, -u must be NAME), "
         "DIR/agents/NAME.key (an agent: it may register as agent NAME only, and its devices stay with that key), "
-        "DIR/admins (user names, one a line, who may unlock force). Key files added or removed take effect within "
-        "5s; a removed key's sessions end. Default: security off (anyone reaching ADDR registers as any agent and "
-        "acts as any user)",
+        "DIR/admins (user names, one a line, who may unlock force and forget). Key files added or removed take "
+        "effect within 5s; a removed key's sessions end. Default: security off (anyone reaching ADDR registers as "
+        "any agent and acts as any user)",
     )
     p.add_argument("--log", "-log", default="info", metavar="LEVEL", help="debug|info|warn|error (default %(default)s)")
     p.add_argument("--log-json", action="store_true", help="log JSON lines")
