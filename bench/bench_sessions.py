@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 
 from zdut.client import Client, RunHandler
+from zdut.common.client_config import ClientKeys
 from zdut.common.memtune import tune_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -364,11 +365,11 @@ class _Lines(RunHandler):
         return line + b"\n"
 
 
-def library_echo(addr: str, n: int) -> list[float]:
+def library_echo(addr: str, n: int, keys: ClientKeys | None = None) -> list[float]:
     """The echo of zdut_echo through the client library in this process: no CLI process, no pipes."""
 
     async def go() -> list[float]:
-        async with Client(addr) as client:
+        async with Client(addr, keys=keys) as client:
             lines = _Lines()
             run = client.run("device2", "repeat", handler=lines)
             await lines.readline()  # the module's greeting
