@@ -76,7 +76,7 @@ from zdut.protocol import (
 from zdut.transport.dealer import client_socket, unresolvable
 from zdut.transport.files import Downloads, FileSender, open_source
 from zdut.transport.links import Pump
-from zdut.transport.monitor import ConnectionMonitor, Verdict
+from zdut.transport.monitor import ConnectionMonitor, Verdict, settled
 from zdut.transport.stream import Stream, Watched, keep_alive
 
 CONNECT_TIMEOUT_S = 10.0
@@ -335,7 +335,7 @@ class Client:
         if not self._connected.is_set():
             failed = monitor.failed
             verdict = failed.result() if failed in done else Verdict(f"no connection within {self.connect_timeout:g}s")
-            raise self._unreachable(*verdict)
+            raise self._unreachable(*await settled(verdict, ep, self.keys))
         reply = await self._call(lambda rid: Hello(rid, VERSION, self.user))
         assert isinstance(reply, Welcome)
         self.server_version, self.server_role, self.server_name = reply.version, reply.role, reply.name

@@ -13,11 +13,17 @@ server and no key here (HANDSHAKE_FAILED_PROTOCOL, mechanism mismatch), and a se
 HELLO because it is not the key we were given: it hangs up without a word (HANDSHAKE_FAILED_NO_DETAIL). After a
 refusal libzmq never retries that connection, so a refusal is a verdict at once, before the first handshake
 as after a reconnection.
+
+Those refusals race with the server's hang-up: a server that reads our greeting first and closes with it
+unread sends a reset, which discards its greeting on our side, so the mismatch shows as a plain disconnect
+(seen on a loaded machine: every attempt within the grace). When the verdict is such a guess,
+:func:`settled` asks the server's greeting itself which mechanism it speaks (:func:`server_mechanism`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -72,6 +78,50 @@ def mechanism_mismatch(keys: ClientKeys | None) -> str:
 
 def no_curve_handshake(keys: ClientKeys) -> str:
     return f"no CURVE handshake: is the server key {keys.server_key_file} that server's public key?"
+
+
+#: A ZMTP 3 greeting: signature (0xff, 8 bytes, 0x7f), major, minor, mechanism (20 bytes, NUL padded), as-server,
+#: filler; 64 bytes in all. libzmq sends the part after the major version once it has read the peer's.
+ZMTP_SIGNATURE = b"\xff" + bytes(8) + b"\x7f"
+GREETING_LEN = 64
+
+
+async def server_mechanism(ep: str, timeout: float) -> bytes | None:
+    """The security mechanism (b"NULL", b"CURVE", ...) the ZMTP 3 server at ``tcp://host:port`` announces, or
+    None if it does not greet so within ``timeout``. Only the signature and major version are sent: the server
+    has nothing to judge yet, so it neither refuses nor resets before its greeting is read."""
+    host, _, port = ep.partition("://")[2].rpartition(":")
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            writer.write(ZMTP_SIGNATURE + b"\x03")
+            greeting = await reader.readexactly(GREETING_LEN)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    if greeting[0] != 0xFF or greeting[9] != 0x7F or greeting[10] < 3:
+        return None
+    return greeting[12:32].rstrip(b"\0")
+
+
+async def settled(verdict: Verdict, ep: str, keys: ClientKeys | None, timeout: float = 1.0) -> Verdict:
+    """``verdict``, or when it is a guess from a hang-up (not ZMTP, or no CURVE handshake), what the server's own
+    greeting says: CURVE without a key here, or a key here and a server without CURVE, is a mismatch."""
+    guesses = (NOT_ZMTP, no_curve_handshake(keys) if keys is not None else None)
+    if verdict.why not in guesses:
+        return verdict
+    mechanism = await server_mechanism(ep, timeout)
+    if (mechanism == b"CURVE" and keys is None) or (mechanism == b"NULL" and keys is not None):
+        return Verdict(mechanism_mismatch(keys), Code.UNAUTHENTICATED)
+    if mechanism not in (None, b"NULL", b"CURVE"):
+        return Verdict(f"the server speaks the {mechanism.decode(errors='replace')} mechanism, not zdut's CURVE "
+                       "or NULL", Code.UNAUTHENTICATED)
+    return verdict
 
 
 class ConnectionMonitor:
