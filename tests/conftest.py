@@ -157,10 +157,17 @@ class Lab:
 
     def zdut(self, *args: str, input: bytes | None = None, timeout: float = 30, cwd: Path | None = None,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """Run the real CLI to completion."""
-        return subprocess.run([exe("zdut"), *args], input=input.decode() if input is not None else None,
-                              capture_output=True, text=True, timeout=timeout, cwd=cwd or self.tmp,
-                              env=env or self.env, stdin=None if input is not None else subprocess.DEVNULL)
+        """Run the real CLI to completion; one that does not end within ``timeout`` fails the test with where it
+        was (its threads' stacks, which faulthandler prints on SIGABRT)."""
+        argv = [exe("zdut"), *args]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd or self.tmp,
+                                env={**(env or self.env), "PYTHONFAULTHANDLER": "1"})
+        try:
+            out, err = proc.communicate(input.decode() if input is not None else None, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{argv} did not end within {timeout:g}s: {stuck(proc)}") from None
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def zdut_bg(self, *args: str, name: str = "client") -> Proc:
         return self.spawn([exe("zdut"), *args], name)
@@ -194,6 +201,30 @@ _, status, usage = os.wait4(p.pid, 0)
 sys.stderr.write(f"\\nPEAK_RSS_KB={usage.ru_maxrss}\\n")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
+
+
+def stuck(proc: subprocess.Popen[Any]) -> str:
+    """What a process that overran its time was doing: its state, its kernel wait, and the Python stacks that
+    faulthandler (PYTHONFAULTHANDLER) writes to stderr on SIGABRT; or that it had ended and was not read."""
+    if proc.poll() is not None:
+        return f"it had exited ({proc.returncode}): the test process was not reading (starved or blocked)"
+    where = []
+    for name in ("status", "wchan", "stack"):
+        try:
+            text = Path(f"/proc/{proc.pid}/{name}").read_text()
+        except OSError as exc:
+            text = f"unreadable: {exc}"
+        where.append(f"/proc/{proc.pid}/{name}: " + (next((line for line in text.splitlines()
+                                                           if line.startswith("State")), "") if name == "status"
+                                                     else text.strip()))
+    proc.send_signal(signal.SIGABRT)
+    try:
+        _, err = proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return "; ".join(where) + "\nits stderr after SIGABRT:\n" + (err.decode(errors="replace") if isinstance(err, bytes)
+                                                               else err)
 
 
 def run_measured(args: list[str], **kw: Any) -> tuple[subprocess.CompletedProcess[bytes], float]:

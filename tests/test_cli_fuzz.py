@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CONF, Lab, exe
+from conftest import CONF, Lab, exe, stuck
 
 Arg = str | bytes
 TRACEBACK = b"Traceback (most recent call last)"
@@ -30,8 +30,14 @@ class Servers:
 
     def run(self, args: list[Arg], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         argv = [exe("zdut"), *(a if isinstance(a, bytes) else os.fsencode(a) for a in args)]
-        return subprocess.run(argv, input=stdin, capture_output=True, timeout=30, cwd=self.lab.tmp, env=self.lab.env,
-                              stdin=subprocess.DEVNULL if stdin is None else None)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.lab.tmp,
+                                env={**self.lab.env, "PYTHONFAULTHANDLER": "1"})
+        try:
+            out, err = proc.communicate(stdin, timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{argv} did not end within 30s: {stuck(proc)}") from None
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
