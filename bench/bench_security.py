@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_sessions import BIN, ROOT, _write_random, free_port, library_echo, machine_note, zdut_echo
+from bench_sessions import BIN, ROOT, _write_random, free_port, library_echo, machine_note, wait_listed, zdut_echo
 
 from zdut.client import Client
 from zdut.common import keys as keys_module
@@ -45,7 +45,7 @@ class Site:
                                             str(ROOT / "conf/demo.yaml"), "--server", self.broker, "--name", "rack1",
                                             "--log", "warn", *agent_keys], env=env))
         for addr in (self.agent, self.broker):
-            self._wait_listed(addr)
+            wait_listed(addr, addr)
 
     def _make_keys(self, config: Path) -> None:
         """Key dirs for both servers, a user key "bench", and the config.toml sections naming them."""
@@ -65,15 +65,6 @@ class Site:
             for addr, server in ((self.broker, broker), (self.agent, agent)):
                 fh.write(f'[servers."{addr}"]\nkey = "{cli / "bench.key_secret"}"\n'
                          f'server_key = "{server / "server.key"}"\n\n')
-
-    @staticmethod
-    def _wait_listed(addr: str) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            r = subprocess.run([str(BIN / "zdut"), "-s", addr, "list"], capture_output=True, text=True)
-            if r.returncode == 0 and "device3" in r.stdout and "OFFLINE" not in r.stdout:
-                return
-        raise SystemExit(f"{addr} did not come up")
 
     def keys(self, addr: str) -> ClientKeys | None:
         return client_keys(addr)

@@ -171,13 +171,19 @@ def test_unlock_is_the_owners_and_unlock_force_the_admins(lab: Lab, keys: Path, 
     assert done is not None and done.broke == "bob", done
 
 
-def test_a_removed_key_ends_its_session_and_an_added_key_gets_in(lab: Lab, keys: Path, ctx: zmq.Context[Any]) -> None:
+def bobs_console(lab: Lab, keys: Path, ctx: zmq.Context[Any]) -> tuple[Any, str, zmq.Socket[Any], Iterator[int]]:
+    """A secure agent, and bob's console (session 9, device2 repeat) on its direct port: (agent, address,
+    bob's socket, the Ping numbers that keep the session alive)."""
     agent, addr = start(lab, keys)
-    srv = server_key(keys)
-    bob = peer(ctx, addr, pair(keys, "bob"), srv)
+    bob = peer(ctx, addr, pair(keys, "bob"), server_key(keys))
     bob.send(p.encode(p.RunOpen(9, p.VERSION, "bob", "device2", "repeat", [])))
     assert reply(bob, p.RunStarted) is not None
-    seqs = itertools.count(1)
+    return agent, addr, bob, itertools.count(1)
+
+
+def test_a_removed_key_ends_its_session_and_an_added_key_gets_in(lab: Lab, keys: Path, ctx: zmq.Context[Any]) -> None:
+    agent, addr, bob, seqs = bobs_console(lab, keys, ctx)
+    srv = server_key(keys)
     assert reply(bob, p.Done, 1.0, 9, seqs) is None  # the console runs on while bob's key is there
     os.remove(keys / "agent" / "users" / "bob.key")
     removed = time.monotonic()
@@ -207,19 +213,14 @@ def test_a_removed_key_ends_its_session_and_an_added_key_gets_in(lab: Lab, keys:
 def test_a_key_replaced_under_its_name_ends_the_old_keys_session(lab: Lab, keys: Path, ctx: zmq.Context[Any]) -> None:
     """Overwriting users/bob.key with another key is bob's old key removed: its console ends, its connection is
     refused, and the new key's holder is bob."""
-    agent, addr = start(lab, keys)
-    srv = server_key(keys)
-    bob = peer(ctx, addr, pair(keys, "bob"), srv)
-    bob.send(p.encode(p.RunOpen(9, p.VERSION, "bob", "device2", "repeat", [])))
-    assert reply(bob, p.RunStarted) is not None
-    seqs = itertools.count(1)
+    agent, addr, bob, seqs = bobs_console(lab, keys, ctx)
     shutil.copy(keys / "cli" / "mallory.key", keys / "agent" / "users" / "bob.key")
     done = reply(bob, p.Done, 5.0, 9, seqs)
     assert done is not None and done.code == p.Code.PERMISSION_DENIED, (done, agent.text()[-2000:])
     bob.send(listing("bob", 10))
     refused = reply(bob, p.Error, 5.0)
     assert refused is not None and 'the key of user "bob" was removed' in refused.message, refused
-    new_bob = peer(ctx, addr, pair(keys, "mallory"), srv)  # the holder of the key now filed as bob
+    new_bob = peer(ctx, addr, pair(keys, "mallory"), server_key(keys))  # the holder of the key now filed as bob
     new_bob.send(listing("bob", 11))
     assert isinstance(reply(new_bob, p.DeviceList, 5.0), p.DeviceList)
 

@@ -226,7 +226,7 @@ def test_key_file_problems_are_one_usage_line_naming_the_file(setup: Setup, usag
          f"--key: {open_secret}: permissions 0644 are too open for a secret key file (chmod 600 {open_secret})"),
         (["--key", setup.public("alice"), "--server-key", setup.server_key],
          f"--key: {setup.public('alice')}: holds no secret-key (the secret key is in the NAME.key_secret file)"),
-        (["--key", str(tmp), "--server-key", setup.server_key], f"--key: {tmp}: cannot read: Is a directory"),
+        (["--key", str(tmp), "--server-key", setup.server_key], f"--key: {tmp}: not a regular file"),
         (["-key", setup.pair("alice")], f"--key is set, but no server_key: CURVE needs both; give --server-key, "
                                         f"$ZDUT_SERVER_KEY or server_key in {config}"),
         (["--server-key", setup.server_key], "--server-key is set, but no key: CURVE needs both; give --key, "

@@ -22,14 +22,13 @@ import getpass
 import os
 import secrets
 import socket
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from zdut.common.addresses import server_endpoint
-from zdut.common.keys import SECRET_SUFFIX, KeyFileError, load_pair, load_public, name_problem
+from zdut.common.keys import SECRET_SUFFIX, KeyFileError, load_pair, load_public, name_problem, read_small_file
 
 KEY_ENV, SERVER_KEY_ENV = "ZDUT_KEY", "ZDUT_SERVER_KEY"
 FIELDS = ("key", "server_key")
@@ -141,18 +140,10 @@ def _load(key: _Setting, server: _Setting) -> ClientKeys:
 def _read_config(path: Path) -> dict[str, Any]:
     """The config's tables, checked: ``{"default": {...}, "servers": {"HOST:PORT": {...}}}``; {} without a file."""
     try:
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise KeyConfigError(f"{path}: not a regular file")
-            data = f.read(MAX_CONFIG_BYTES + 1)
+        data, _ = read_small_file(path, MAX_CONFIG_BYTES, KeyConfigError,
+                                  f"over {MAX_CONFIG_BYTES >> 20} MiB: not a zdut config file")
     except FileNotFoundError:
         return {}
-    except IsADirectoryError:
-        raise KeyConfigError(f"{path}: not a regular file") from None
-    except OSError as exc:
-        raise KeyConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise KeyConfigError(f"{path}: over {MAX_CONFIG_BYTES >> 20} MiB: not a zdut config file")
     import tomllib  # here: most clients have no config file, and every start-up counts (the shell's prompt)
 
     try:

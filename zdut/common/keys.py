@@ -137,20 +137,34 @@ def _create(path: Path, text: str, mode: int) -> None:
         raise KeyFileError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], int]:
-    """The ``public-key``/``secret-key`` values of a certificate (read as pyzmq does) and the file's mode."""
+def read_small_file(path: str | os.PathLike[str], limit: int, error: type[Exception],
+                    too_big: str) -> tuple[bytes, int]:
+    """The bytes and mode of a regular file of at most ``limit`` bytes; ``error`` with one line naming the path
+    otherwise (``too_big`` says what a larger file is not). FileNotFoundError is left to the caller."""
     try:
         with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode  # of the file read, not of whatever the path names later
             if not stat.S_ISREG(mode):
-                raise KeyFileError(f"{path}: not a regular file")
-            data = f.read(MAX_FILE_BYTES + 1)
+                raise error(f"{path}: not a regular file")
+            data = f.read(limit + 1)
+    except (FileNotFoundError, error):
+        raise
+    except IsADirectoryError:
+        raise error(f"{path}: not a regular file") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise error(f"{path}: {too_big}")
+    return data, mode
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[dict[str, bytes], int]:
+    """The ``public-key``/``secret-key`` values of a certificate (read as pyzmq does) and the file's mode."""
+    try:
+        data, mode = read_small_file(path, MAX_FILE_BYTES, KeyFileError,
+                                     f"not a CurveZMQ certificate (over {MAX_FILE_BYTES} bytes)")
     except FileNotFoundError:
         raise KeyFileError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise KeyFileError(f"{path}: not a CurveZMQ certificate (over {MAX_FILE_BYTES} bytes)")
     found: dict[str, bytes] = {}
     for raw in data.splitlines():
         line = raw.strip()
