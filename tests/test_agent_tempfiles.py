@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Lab, exe, free_port, wait_for
+from conftest import Lab, exe, free_port, stuck, wait_for
 from zdut.devices import scratch
 
 COMMANDS = {
@@ -64,8 +64,9 @@ def _scratch_files(lab: Lab) -> list[Path]:
 
 def _start_upload(lab: Lab, addr: str, command: str, agent_pid: int) -> tuple[subprocess.Popen[bytes], str]:
     client = subprocess.Popen([exe("zdut"), "-s", addr, "board", command, *COMMANDS[command]],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=lab.env, cwd=lab.tmp)
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=open(lab.tmp / "client.err", "wb"),
+                              env={**lab.env, "PYTHONFAULTHANDLER": "1"}, cwd=lab.tmp)
     temp = wait_for(lambda: _temp_files(agent_pid), 15, "the upload's temp file on the agent", 0.005)
     return client, temp[0]
 
@@ -81,7 +82,12 @@ def test_interrupted_upload_leaves_no_temp_file(lab: Lab, command: str, how: str
             client.send_signal(signal.SIGINT)  # Ctrl-C: the client cancels the run
         else:
             client.kill()  # the agent notices the silence within its 4 s session timeout
-        client.wait(10)
+        try:
+            client.wait(10)
+        except subprocess.TimeoutExpired:
+            where = stuck(client)
+            raise AssertionError(f"the client did not end within 10s of its {how}: {where}"
+                                 f"{(lab.tmp / 'client.err').read_text(errors='replace')}") from None
         wait_for(lambda: not os.path.exists(temp), 8, f"{temp} to be removed")
     finally:
         client.kill()
