@@ -223,8 +223,8 @@ def stuck(proc: subprocess.Popen[Any]) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
-    return "; ".join(where) + "\nits stderr after SIGABRT:\n" + (err.decode(errors="replace") if isinstance(err, bytes)
-                                                               else err)
+    said = err.decode(errors="replace") if isinstance(err, bytes) else err or ""
+    return "; ".join(where) + "\nits stderr after SIGABRT:\n" + said
 
 
 def run_measured(args: list[str], **kw: Any) -> tuple[subprocess.CompletedProcess[bytes], float]:
