@@ -23,7 +23,8 @@ unread sends a reset, which discards its greeting on our side, so the mismatch s
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ipaddress
+import socket
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -31,6 +32,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from zdut.common.client_config import ClientKeys, config_path
+from zdut.common.daemon import off_loop
 from zdut.protocol import Code
 from zdut.transport.links import EVENTS, NOBLOCK, POLLIN, int_option
 
@@ -91,22 +93,35 @@ async def server_mechanism(ep: str, timeout: float) -> bytes | None:
     None if it does not greet so within ``timeout``. Only the signature and major version are sent: the server
     has nothing to judge yet, so it neither refuses nor resets before its greeting is read."""
     host, _, port = ep.partition("://")[2].rpartition(":")
-    writer = None
-    try:
+    loop = asyncio.get_running_loop()
+    greeting = b""
+    try:  # a plain socket, closed here on every way out (a cancelled stream would close it only later)
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
-            writer.write(ZMTP_SIGNATURE + b"\x03")
-            greeting = await reader.readexactly(GREETING_LEN)
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+            family, address = await _address(host.strip("[]"), int(port))
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+                await loop.sock_sendall(sock, ZMTP_SIGNATURE + b"\x03")
+                while len(greeting) < GREETING_LEN and (chunk := await loop.sock_recv(sock, GREETING_LEN)):
+                    greeting += chunk
+    except (OSError, TimeoutError, ValueError, IndexError):
         return None
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+    if len(greeting) < GREETING_LEN:
+        return None
     if greeting[0] != 0xFF or greeting[9] != 0x7F or greeting[10] < 3:
         return None
     return greeting[12:32].rstrip(b"\0")
+
+
+async def _address(host: str, port: int) -> tuple[int, Any]:
+    """(family, sockaddr) of ``host``: an IP as it is, a name looked up on a daemon thread (the loop's executor
+    would leave a thread behind every client that ever failed)."""
+    try:
+        ip = ipaddress.ip_address(host)
+        return (socket.AF_INET6, (host, port)) if ip.version == 6 else (socket.AF_INET, (host, port))
+    except ValueError:
+        infos = await off_loop(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+        return infos[0][0], infos[0][4]
 
 
 async def settled(verdict: Verdict, ep: str, keys: ClientKeys | None, timeout: float = 1.0) -> Verdict:
