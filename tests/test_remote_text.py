@@ -14,6 +14,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -90,6 +91,14 @@ def assert_inert(lab: Lab, *args: str, ok: bool | None = None) -> tuple[str, str
     return out, err
 
 
+def all_inert(lab: Lab, calls: list[tuple[tuple[str, ...], bool | None]]) -> None:
+    """assert_inert for each (args, ok), four CLI processes at a time: the calls only read, and each is mostly
+    an interpreter starting."""
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(assert_inert, lab, *args, ok=ok) for args, ok in calls]:
+            future.result()
+
+
 @pytest.fixture(params=["direct", "brokered"])
 def server(request: pytest.FixtureRequest, lab: Lab) -> str:
     config = lab.tmp / "hostile.yaml"
@@ -101,14 +110,13 @@ def test_hostile_names_descs_help_and_owners_reach_no_terminal_raw(lab: Lab, ser
     s = ("-s", server)
     code, out, err = victim(lab, *s, "-u", OWNER, DEV, "lock", "1h")  # mallory's lock, with a hostile -u
     assert code == 0, (out, err)
-    for fmt in FORMATS:
-        f = ("-f", fmt)
-        assert_inert(lab, *s, *f, "list", ok=True)
-        assert_inert(lab, *s, *f, "-v", "list", ok=True)
-        assert_inert(lab, *s, *f, DEV, ok=True)
-        assert_inert(lab, *s, *f, "-v", DEV, CMD, "help", ok=True)
-        assert_inert(lab, *s, *f, DEV, "lock", ok=False)  # the error names the owner
-        assert_inert(lab, *s, *f, DEV, "nosuch", ok=False)
+    all_inert(lab, [(c, ok) for fmt in FORMATS for c, ok in (
+        ((*s, "-f", fmt, "list"), True),
+        ((*s, "-f", fmt, "-v", "list"), True),
+        ((*s, "-f", fmt, DEV), True),
+        ((*s, "-f", fmt, "-v", DEV, CMD, "help"), True),
+        ((*s, "-f", fmt, DEV, "lock"), False),  # the error names the owner
+        ((*s, "-f", fmt, DEV, "nosuch"), False))])
     out, _ = assert_inert(lab, *s, "list", ok=True)
     assert "- ev\\x1b]0;pwned\\x07\\u202eil" in out and 'locked by "evil\\x1b[2J\\x9b31m"' in out, out
     out, _ = assert_inert(lab, *s, DEV, ok=True)
@@ -160,9 +168,8 @@ def lying(lab: Lab, ctx: zmq.Context[Any]) -> Iterator[str]:
 
 def test_a_lying_agents_name_version_and_failed_reasons_are_escaped(lab: Lab, lying: str) -> None:
     s = ("-s", lying)
-    for fmt in FORMATS:
-        for words in (("agents",), ("list",), ("-v", "agents"), (FAILED_DEV, "cmd"), (DEV,)):
-            assert_inert(lab, *s, "-f", fmt, *words)
+    all_inert(lab, [((*s, "-f", fmt, *words), None) for fmt in FORMATS
+                    for words in (("agents",), ("list",), ("-v", "agents"), (FAILED_DEV, "cmd"), (DEV,))])
     out, _ = assert_inert(lab, *s, "agents", ok=True)
     assert "- ag\\x1b]0;t\\x07 online" in out and "version 0.9.0\\x1b[5m" in out, out
     assert "fd\\x1b[31m\\u200f (FAILED: boom\\x1b[2J\\r\\u202eedoc)" in out, out
