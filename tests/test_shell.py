@@ -4,6 +4,7 @@ The terminal behaviour (prompt, Tab, history, raw consoles, a dying agent) is in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from conftest import CONF, Lab
 from zdut.protocol import DeviceInfo, LockState
 from zdut.shell import history_file
 from zdut.terminal.completion import ShellCompleter
-from zdut.terminal.shell_view import LabView, changes, resolve, takes_files
+from zdut.terminal.shell_view import LabView, Tracker, changes, resolve, takes_files
 
 FT_HELP = "Command with 2 module(s)\n\nArguments:\n  source-file: Source file path\n  dest-file: Destination path\n"
 ME = "tester"
@@ -245,3 +246,24 @@ def test_shell_takes_no_arguments(lab: Lab) -> None:
     r = lab.zdut("shell", "list")
     assert r.returncode == 2
     assert "zdut shell takes no arguments" in r.stderr
+
+
+def test_the_tracker_closes_when_a_refresh_is_due_as_it_is_cancelled(lab: Lab) -> None:
+    """A refresh poked (as every shell command does) in the same loop turn as the shell's exit cancels the
+    refresh loop: Python 3.11's wait_for returned the poke instead of the cancel, the loop went on and the
+    shell never exited after Ctrl-D (seen in CI)."""
+    _, addr = lab.agent(CONF / "demo.yaml")
+
+    async def scenario() -> None:
+        tracker = Tracker(addr, "tester", lambda _: None, lambda: None)
+        tracker.start()
+        deadline = time.monotonic() + 10
+        while not tracker.view.listed:  # the first refresh is in: the loop now waits for its next turn or a poke
+            assert time.monotonic() < deadline, "no first refresh"
+            await asyncio.sleep(0.01)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        tracker.poke()
+        await asyncio.wait_for(tracker.close(), 5)
+
+    asyncio.run(scenario())

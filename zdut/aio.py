@@ -175,7 +175,8 @@ class AsyncLab:
         result = RunResult()
         run = self.client.run(device, command, list(args), _Collector(result.output))
         try:
-            await asyncio.wait_for(_feed_and_wait(run, stdin), timeout)
+            async with asyncio.timeout(timeout):
+                await _feed_and_wait(run, stdin)
         except TimeoutError:
             await _cancelled(run)
             result.error = ZdutError(Code.DEADLINE_EXCEEDED, f"{device} {command}: no result within {timeout:g}s")
@@ -202,4 +203,5 @@ async def _cancelled(run: Run) -> None:
     """Cancel ``run`` and give the agent a moment to end it, so the device is free when the caller goes on."""
     run.cancel()
     with contextlib.suppress(ZdutError, TimeoutError):
-        await asyncio.wait_for(run.wait(), CANCEL_GRACE_S)
+        async with asyncio.timeout(CANCEL_GRACE_S):
+            await run.wait()

@@ -426,7 +426,8 @@ class Client:
         self._calls[rid] = fut
         try:
             self._send(encode_request(msg))
-            reply = await asyncio.wait_for(fut, self.call_timeout)
+            async with asyncio.timeout(self.call_timeout):
+                reply = await fut
         except TimeoutError:
             raise ZdutError(Code.DEADLINE_EXCEEDED,
                             f"no answer from {self.address} within {self.call_timeout:g}s") from None

@@ -127,7 +127,8 @@ class Agent:
         problems = []
         for device, command, step in self._steps():
             try:
-                await asyncio.wait_for(step.module.deinit(), DEINIT_TIMEOUT_S)
+                async with asyncio.timeout(DEINIT_TIMEOUT_S):
+                    await step.module.deinit()
             except Exception as exc:
                 problems.append(f'device "{device}": command "{command}": module "{step.module_id}": {exc!r}')
         return problems

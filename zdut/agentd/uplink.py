@@ -168,7 +168,8 @@ class Uplink:
             if self.curve is None or self.curve.server_key is not None:
                 self._rekeyed.clear()
                 with contextlib.suppress(TimeoutError):  # a new key cuts the wait short
-                    await asyncio.wait_for(self._rekeyed.wait(), delay)
+                    async with asyncio.timeout(delay):  # not wait_for, which can drop a cancel on 3.11
+                        await self._rekeyed.wait()
 
     async def _connection(self) -> str:
         """One socket's life: returns why it ended."""

@@ -115,7 +115,8 @@ class IPMI(PowerModule[IPMIOptions]):
         # -R 1 lets ipmitool try twice per run; the margin covers process start-up.
         deadline = 2 * max(1, math.ceil(self._timeout)) + 5
         try:
-            result = await asyncio.wait_for(run_captured(self.argv(*command), env=env), deadline)
+            async with asyncio.timeout(deadline):
+                result = await run_captured(self.argv(*command), env=env)
         except FileNotFoundError:
             raise ModuleError(f"ipmitool not found on PATH ({INSTALL_HINT})") from None
         if result.status != 0:

@@ -140,7 +140,8 @@ async def stop_group(proc: asyncio.subprocess.Process, grace: float) -> None:
     if proc.returncode is None or group_alive(proc.pid):  # once reaped and alone, its pid may be reused
         _signal_group(proc.pid, signal.SIGTERM)  # start_new_session made the tool its group's leader
     try:
-        await asyncio.wait_for(_group_ended(proc), grace)
+        async with asyncio.timeout(grace):
+            await _group_ended(proc)
     except TimeoutError:
         pass
     except asyncio.CancelledError:
@@ -148,7 +149,8 @@ async def stop_group(proc: asyncio.subprocess.Process, grace: float) -> None:
     if group_alive(proc.pid):
         _signal_group(proc.pid, signal.SIGKILL)
     try:
-        await asyncio.wait_for(asyncio.shield(proc.wait()), REAP_S)
+        async with asyncio.timeout(REAP_S):
+            await asyncio.shield(proc.wait())
     except TimeoutError:
         pass  # stuck in the kernel: asyncio reaps it once it goes
     except asyncio.CancelledError:

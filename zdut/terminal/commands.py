@@ -419,7 +419,8 @@ class Cli:
     async def _settle(run: Run) -> None:
         """Give the agent a moment to confirm a cancel, so that the session ends cleanly."""
         with contextlib.suppress(TimeoutError, ZdutError):
-            await asyncio.wait_for(asyncio.shield(run.finished), CANCEL_GRACE_S)
+            async with asyncio.timeout(CANCEL_GRACE_S):
+                await asyncio.shield(run.finished)
 
     async def _finish(self, run: Run, stopping: asyncio.Event) -> None:
         """Wait for Done; once the command is being cancelled, give the agent a moment to confirm it."""

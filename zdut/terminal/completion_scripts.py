@@ -223,7 +223,8 @@ def _ask(server: str, device: str | None, key: str | None = None,
             await client.close()
 
     async def bounded() -> list[tuple[str, str]]:
-        return await asyncio.wait_for(query(), QUERY_TIMEOUT_S)
+        async with asyncio.timeout(QUERY_TIMEOUT_S):
+            return await query()
 
     try:
         return asyncio.run(bounded())

@@ -322,8 +322,11 @@ class Tracker:
                 with contextlib.suppress(ZdutError):
                     await self._refresh(client)
             self._wake.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for returns a poke that lands in the same turn as
+            # a cancel and drops the cancel, so closing the shell waited for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), REFRESH_S)
+                async with asyncio.timeout(REFRESH_S):
+                    await self._wake.wait()
 
     async def _refresh(self, client: Client) -> None:
         now = time.time()

@@ -56,6 +56,7 @@ async def unresolvable(ep: str, timeout: float) -> str | None:
         return None
 
     try:
-        return await asyncio.wait_for(off_loop(look_up), timeout)
+        async with asyncio.timeout(timeout):
+            return await off_loop(look_up)
     except TimeoutError:
         return f"cannot resolve host {go_quote(host)} within {timeout:g}s"
