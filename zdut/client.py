@@ -481,14 +481,15 @@ class Client:
 
     # ------------------------------------------------------------- Run
     def run(self, device: str, command: str, args: builtins.list[str] | None = None,
-            handler: RunHandler | None = None) -> Run:
-        """Open a Run session; await ``run.wait()`` for its end."""
+            handler: RunHandler | None = None, mode: str = "") -> Run:
+        """Open a Run session; await ``run.wait()`` for its end.  ``mode``: protocol.WATCH or JOURNAL for
+        ``DEV watch`` and ``DEV log`` (``command`` is then ignored)."""
         args = list(args or [])
         sid = next(self._sids)
         run = Run(self, sid, device, command, args, handler or RunHandler())
         self._runs[sid] = run
         try:
-            self._send(encode_request(RunOpen(sid, VERSION, self.user, device, command, args)))
+            self._send(encode_request(RunOpen(sid, VERSION, self.user, device, command, args, mode)))
         except ZdutError as exc:
             run.end(exc)
         return run

@@ -251,13 +251,21 @@ class Error(_Msg, tag="error", frozen=True):
 # so do FileRequest/FileOpen/FileEnd/FileAbort/StdinEof (MESSAGE_COST).
 
 
+#: RunOpen.mode: what a session is, besides running one of the device's commands.
+WATCH, JOURNAL = "watch", "log"
+
+
 class RunOpen(_Msg, tag="run", frozen=True):
+    """``mode`` "" runs ``command``; WATCH follows the device's live output read-only; JOURNAL reads the
+    device's journal (``command`` is then empty, ``args`` are the client's flags)."""
+
     sid: int
     version: str
     user: str
     device: str
     command: str
     args: list[str]
+    mode: str = ""
 
 
 class RunStarted(_Msg, tag="started", frozen=True):

@@ -18,12 +18,15 @@ from zdut.agentd.config import AgentConfig, Command
 from zdut.agentd.file_args import declared_files
 from zdut.agentd.locker import Locker
 from zdut.agentd.run import AgentRun
+from zdut.agentd.watch import Watchers
 from zdut.common.answers import listing, no_such_command, no_such_device
+from zdut.common.watch_args import replay_lines
 from zdut.devices import scratch
 from zdut.protocol import (
     SESSION,
     UNARY_REQUESTS,
     VERSION,
+    WATCH,
     AgentInfo,
     Code,
     CommandInfo,
@@ -62,6 +65,10 @@ def anonymous() -> str:
     return f"unknown-{secrets.token_hex(4)}"
 
 
+def _command_line(command: str, args: list[str]) -> str:
+    return " ".join([command, *args])
+
+
 class Agent:
     """The device authority; transport-independent."""
 
@@ -76,6 +83,7 @@ class Agent:
         #: Devices whose modules failed to initialise -> why; listed as failed, their runs refused.
         self.failed: dict[str, str] = {}
         self._deferred: set[asyncio.Task[None]] = set()  # replies that wait for cancelled runs to close
+        self.watchers = Watchers(self._owners)
         self.closing = False  # shutting down: new runs are refused
 
     # ------------------------------------------------------------- module lifecycle
@@ -257,6 +265,9 @@ class Agent:
             if self.closing:
                 raise ZdutError(Code.UNAVAILABLE, "agent shutting down")
             check_version("agent", VERSION, msg.version)
+            if msg.mode:
+                self._open_watch(key, run, msg)
+                return
             command = self._command(msg.device, msg.command)
             if msg.device in self.failed:
                 raise ZdutError(Code.FAILED_PRECONDITION,
@@ -269,16 +280,49 @@ class Agent:
         log.info("run device=%s command=%s args=%s user=%s", msg.device, msg.command, list(msg.args), user)
 
         async def body(session: AgentRun) -> None:
+            self.watchers.greet_owner(session)
             for step, args in zip(command.steps, step_args, strict=True):
                 await step.module.run(session, args)
 
         interactive = any(step.module.wants_terminal(args) for step, args in zip(command.steps, step_args, strict=True))
+        run.tap = self._printed
         run.start(interactive, body, declared_files(command, step_args))
+        if run.task is not None:
+            self.watchers.event(msg.device, f"{user} started {_command_line(msg.command, msg.args)}")
+
+    def _open_watch(self, key: tuple[int, bytes, int], run: AgentRun, msg: RunOpen) -> None:
+        """``DEV watch [-n N]``: no command, no hold; any user may watch (security decides who is a user)."""
+        if msg.mode != WATCH:
+            raise ZdutError(Code.INVALID_ARGUMENT, f"unknown session mode {msg.mode!r}")
+        self._device(msg.device)
+        lines = replay_lines(list(msg.args))
+        self.runs[key] = run
+        run.watching = True
+        log.info("watch device=%s user=%s", msg.device, run.user)
+
+        async def body(session: AgentRun) -> None:
+            await self.watchers.watch(msg.device, session, self.replay(msg.device, lines))
+
+        run.start(False, body, hold=False)
+
+    def replay(self, device: str, lines: int) -> bytes:
+        """The device's last ``lines`` lines of output, for a new watcher."""
+        return b""
+
+    def _printed(self, run: AgentRun, stream: int, data: bytes) -> None:
+        self.watchers.output(run.device, stream, data)
+
+    def _owners(self, device: str) -> list[AgentRun]:
+        return [r for r in self.runs.values() if r.device == device and not r.watching]
 
     def _close_run(self, key: tuple[int, bytes, int], run: AgentRun) -> None:
-        """A run closed (its own close step released the hold): forget it."""
+        """A run closed (its own close step released the hold): forget it, and tell the device's watchers."""
         if self.runs.get(key) is run:
             del self.runs[key]
+            if not run.watching:
+                code, message = run.exit
+                self.watchers.event(run.device, f"{run.user}'s {run.command} ended: "
+                                                f"{f'{code}: {message}' if code else 'ok'}")
 
     def drop_link_sessions(self, link: Link, reason: str) -> None:
         """A link died (broker gone): cancel every session that came through it."""
@@ -306,7 +350,7 @@ class Agent:
         sessions end at once (nobody finishes typing into a console for the agent's sake); every other run
         is told it has ``drain_s`` to finish.  Returns (consoles ended, runs left to drain)."""
         self.closing = True
-        consoles = [r for r in self.runs.values() if r.interactive]
+        consoles = [r for r in self.runs.values() if r.interactive or r.watching]
         for run in consoles:
             run.cancel(ZdutError(Code.UNAVAILABLE, "agent shutting down"))
         running = [r for r in self.runs.values() if not r.cancelled]

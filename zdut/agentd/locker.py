@@ -86,7 +86,8 @@ class Locker:
             raise ZdutError(Code.FAILED_PRECONDITION, f'device "{device}" is locked by "{reserved.owner}" for {left}')
         busy = self._busy.get(device)
         if busy and busy.owner != user:
-            raise ZdutError(Code.FAILED_PRECONDITION, f'device "{device}" is locked by "{busy.owner}"')
+            raise ZdutError(Code.FAILED_PRECONDITION, f'device "{device}" is locked by "{busy.owner}" (in use: '
+                                                      f'`zdut {device} watch` follows its output)')
 
     # ------------------------------------------------------------- busy holds (Run)
     def acquire_busy(self, device: str, user: str) -> None:

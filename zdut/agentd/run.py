@@ -113,21 +113,28 @@ class AgentRun:
         self._held = False
         self._closed = False
         self.interactive = False  # a console session (the client reads the user's keystrokes)
+        #: Sees every chunk the module prints (the device's watchers and journal); a watch session has none.
+        self.tap: Callable[[AgentRun, int, bytes], None] | None = None
+        self.watching = False  # a watch or journal session: it prints what others did, and is not watched
+        self.exit: tuple[str, str] = ("", "")  # the Done it sent: (code, message)
 
     # ------------------------------------------------------------- lifecycle
-    def start(self, interactive: bool, body: Callable[[AgentRun], Any], files: dict[str, str] | None = None) -> None:
-        """Take the busy hold and run ``body`` in this run's own task; RunStarted tells the client ``files``,
-        the only paths it may send or write (``agentd.file_args``).
+    def start(self, interactive: bool, body: Callable[[AgentRun], Any], files: dict[str, str] | None = None,
+              hold: bool = True) -> None:
+        """Take the busy hold (unless ``hold`` is False: a watch or a journal read, which use nothing) and run
+        ``body`` in this run's own task; RunStarted tells the client ``files``, the only paths it may send or
+        write (``agentd.file_args``).
 
         From here every path (success, module error, cancel, client lost, a send that fails) ends in
         ``_close``, called by the task's done callback: that runs even for a task cancelled before its
         first step, whose coroutine body (and any ``finally`` in it) never runs."""
-        try:
-            self._locker.acquire_busy(self.device, self.user)
-        except ZdutError as exc:
-            self.refuse(exc)
-            return
-        self._held = True
+        if hold:
+            try:
+                self._locker.acquire_busy(self.device, self.user)
+            except ZdutError as exc:
+                self.refuse(exc)
+                return
+            self._held = True
         self.interactive = interactive
         self.task = asyncio.get_running_loop().create_task(self._main(interactive, body, files or {}))
         self.task.add_done_callback(self._finished)
@@ -163,6 +170,7 @@ class AgentRun:
         if self._closed:
             return
         self._closed = True
+        self.exit = (code, message)
         if self._held:
             self._held = False
             self._locker.release_busy(self.device, self.user)
@@ -254,6 +262,8 @@ class AgentRun:
         await self._out(STDERR, data)
 
     async def _out(self, stream: int, data: bytes) -> None:
+        if self.tap is not None:
+            self.tap(self, stream, data)
         if len(data) <= CHUNK_SIZE and self.stream.try_send_credited(Data, data, stream=stream):
             return  # the common case: credit is there, no coroutine round needed
         for i in range(0, max(len(data), 1), CHUNK_SIZE):

@@ -21,7 +21,8 @@ from zdut.common import flags
 from zdut.common.addresses import server_endpoint
 from zdut.common.client_config import ClientKeys
 from zdut.common.durations import format_duration, lock_seconds
-from zdut.protocol import VERSION, ZdutError
+from zdut.common.watch_args import replay_lines
+from zdut.protocol import VERSION, WATCH, ZdutError
 from zdut.terminal.console import attach
 from zdut.terminal.output import (
     AGENT_LIST,
@@ -283,6 +284,12 @@ class Cli:
             if args not in ([], ["force"]):
                 raise UsageError('unlock takes nothing or the word "force"')
             return lambda c: self._unlock(c, device, bool(args))
+        if command == "watch":
+            try:
+                replay_lines(args)
+            except ZdutError as exc:
+                raise UsageError(exc.message) from None
+            return lambda c: self._run(c, device, command, args, WATCH)
         if args and args[0] == "help":
             if len(args) > 1:
                 raise UsageError('"help" must be the only argument after the command')
@@ -363,11 +370,12 @@ class Cli:
         except (AttributeError, ValueError, OSError):
             return None
 
-    async def _run(self, client: Client, device: str, command: str, args: list[str]) -> int:
+    async def _run(self, client: Client, device: str, command: str, args: list[str], mode: str = "") -> int:
+        """Run a command; with a ``mode`` (watch, log), a session that reads no input."""
         printer = Printer(asyncio.get_running_loop())
         meta = self.meta("Run Response", device=device, command=command, args=" ".join(args))
         handler = CliRunHandler(self.out, printer, meta, self.log.warn)
-        run = client.run(device, command, args, handler)
+        run = client.run(device, command, args, handler, mode)
         interrupted = asyncio.Event()
         stopping = asyncio.Event()  # the remote command is being cancelled: Ctrl-C, SIGTERM or a failed write
         def stop() -> None:
@@ -383,7 +391,9 @@ class Cli:
             try:
                 interactive = await run.started
                 detached = False
-                if not run.finished.done():
+                if mode:
+                    await run.close_stdin()
+                elif not run.finished.done():
                     detached = await self._attach(run, interactive)
                 if detached:
                     handler.muted = True

@@ -1,0 +1,141 @@
+"""``zdut DEV watch``: read-only followers of a device's output, end to end with real agents, brokers and CLIs."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import Lab, Proc, exe, wait_for
+
+CONFIG = """\
+version: 0
+devices:
+  board:
+    desc: a board with a console and a chatty command
+    cmds:
+      console:
+        desc: echo what is typed, a line at a time
+        uses:
+          - module: dummy-repeat
+      spew:
+        desc: prints about 25 MB, more than a session's credit window
+        uses:
+          - module: shell
+            args: ["yes 'a line of console output, as a board prints at boot' | head -n 480000"]
+"""
+SPEW_LINES = 480_000
+SPEW_LINE = "a line of console output, as a board prints at boot\n"
+
+
+@pytest.fixture
+def config(lab: Lab) -> Path:
+    path = lab.tmp / "watch.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def watch(lab: Lab, addr: str, user: str, *args: str) -> Proc:
+    """``zdut board watch`` by ``user``, once the agent has it."""
+    proc = lab.zdut_bg("-s", addr, "-u", user, "board", "watch", *args, name=f"watch-{user}")
+    wait_for(lambda: f"watch device=board user={user}" in "".join(p.text() for p in lab.procs), 10,
+             f"{user} watching")
+    return proc
+
+
+class Console:
+    """``board console`` run by a user, its input a pipe, its output in a file."""
+
+    def __init__(self, lab: Lab, addr: str, user: str) -> None:
+        self.log = lab.tmp / f"console-{user}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([exe("zdut"), "-s", addr, "-u", user, "board", "console"],
+                                         stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                         env=lab.env, cwd=lab.tmp, bufsize=1)
+
+    def type(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def end(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.mark.parametrize("how", ["direct", "brokered"])
+def test_a_watcher_sees_the_sessions_output_and_the_owner_is_told(lab: Lab, config: Path, how: str) -> None:
+    addr = lab.serve(config, how)
+    watcher = watch(lab, addr, "bob")
+    owner = Console(lab, addr, "alice")
+    try:
+        wait_for(lambda: "[zdut: alice started console]" in watcher.text(), 10, "the start, at the watcher")
+        wait_for(lambda: "[zdut: 1 watching: bob]" in owner.text(), 10, "the owner told who watches")
+        owner.type("first")
+        wait_for(lambda: "first" in watcher.text(), 10, "the owner's output at the watcher")
+
+        second = watch(lab, addr, "carol")
+        wait_for(lambda: "[zdut: carol is watching (2 watching)]" in owner.text(), 10, "the owner told of carol")
+        owner.type("second")
+        for proc in (watcher, second):
+            wait_for(lambda proc=proc: "second" in proc.text(), 10, "the output at both watchers")
+        second.kill(signal.SIGINT)
+        wait_for(lambda: "[zdut: carol stopped watching (1 watching)]" in owner.text(), 10, "carol leaving")
+        owner.type("two words")  # ends dummy-repeat
+        owner.proc.wait(10)
+        wait_for(lambda: "alice's console ended" in watcher.text(), 10, "the end, at the watcher")
+        assert watcher.alive(), watcher.text()  # a watch follows the device, not one session
+        assert "first" not in watcher.text().split("alice's console ended")[1]
+
+        r = lab.zdut("-s", addr, "-u", "dave", "board", "console", input=b"two words\n")
+        assert "locked" not in r.stderr, r.stderr  # the watchers hold nothing
+        wait_for(lambda: "dave started console" in watcher.text(), 10, "the next session, at the same watcher")
+    finally:
+        owner.end()
+    watcher.kill(signal.SIGINT)
+    wait_for(lambda: not watcher.alive(), 10, "the watcher to leave on Ctrl-C")
+
+
+def test_a_busy_device_refuses_a_second_user_with_the_hint_to_watch(lab: Lab, config: Path) -> None:
+    _, addr = lab.agent(config)
+    owner = Console(lab, addr, "alice")
+    try:
+        owner.type("hello")
+        wait_for(lambda: "hello" in owner.text(), 10, "alice's echo")
+        r = lab.zdut("-s", addr, "-u", "bob", "board", "console", input=b"")
+        assert r.returncode == 1
+        assert 'device "board" is locked by "alice" (in use: `zdut board watch` follows its output)' in r.stderr
+    finally:
+        owner.end()
+
+
+@pytest.mark.parametrize("how", ["direct", "brokered"])
+def test_a_stopped_watcher_does_not_slow_the_owner_and_is_told_what_it_missed(lab: Lab, config: Path,
+                                                                               how: str) -> None:
+    addr = lab.serve(config, how)
+    watcher = watch(lab, addr, "bob", "-n", "0")
+    baseline = lab.zdut("-s", addr, "-u", "alice", "board", "spew", timeout=60)
+    assert baseline.returncode == 0 and baseline.stdout.count(SPEW_LINE) == SPEW_LINES
+    wait_for(lambda: "alice's spew ended: ok" in watcher.text(), 20, "the watcher to see the first spew through")
+
+    watcher.kill(signal.SIGSTOP)  # a watcher that never reads
+    try:
+        r = lab.zdut("-s", addr, "-u", "alice", "board", "spew", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count(SPEW_LINE) == SPEW_LINES  # the owner's output complete, in spite of the watcher
+    finally:
+        watcher.kill(signal.SIGCONT)
+    wait_for(lambda: "bytes missed: this watcher could not keep up" in watcher.text(), 20, "the missed count")
+    assert watcher.alive()
+
+
+def test_watch_arguments_are_checked_by_the_client(lab: Lab, config: Path) -> None:
+    _, addr = lab.agent(config)
+    r = lab.zdut("-s", addr, "board", "watch", "-n", "many")
+    assert r.returncode == 1 and "watch takes only -n N" in r.stderr  # as every misused command (dutctl)
+    r = lab.zdut("-s", addr, "nosuch", "watch")
+    assert r.returncode == 1 and "nosuch" in r.stderr
