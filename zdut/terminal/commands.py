@@ -58,6 +58,7 @@ SYNOPSIS = """SYNOPSIS
     zdut [options] <device> <command> help
     zdut [options] <device> lock [duration]
     zdut [options] <device> unlock [force]
+    zdut [options] <device> watch [-n N]
     zdut [options] shell [options]
     zdut version
     zdut help
@@ -95,7 +96,10 @@ DESCRIPTION
     for interactive commands; Ctrl-] detaches), and files the command names are transferred.
     `help` after a command shows its usage. `lock` reserves a device (default 30m, Go duration
     syntax such as 1h30m); `unlock force` breaks anyone's lock and cancels their sessions on
-    the device. Flags go before the device.
+    the device. `watch` follows, read-only, what every session on the device prints (it
+    replays the last N lines first, default 50; anyone may watch, a watcher that cannot keep
+    up is told how much it missed, the owner is told who watches; Ctrl-C leaves).
+    Flags go before the device.
     Exit status: 0 success, 1 error, 2 bad flag or config file, 130 interrupted, 141 output
     closed (as by head).
 
