@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from pathlib import Path
@@ -80,6 +81,10 @@ def test_a_watcher_sees_the_sessions_output_and_the_owner_is_told(lab: Lab, conf
 
         second = watch(lab, addr, "carol")
         wait_for(lambda: "[zdut: carol is watching (2 watching)]" in owner.text(), 10, "the owner told of carol")
+        wait_for(lambda: '- board [in use by "alice"] (2 watching)' in lab.zdut("-s", addr, "list").stdout, 10,
+                 "the watchers in the listing")
+        listed = json.loads(lab.zdut("-s", addr, "-f", "json", "list").stdout)["data"]
+        assert [d.get("Watchers") for d in listed] == [2]
         owner.type("second")
         for proc in (watcher, second):
             wait_for(lambda proc=proc: "second" in proc.text(), 10, "the output at both watchers")

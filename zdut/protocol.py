@@ -105,6 +105,7 @@ class DeviceInfo(msgspec.Struct, array_like=True, frozen=True):
     agent: str = ""
     online: bool = True
     failed: str = ""  # why its modules failed to initialise; "" = healthy
+    watchers: int = 0  # `DEV watch` sessions following its output
 
 
 class CommandInfo(msgspec.Struct, array_like=True, frozen=True):
@@ -404,9 +405,12 @@ class Reregister(_Msg, tag="rereg", frozen=True):
 
 
 class LockChanged(_Msg, tag="lockchg", frozen=True):
+    """Agent -> broker: a device's listed state changed (its hold, or who watches it)."""
+
     device: str
     lock: LockState | None  # the effective hold, as listed
     busy: LockState | None = None  # a busy hold under that reservation: listed once the reservation expires
+    watchers: int = 0
 
 
 class SessionGone(_Msg, tag="gone", frozen=True):

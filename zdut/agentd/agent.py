@@ -83,7 +83,7 @@ class Agent:
         #: Devices whose modules failed to initialise -> why; listed as failed, their runs refused.
         self.failed: dict[str, str] = {}
         self._deferred: set[asyncio.Task[None]] = set()  # replies that wait for cancelled runs to close
-        self.watchers = Watchers(self._owners)
+        self.watchers = Watchers(self._owners, self._watchers_changed)
         self.closing = False  # shutting down: new runs are refused
 
     # ------------------------------------------------------------- module lifecycle
@@ -151,7 +151,10 @@ class Agent:
 
     def _lock_changed(self, device: str, state: LockState | None, shadowed: LockState | None) -> None:
         for uplink in self.uplinks:
-            uplink.send_control(LockChanged(device, state, shadowed))
+            uplink.send_control(LockChanged(device, state, shadowed, self.watchers.count(device)))
+
+    def _watchers_changed(self, device: str) -> None:
+        self._lock_changed(device, self.locker.state(device), self.locker.shadowed(device))
 
     # ------------------------------------------------------------- message entry point
     def handle(self, link: Link, peer: bytes, msg: Message, payload: Any) -> None:
@@ -233,8 +236,8 @@ class Agent:
         devices, failed = self.config.devices, self.failed
         return listing(
             msg, "agent", self.name,
-            devices=lambda: [DeviceInfo(n, self.locker.state(n), self.name, True, failed.get(n, ""))
-                             for n in sorted(devices)],
+            devices=lambda: [DeviceInfo(n, self.locker.state(n), self.name, True, failed.get(n, ""),
+                                        self.watchers.count(n)) for n in sorted(devices)],
             commands=lambda device: [(c.name, c.desc) for _, c in sorted(self._device(device).commands.items())],
             help_text=lambda device, command: self._command(device, command).help_text(),
             agents=lambda: [AgentInfo(self.name, sorted(devices), True, time.time(), VERSION, self.address,

@@ -64,9 +64,10 @@ class Watcher:
 class Watchers:
     """Every device's watchers, and what the device's sessions print."""
 
-    def __init__(self, owners: Callable[[str], Iterable[AgentRun]]) -> None:
-        """``owners(device)``: the device's running sessions (not its watchers), told when one attaches."""
-        self._owners = owners
+    def __init__(self, owners: Callable[[str], Iterable[AgentRun]], changed: Callable[[str], None]) -> None:
+        """``owners(device)``: the device's running sessions (not its watchers), told when one attaches;
+        ``changed(device)``: its number of watchers changed (brokers list it)."""
+        self._owners, self._changed = owners, changed
         self._by_device: dict[str, set[Watcher]] = {}
 
     def count(self, device: str) -> int:
@@ -87,6 +88,7 @@ class Watchers:
         watcher = Watcher(session)
         watching = self._by_device.setdefault(device, set())
         watching.add(watcher)
+        self._changed(device)
         self._tell_owners(device, f"{session.user} is watching ({len(watching)} watching)")
         try:
             await watcher.follow()
@@ -94,6 +96,7 @@ class Watchers:
             watching.discard(watcher)
             if not watching:
                 del self._by_device[device]
+            self._changed(device)
             self._tell_owners(device, f"{session.user} stopped watching ({len(watching)} watching)")
 
     def greet_owner(self, owner: AgentRun) -> None:

@@ -65,6 +65,7 @@ class Device:
     lock: LockState | None = None  # the agent's effective hold
     busy: LockState | None = None  # a busy hold under that reservation: listed once the reservation expires
     failed: str = ""  # why its modules failed to initialise at the agent
+    watchers: int = 0  # as the agent last said; listed while it is online
 
 
 @dataclass(slots=True)
@@ -342,11 +343,12 @@ class Registry:
         return self.wall() - max(0.0, self.mono() - agent.last_rx)
 
     # ------------------------------------------------------------- locks
-    def lock_changed(self, agent: Agent, device: str, lock: LockState | None, busy: LockState | None = None) -> bool:
+    def lock_changed(self, agent: Agent, device: str, lock: LockState | None, busy: LockState | None = None,
+                     watchers: int = 0) -> bool:
         dev = self.devices.get(device)
         if dev is None or dev.agent is not agent:
             return False  # only the owning agent speaks for a device
-        dev.lock, dev.busy = lock, busy
+        dev.lock, dev.busy, dev.watchers = lock, busy, watchers
         self._mark(agent.name)  # a change of state: its last-seen time is written with it
         self._changed()
         return True
@@ -389,7 +391,8 @@ class Registry:
             lock = self._current_lock(dev, now)
             if lock is not None and lock.expires_at:
                 valid_until = min(valid_until, lock.expires_at)
-            out.append(DeviceInfo(name, lock, dev.agent.name, dev.agent.rid is not None, dev.failed))
+            online = dev.agent.rid is not None
+            out.append(DeviceInfo(name, lock, dev.agent.name, online, dev.failed, dev.watchers if online else 0))
         return out, valid_until
 
     def agent_list(self) -> list[AgentInfo]:

@@ -68,6 +68,8 @@ def device_record(d: DeviceInfo, with_agent: bool) -> dict[str, Any]:
         rec["Online"] = d.online
     if d.failed:
         rec["Failed"] = d.failed
+    if d.watchers:  # zdut's own: absent when nobody watches, so dutctl's records stay as they were
+        rec["Watchers"] = d.watchers
     return rec
 
 
@@ -215,6 +217,8 @@ class Output:
                 notes.append(f'[locked by "{safe(d.lock.owner)}" for {left}]')
             else:
                 notes.append(f'[in use by "{safe(d.lock.owner)}"]')
+        if d.watchers:
+            notes.append(f"({d.watchers} watching)")
         if with_agent:
             notes.append(f"(agent {safe(d.agent)}, {'online' if d.online else 'OFFLINE'})")
         if notes:
@@ -312,6 +316,8 @@ def _device_token(d: DeviceInfo) -> str:
     states = [f"{'locked' if d.lock.expires_at else 'in-use'}:{d.lock.owner}"] if d.lock is not None else []
     if d.failed:
         states.append(f"failed:{_token_text(d.failed)}")
+    if d.watchers:
+        states.append(f"watched:{d.watchers}")
     return f"{d.name}={';'.join(states)}" if states else d.name
 
 
