@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Lab, Proc, exe, wait_for
+from test_shell_terminal import Tmux
 
 CONFIG = """\
 version: 0
@@ -144,3 +146,20 @@ def test_watch_arguments_are_checked_by_the_client(lab: Lab, config: Path) -> No
     assert r.returncode == 1 and "watch takes only -n N" in r.stderr  # as every misused command (dutctl)
     r = lab.zdut("-s", addr, "nosuch", "watch")
     assert r.returncode == 1 and "nosuch" in r.stderr
+
+
+def test_the_shell_toolbar_shows_who_watches_a_device_it_holds(lab: Lab, config: Path) -> None:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (apt-get install tmux)")
+    _, addr = lab.agent(config)
+    shell = Tmux(lab)
+    try:
+        shell.start("-s", addr, "shell", user="alice")
+        shell.wait_ready(online=1)
+        shell.line("board lock")
+        shell.wait('✓ Device "board" locked by "alice"')
+        assert "watching" not in shell.toolbar()
+        watch(lab, addr, "bob")
+        shell.until(lambda: "| 1 watching board" in shell.toolbar(), "the watcher in the toolbar")
+    finally:
+        shell.kill()

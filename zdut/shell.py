@@ -341,6 +341,8 @@ class Shell:
         online, offline, locked = t.view.counts()
         fresh = t.view.listed and t.state == CONNECTED  # a lost direct agent's devices are unknown, not online
         counts = f" | {online} online, {offline} offline, {locked} locked" if fresh else ""
+        if fresh:
+            counts += "".join(f" | {n} watching {safe(name)}" for name, n in t.view.watched(t.user))
         notice = f" | {safe(self.notice)}" if self.notice else ""
         return FormattedText([("", f" {where}"), *state, ("", counts + notice)])
 

@@ -168,6 +168,11 @@ class LabView:
         locked = sum(d.lock is not None for d in self.devices.values())
         return online, len(self.devices) - online, locked
 
+    def watched(self, me: str) -> list[tuple[str, int]]:
+        """(device, watchers) of the devices ``me`` holds that someone watches."""
+        return [(d.name, d.watchers) for d in self.devices.values()
+                if d.watchers and d.lock is not None and d.lock.owner == me]
+
     def takes_files(self, device: str, command: str) -> bool:
         return takes_files(self.helps.get((device, command), ""))
 
