@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Lab, Proc, exe, wait_for
+from conftest import Lab, Proc, exe, free_port, wait_for
 from test_shell_terminal import Tmux
 
 CONFIG = """\
@@ -163,3 +163,53 @@ def test_the_shell_toolbar_shows_who_watches_a_device_it_holds(lab: Lab, config:
         shell.until(lambda: "| 1 watching board" in shell.toolbar(), "the watcher in the toolbar")
     finally:
         shell.kill()
+
+
+@pytest.mark.parametrize("how", ["direct", "brokered"])
+def test_the_journal_survives_an_agent_restart_and_a_watcher_replays_from_it(lab: Lab, config: Path,
+                                                                             how: str) -> None:
+    _, broker = lab.broker() if how == "brokered" else (None, "")
+    port = free_port()
+
+    def start() -> tuple[Proc, str]:
+        if broker:
+            return lab.brokered_agent(config, broker, port), broker
+        return lab.agent(config, port)
+
+    agent, addr = start()
+    r = lab.zdut("-s", addr, "-u", "alice", "board", "console", input=b"bootlogline\ntwo words\n")
+    assert "bootlogline" in r.stdout
+    assert lab.zdut("-s", addr, "-u", "alice", "board", "lock", "10m").returncode == 0
+    assert lab.zdut("-s", addr, "-u", "alice", "board", "unlock").returncode == 0
+    agent.stop()
+    agent, addr = start()
+
+    log = lab.zdut("-s", addr, "board", "log", "-n", "100")
+    assert log.returncode == 0, log.stderr
+    lines = log.stdout.splitlines()
+    assert [line.split(" ", 1)[1] for line in lines if "started" in line or "ended" in line
+            or "locked" in line] == ["alice started console", "alice's console ended: ok",
+                                     "alice locked until " + lines[-2].rsplit("until ", 1)[1],
+                                     "alice unlocked"], log.stdout
+    assert any(line.endswith(" | bootlogline") for line in lines)
+    records = [json.loads(line) for line in lab.zdut("-s", addr, "-f", "json", "board", "log").stdout.splitlines()]
+    assert [r["kind"] for r in records][-2:] == ["lock", "unlock"] and records[0]["kind"] == "start"
+
+    watcher = watch(lab, addr, "bob", "-n", "1")
+    wait_for(lambda: "Oh no" in watcher.text() or "bootlogline" in watcher.text(), 10, "the replay")
+    assert "Hello from dummy repeat" not in watcher.text()  # one line only
+
+
+def test_log_follow_goes_on_with_what_comes_and_since_filters(lab: Lab, config: Path) -> None:
+    _, addr = lab.agent(config)
+    lab.zdut("-s", addr, "-u", "alice", "board", "console", input=b"early\ntwo words\n")
+    follower = lab.zdut_bg("-s", addr, "board", "log", "-n", "0", "--follow", name="follower")
+    wait_for(lambda: "log device=board" in "".join(p.text() for p in lab.procs), 10, "the follower")
+    lab.zdut("-s", addr, "-u", "carol", "board", "console", input=b"late\ntwo words\n")
+    wait_for(lambda: "| late" in follower.text(), 10, "the new output at the follower")
+    assert "early" not in follower.text() and "carol started console" in follower.text()
+    assert lab.zdut("-s", addr, "board", "log", "--since", "1h").stdout.count("started console") == 2
+    assert lab.zdut("-s", addr, "board", "log", "--since", "2999-01-01T00:00").stdout == ""
+    bad = lab.zdut("-s", addr, "board", "log", "--since", "yesterday")
+    assert bad.returncode == 1 and "neither a duration nor a date-time" in bad.stderr
+    assert lab.zdut("-s", addr, "-f", "yaml", "board", "log").returncode == 1

@@ -165,6 +165,7 @@ async def _serve(agent: Agent, args: argparse.Namespace) -> int:
         code = await _listen(agent, args)
     finally:  # every way out once modules are up (a bind failure, a signal, a bug) de-initialises them
         problems = await agent.deinit_modules()
+        agent.recorder.close()
         for line in problems:
             log.error("deinit failed: %s (system might be in an UNKNOWN STATE)", line)
     return 1 if problems else code

@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import itertools
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from zdut.agentd.config import AgentConfig, Command
 from zdut.agentd.file_args import declared_files
 from zdut.agentd.locker import Locker
+from zdut.agentd.recording import Recorder
 from zdut.agentd.run import AgentRun
 from zdut.agentd.watch import Watchers
 from zdut.common.answers import listing, no_such_command, no_such_device
-from zdut.common.watch_args import replay_lines
+from zdut.common.watch_args import log_query, replay_lines
 from zdut.devices import scratch
 from zdut.protocol import (
+    JOURNAL,
     SESSION,
     UNARY_REQUESTS,
     VERSION,
@@ -69,6 +73,10 @@ def _command_line(command: str, args: list[str]) -> str:
     return " ".join([command, *args])
 
 
+def _utc(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
 class Agent:
     """The device authority; transport-independent."""
 
@@ -84,6 +92,10 @@ class Agent:
         self.failed: dict[str, str] = {}
         self._deferred: set[asyncio.Task[None]] = set()  # replies that wait for cancelled runs to close
         self.watchers = Watchers(self._owners, self._watchers_changed)
+        #: Each device's journal, beside the lock file (none without one: --dry-run).
+        self.recorder = Recorder(state_path.with_name(f"{state_path.stem}.journal") if state_path else None,
+                                 sorted(config.devices))
+        self._journal_ids = itertools.count(int(time.time() * 1000))  # unique across restarts too
         self.closing = False  # shutting down: new runs are refused
 
     # ------------------------------------------------------------- module lifecycle
@@ -217,7 +229,9 @@ class Agent:
         user = msg.user or ("" if not msg.force else anonymous())
         broke = self.locker.unlock(msg.device, user, msg.force)
         if not broke:
+            self.recorder.event(msg.device, "unlock", user)
             return Unlocked(msg.rid)
+        self.recorder.event(msg.device, "force", user, f'broke the lock of "{broke}"')
         why = ZdutError(Code.ABORTED, f'lock on "{msg.device}" broken by "{user}"')
         runs = [r for r in self.runs.values() if r.device == msg.device and r.user == broke]
         for run in runs:
@@ -230,7 +244,9 @@ class Agent:
     def _unary(self, msg: Message) -> Message:
         match msg:
             case Lock():
-                return LockResult(msg.rid, msg.device, self.locker.lock(msg.device, msg.user, msg.duration_s))
+                result = LockResult(msg.rid, msg.device, self.locker.lock(msg.device, msg.user, msg.duration_s))
+                self.recorder.event(msg.device, "lock", msg.user, f"until {_utc(result.lock.expires_at)}")
+                return result
             case Forget():
                 raise ZdutError(Code.UNIMPLEMENTED, "forget is served by a broker, not by an agent")
         devices, failed = self.config.devices, self.failed
@@ -289,30 +305,37 @@ class Agent:
 
         interactive = any(step.module.wants_terminal(args) for step, args in zip(command.steps, step_args, strict=True))
         run.tap = self._printed
+        run.journal_id = next(self._journal_ids)
         run.start(interactive, body, declared_files(command, step_args))
         if run.task is not None:
+            self.recorder.started(run, list(msg.args))
             self.watchers.event(msg.device, f"{user} started {_command_line(msg.command, msg.args)}")
 
     def _open_watch(self, key: tuple[int, bytes, int], run: AgentRun, msg: RunOpen) -> None:
-        """``DEV watch [-n N]``: no command, no hold; any user may watch (security decides who is a user)."""
-        if msg.mode != WATCH:
-            raise ZdutError(Code.INVALID_ARGUMENT, f"unknown session mode {msg.mode!r}")
+        """``DEV watch [-n N]`` and ``DEV log ...``: no command, no hold; any user may (security decides who
+        is a user)."""
         self._device(msg.device)
-        lines = replay_lines(list(msg.args))
+        device, args = msg.device, list(msg.args)
+        body: Callable[[AgentRun], Awaitable[None]]
+        if msg.mode == WATCH:
+            lines = replay_lines(args)
+
+            async def body(session: AgentRun) -> None:
+                await self.watchers.watch(device, session, self.recorder.recent_output(device, lines))
+        elif msg.mode == JOURNAL:
+            query = log_query(args)
+
+            async def body(session: AgentRun) -> None:
+                await self.recorder.read(device, session, query)
+        else:
+            raise ZdutError(Code.INVALID_ARGUMENT, f"unknown session mode {msg.mode!r}")
         self.runs[key] = run
         run.watching = True
-        log.info("watch device=%s user=%s", msg.device, run.user)
-
-        async def body(session: AgentRun) -> None:
-            await self.watchers.watch(msg.device, session, self.replay(msg.device, lines))
-
+        log.info("%s device=%s user=%s", msg.mode, device, run.user)
         run.start(False, body, hold=False)
 
-    def replay(self, device: str, lines: int) -> bytes:
-        """The device's last ``lines`` lines of output, for a new watcher."""
-        return b""
-
     def _printed(self, run: AgentRun, stream: int, data: bytes) -> None:
+        self.recorder.printed(run, stream, data)
         self.watchers.output(run.device, stream, data)
 
     def _owners(self, device: str) -> list[AgentRun]:
@@ -323,6 +346,7 @@ class Agent:
         if self.runs.get(key) is run:
             del self.runs[key]
             if not run.watching:
+                self.recorder.ended(run)
                 code, message = run.exit
                 self.watchers.event(run.device, f"{run.user}'s {run.command} ended: "
                                                 f"{f'{code}: {message}' if code else 'ok'}")

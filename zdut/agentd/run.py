@@ -116,6 +116,7 @@ class AgentRun:
         #: Sees every chunk the module prints (the device's watchers and journal); a watch session has none.
         self.tap: Callable[[AgentRun, int, bytes], None] | None = None
         self.watching = False  # a watch or journal session: it prints what others did, and is not watched
+        self.journal_id = 0  # the session's id in the device's journal
         self.exit: tuple[str, str] = ("", "")  # the Done it sent: (code, message)
 
     # ------------------------------------------------------------- lifecycle

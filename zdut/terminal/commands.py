@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -21,8 +22,8 @@ from zdut.common import flags
 from zdut.common.addresses import server_endpoint
 from zdut.common.client_config import ClientKeys
 from zdut.common.durations import format_duration, lock_seconds
-from zdut.common.watch_args import replay_lines
-from zdut.protocol import VERSION, WATCH, ZdutError
+from zdut.common.watch_args import log_query, replay_lines
+from zdut.protocol import JOURNAL, VERSION, WATCH, ZdutError
 from zdut.terminal.console import attach
 from zdut.terminal.output import (
     AGENT_LIST,
@@ -59,6 +60,7 @@ SYNOPSIS = """SYNOPSIS
     zdut [options] <device> lock [duration]
     zdut [options] <device> unlock [force]
     zdut [options] <device> watch [-n N]
+    zdut [options] <device> log [-n N] [--since TIME] [--follow]
     zdut [options] shell [options]
     zdut version
     zdut help
@@ -98,7 +100,10 @@ DESCRIPTION
     syntax such as 1h30m); `unlock force` breaks anyone's lock and cancels their sessions on
     the device. `watch` follows, read-only, what every session on the device prints (it
     replays the last N lines first, default 50; anyone may watch, a watcher that cannot keep
-    up is told how much it missed, the owner is told who watches; Ctrl-C leaves).
+    up is told how much it missed, the owner is told who watches; Ctrl-C leaves). `log` reads
+    the device's journal at its agent: who ran what, when, its exit and output, and lock
+    events (the last N lines, default 50; --since 10m or 2026-12-02T21:00; --follow goes on
+    with what comes; -f json gives one record a line).
     Flags go before the device.
     Exit status: 0 success, 1 error, 2 bad flag or config file, 130 interrupted, 141 output
     closed (as by head).
@@ -288,6 +293,8 @@ class Cli:
             if args not in ([], ["force"]):
                 raise UsageError('unlock takes nothing or the word "force"')
             return lambda c: self._unlock(c, device, bool(args))
+        if command == "log":
+            return self._plan_log(device, args)
         if command == "watch":
             try:
                 replay_lines(args)
@@ -299,6 +306,15 @@ class Cli:
                 raise UsageError('"help" must be the only argument after the command')
             return lambda c: self._details(c, device, command)
         return lambda c: self._run(c, device, command, args)
+
+    def _plan_log(self, device: str, args: list[str]) -> Action:
+        if self.out.fmt not in ("text", "json"):
+            raise UsageError("log prints text, or JSON lines with -f json")
+        try:
+            query = dataclasses.replace(log_query(args), json=self.out.fmt == "json")
+        except ZdutError as exc:
+            raise UsageError(exc.message) from None
+        return lambda c: self._run(c, device, "log", query.args(), JOURNAL)
 
     # ------------------------------------------------------------- unary actions
     async def _list(self, client: Client) -> int:
@@ -378,7 +394,7 @@ class Cli:
         """Run a command; with a ``mode`` (watch, log), a session that reads no input."""
         printer = Printer(asyncio.get_running_loop())
         meta = self.meta("Run Response", device=device, command=command, args=" ".join(args))
-        handler = CliRunHandler(self.out, printer, meta, self.log.warn)
+        handler = CliRunHandler(self.out, printer, meta, self.log.warn, raw=mode == JOURNAL)
         run = client.run(device, command, args, handler, mode)
         interrupted = asyncio.Event()
         stopping = asyncio.Event()  # the remote command is being cancelled: Ctrl-C, SIGTERM or a failed write
@@ -395,9 +411,7 @@ class Cli:
             try:
                 interactive = await run.started
                 detached = False
-                if mode:
-                    await run.close_stdin()
-                elif not run.finished.done():
+                if not mode and not run.finished.done():  # watch and log read no input: none is sent
                     detached = await self._attach(run, interactive)
                 if detached:
                     handler.muted = True

@@ -169,9 +169,11 @@ class CliRunHandler(RunHandler):
     """Prints a Run's output as it arrives, in the chosen format."""
 
     def __init__(self, out: GuardedOutput, printer: Printer, meta: dict[str, str],
-                 warn: Callable[[str], None]) -> None:
+                 warn: Callable[[str], None], raw: bool = False) -> None:
+        """``raw``: the output is written as it comes in every format (the agent formatted it: ``DEV log``)."""
         super().__init__()
         self.out, self.printer, self.meta, self.warn = out, printer, meta, warn
+        self.raw = raw or (out.fmt == "text" and not out.verbose)
         #: The transfer's bar (tqdm), created, updated and closed on the printer's thread only.
         self._bar: tqdm[Never] | None = None
         self._bars = False  # a bar was asked for: its updates and its end are queued
@@ -181,7 +183,7 @@ class CliRunHandler(RunHandler):
     def output(self, stream: int, data: bytes, consumed: Callable[[], None]) -> None:
         if self.muted:
             consumed()
-        elif self.out.fmt == "text" and not self.out.verbose:
+        elif self.raw:
             to_err = stream == STDERR
             self.printer.submit(lambda: self.out.raw(data, to_err), consumed, self.out.fileno(to_err), len(data))
         else:
