@@ -104,10 +104,10 @@ def test_interactive_console_names_device_command_and_detach_key(lab: Lab, tmux:
     command = f"cd {lab.tmp} && {exe('zdut')} -s {addr} -u tester device2 repeat 2>err.txt; echo EXIT=$?; sleep 600"
     subprocess.run(["tmux", "new-session", "-d", "-s", tmux, "-x", "120", "-y", "30", command], check=True)
     wait_for(lambda: "Two words will terminate" in screen_of(tmux), 10, "the banner")
-    subprocess.run(["tmux", "send-keys", "-t", tmux, "C-]"], check=True)
+    subprocess.run(["tmux", "send-keys", "-t", tmux, "C-]", "."], check=True)
     wait_for(lambda: "EXIT=0" in screen_of(tmux), 5, "zdut to exit after Ctrl-]")
     err = (lab.tmp / "err.txt").read_text()
-    assert err.startswith("[attached to device2 repeat; Ctrl-] detaches]\n"), err  # on stderr
+    assert err.startswith("[attached to device2 repeat; Ctrl-] . detaches, Ctrl-] ? more]\n"), err  # on stderr
 
     r = lab.zdut("-s", addr, "device2", "repeat", input=b"two words\n")
     assert r.returncode == 0, r.stderr

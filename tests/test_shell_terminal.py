@@ -252,7 +252,7 @@ def test_console_detach_then_ctrl_c_cancels_a_command_not_the_shell(lab: Lab, tm
     tmux.keys("Enter")  # raw mode: the module gets CR and echoes the word
     tmux.wait("\nhello\n", 5)
     assert 'in use by "tester"' in busy(lab, addr, "device2")
-    tmux.keys("C-]")
+    tmux.keys("C-]", ".")
     tmux.wait("[detached: remote command cancelled]")
     tmux.wait_prompt("zdut>", 5)
     assert busy(lab, addr, "device2") == ""  # cancelled on the agent before the prompt came back
@@ -282,7 +282,7 @@ def test_window_size_changes_reach_the_module(lab: Lab, tmux: Tmux) -> None:
     tmux.wait("x120\n")
     subprocess.run(["tmux", "resize-window", "-t", tmux.name, "-x", "100", "-y", "25"], check=True)
     tmux.wait("x100\n")
-    tmux.keys("C-]")
+    tmux.keys("C-]", ".")
     tmux.wait_prompt("zdut>")
 
 

@@ -49,7 +49,7 @@ def test_interactive_console_raw_mode_and_detach(lab: Lab, tmux: Tmux) -> None:
     tmux.keys("hello", "Enter")
     wait_for(lambda: "\nhello\n" in tmux.screen(), 5, "the echo of one word")
     assert 'in use by "tester"' in lab.zdut("-s", addr, "list").stdout
-    tmux.keys("C-]")
+    tmux.keys("C-]", ".")
     wait_for(lambda: "EXIT=0" in tmux.screen(), 5, "zdut to exit after Ctrl-]")
     assert "[detached: remote command cancelled]" in tmux.screen()
     wait_for(lambda: "in use" not in lab.zdut("-s", addr, "list").stdout, 5, "the busy hold to be released")

@@ -35,6 +35,7 @@ from zdut.protocol import (
     WINDOW_STDIN,
     AgentInfo,
     AgentList,
+    Break,
     Cancel,
     Code,
     CommandList,
@@ -166,6 +167,11 @@ class Run:
         elif not self.finished.done():
             with contextlib.suppress(ZdutError):
                 self.stream.send(Cancel)
+
+    def send_break(self) -> None:
+        if not self.finished.done():
+            with contextlib.suppress(ZdutError):
+                self.stream.send(Break)
 
     def resize(self, rows: int, cols: int) -> None:
         if not self.finished.done():

@@ -354,6 +354,13 @@ class Cancel(_Msg, tag="cancel", frozen=True):
     seq: int
 
 
+class Break(_Msg, tag="break", frozen=True):
+    """Client -> agent: send a serial break (the console's Ctrl-] b); a command that cannot says so."""
+
+    sid: int
+    seq: int
+
+
 class Resize(_Msg, tag="resize", frozen=True):
     """The client's terminal changed size."""
 
@@ -424,7 +431,7 @@ Message = Union[
     Hello, Welcome, ListDevices, DeviceList, ListCommands, CommandList, GetDetails, Details,
     Lock, LockResult, Unlock, Unlocked, ListAgents, AgentList, Forget, Forgotten, Error,
     RunOpen, RunStarted, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
-    Credit, Ping, Cancel, Resize, Done,
+    Credit, Ping, Cancel, Break, Resize, Done,
     Register, Registered, Refused, Heartbeat, Reregister, LockChanged, SessionGone,
 ]
 
@@ -434,7 +441,7 @@ WITH_PAYLOAD = (Data, FileChunk)
 UNARY_REQUESTS = (Hello, ListDevices, ListCommands, GetDetails, Lock, Unlock, ListAgents, Forget)
 #: Messages of a Run session after RunOpen (everything that carries sid and seq), as a type and a tuple.
 SessionMessage = Union[RunStarted, Data, StdinEof, FileRequest, FileOpen, FileChunk, FileEnd, FileAbort,
-                       Credit, Ping, Cancel, Resize, Done]
+                       Credit, Ping, Cancel, Break, Resize, Done]
 SESSION: tuple[type[SessionMessage], ...] = get_args(SessionMessage)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -27,6 +27,7 @@ from zdut.protocol import (
     STDOUT,
     WINDOW_MAIN,
     WINDOW_STDIN,
+    Break,
     Cancel,
     Code,
     Credit,
@@ -117,6 +118,8 @@ class AgentRun:
         self.tap: Callable[[AgentRun, int, bytes], None] | None = None
         self.watching = False  # a watch or journal session: it prints what others did, and is not watched
         self.journal_id = 0  # the session's id in the device's journal
+        #: Set by a module that can send a serial break (devices.base.Session.on_break).
+        self.on_break: Callable[[], None] | None = None
         self.exit: tuple[str, str] = ("", "")  # the Done it sent: (code, message)
 
     # ------------------------------------------------------------- lifecycle
@@ -234,6 +237,11 @@ class AgentRun:
                 self._term = (msg.rows, msg.cols)
             case Cancel():
                 self.cancel(ZdutError(Code.CANCELED, "canceled by the client"))
+            case Break():
+                if self.on_break is not None:
+                    self.on_break()
+                else:
+                    self.notify("\r\n[zdut: this command cannot send a serial break]\r\n")
             case Ping():
                 pass
             case _:

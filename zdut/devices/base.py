@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 
 import msgspec
@@ -71,6 +71,9 @@ class Session(Protocol):
     device: str
     command: str
     user: str
+    #: A module that can send a serial break sets this; the client's Ctrl-] b calls it (None: the user is told
+    #: the command cannot).
+    on_break: Callable[[], None] | None
 
     async def print(self, text: str) -> None:
         """Text for the user (dutctl's Print)."""

@@ -219,6 +219,7 @@ class _Console:
         self.port = port
         self.filter = EscapeFilter(KEEP_ALL if keep_escapes else KEEP_DISPLAY)
         self.at_line_start = True
+        self._breaking: asyncio.Future[None] | None = None
 
     async def emit(self, data: bytes) -> None:
         if data:
@@ -239,9 +240,20 @@ class _Console:
             except OSError as exc:
                 raise ModuleError(f"console: error writing to serial port: {os_text(exc)}") from None
 
+    def _break(self) -> None:
+        """The user's Ctrl-] b: a break on the line, said on the console so that it shows when it happened."""
+        if self._breaking is not None and not self._breaking.done():
+            return  # one at a time
+        self._breaking = asyncio.ensure_future(self._send_break())
+
+    async def _send_break(self) -> None:
+        await self.port.send_break()
+        await self.session.stderr(b"\r\n[zdut: serial break sent]\r\n")  # in the journal and to watchers too
+
     async def run(self) -> None:
         reader = asyncio.create_task(self._from_port())
         writer = asyncio.create_task(self._to_port())
+        self.session.on_break = self._break
         try:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
             if reader.done():
@@ -252,6 +264,9 @@ class _Console:
             if reader.done():
                 reader.result()
         finally:
+            self.session.on_break = None
             for task in (reader, writer):
                 task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
+            if self._breaking is not None:
+                await asyncio.gather(self._breaking, return_exceptions=True)  # the line is released first

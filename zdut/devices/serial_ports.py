@@ -77,6 +77,10 @@ def os_text(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+#: How long a serial break holds the line (the usual 250 ms: long enough for any baud rate's frame).
+BREAK_S = 0.25
+
+
 class Port:
     """A pyserial port driven through its non-blocking fd on the event loop."""
 
@@ -140,6 +144,14 @@ class Port:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:
                 await self._ready(writing=True)
+
+    async def send_break(self, seconds: float = BREAK_S) -> None:
+        """Hold the line in the break condition for ``seconds`` (ioctls that never block, unlike tcsendbreak)."""
+        self.ser.break_condition = True
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.ser.break_condition = False
 
     def close(self) -> None:
         self.ser.close()

@@ -9,7 +9,7 @@ tests that run the real agent; this is for fast, focused module tests.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from zdut.devices.stdin import StdinBuffer
@@ -52,6 +52,7 @@ class LocalSession:
             self._stdin.feed(stdin)
         self._files_dir = Path(files_dir) if files_dir else None
         self._terminal_size = terminal_size
+        self.on_break: Callable[[], None] | None = None
 
     # -- feeding the module
     def feed_stdin(self, data: bytes) -> None:

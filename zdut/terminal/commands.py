@@ -95,7 +95,8 @@ DESCRIPTION
     `keys show FILE` prints its public key (`zdut keys -h`).
     With a device, lists its commands; with a
     command, runs it: output streams as it arrives, stdin is forwarded (raw mode on a terminal
-    for interactive commands; Ctrl-] detaches), and files the command names are transferred.
+    for interactive commands: Ctrl-] then . detaches, b sends a serial break, ? lists the
+    keys), and files the command names are transferred.
     `help` after a command shows its usage. `lock` reserves a device (default 30m, Go duration
     syntax such as 1h30m); `unlock force` breaks anyone's lock and cancels their sessions on
     the device. `watch` follows, read-only, what every session on the device prints (it
@@ -440,7 +441,7 @@ class Cli:
             await run.close_stdin()
             return False
         if interactive and os.isatty(fd):  # a person at the keyboard: say where the keys go, and the way out
-            self.out.progress(f"[attached to {run.device} {run.command}; Ctrl-] detaches]\n")
+            self.out.progress(f"[attached to {run.device} {run.command}; Ctrl-] . detaches, Ctrl-] ? more]\n")
         return await attach(run, fd, interactive)
 
     @staticmethod

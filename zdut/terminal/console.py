@@ -19,8 +19,47 @@ from typing import Any
 
 from zdut.client import Run
 
-DETACH = b"\x1d"  # Ctrl-]
+ESCAPE = b"\x1d"  # Ctrl-]: the next key is for zdut (ESCAPE_KEYS), not for the command
 READ_SIZE = 64 * 1024
+ESCAPE_HELP = ("\r\n[zdut: Ctrl-] then: . or q detach (the command is cancelled), b send a serial break, "
+               "Ctrl-] send Ctrl-] itself, ? this list]\r\n")
+ESCAPE_UNKNOWN = "\r\n[zdut: unknown escape key; Ctrl-] ? lists them]\r\n"
+DETACH, BREAK, HELP, UNKNOWN = "detach", "break", "help", "unknown"
+ESCAPE_KEYS = {b".": DETACH, b"q": DETACH, b"b": BREAK, b"?": HELP}
+
+
+class EscapeKeys:
+    """Splits raw console input into bytes for the session and the escape menu's actions, across reads
+    (Ctrl-] may end one read and its key start the next)."""
+
+    def __init__(self) -> None:
+        self.pending = False  # a Ctrl-] was read, its key not yet
+
+    def feed(self, data: bytes) -> list[tuple[str, bytes]]:
+        """("send", bytes) and (action, b"") in input order; nothing after a detach."""
+        actions: list[tuple[str, bytes]] = []
+        out = bytearray()
+        for i in range(len(data)):
+            key = data[i : i + 1]
+            if not self.pending:
+                if key == ESCAPE:
+                    self.pending = True
+                else:
+                    out += key
+                continue
+            self.pending = False
+            if key == ESCAPE:
+                out += key  # Ctrl-] twice: one literal Ctrl-]
+                continue
+            if out:
+                actions.append(("send", bytes(out)))
+                out.clear()
+            actions.append((ESCAPE_KEYS.get(key, UNKNOWN), b""))
+            if actions[-1][0] == DETACH:
+                return actions
+        if out:
+            actions.append(("send", bytes(out)))
+        return actions
 
 
 @contextlib.contextmanager
@@ -105,11 +144,12 @@ def _reader(fd: int, fast: Callable[[bytes], bool]) -> FdReader | None:
 
 
 async def forward_stdin(run: Run, fd: int, raw: bool) -> bool:
-    """Copy ``fd`` into the session until EOF (sent as a half-close) or, in raw mode, Ctrl-].
+    """Copy ``fd`` into the session until EOF (sent as a half-close) or, in raw mode, the escape menu's
+    detach (Ctrl-] .).  Returns True if the user detached."""
+    keys = EscapeKeys()
 
-    Returns True if the user detached with Ctrl-]."""
     def fast(data: bytes) -> bool:
-        return not (raw and DETACH in data) and run.try_write_stdin(data)
+        return not (raw and (ESCAPE in data or keys.pending)) and run.try_write_stdin(data)
 
     reader = _reader(fd, fast)
     try:
@@ -121,11 +161,10 @@ async def forward_stdin(run: Run, fd: int, raw: bool) -> bool:
                     data = os.read(fd, READ_SIZE)
                 except OSError:
                     data = b""
-            if raw and DETACH in data:
-                before = data.split(DETACH, 1)[0]
-                if before:
-                    await run.write_stdin(before)
-                return True
+            if raw and data and (ESCAPE in data or keys.pending):
+                if await _escape(run, keys.feed(data)):
+                    return True
+                continue
             if not data:
                 await run.close_stdin()
                 return False
@@ -133,6 +172,20 @@ async def forward_stdin(run: Run, fd: int, raw: bool) -> bool:
     finally:
         if reader is not None:
             reader.close()
+
+
+async def _escape(run: Run, actions: list[tuple[str, bytes]]) -> bool:
+    """Carry out what EscapeKeys found; True for a detach."""
+    for action, data in actions:
+        if action == "send":
+            await run.write_stdin(data)
+        elif action == DETACH:
+            return True
+        elif action == BREAK:
+            run.send_break()
+        else:
+            os.write(2, (ESCAPE_HELP if action == HELP else ESCAPE_UNKNOWN).encode())
+    return False
 
 
 def terminal_size(fd: int) -> tuple[int, int]:
