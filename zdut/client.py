@@ -169,14 +169,15 @@ class Run:
                 self.stream.send(Cancel)
 
     def send_break(self) -> None:
-        if not self.finished.done():
-            with contextlib.suppress(ZdutError):
-                self.stream.send(Break)
+        self._control(Break)
 
     def resize(self, rows: int, cols: int) -> None:
+        self._control(Resize, rows=rows, cols=cols)
+
+    def _control(self, cls: type[Break | Resize], **fields: int) -> None:
         if not self.finished.done():
             with contextlib.suppress(ZdutError):
-                self.stream.send(Resize, rows=rows, cols=cols)
+                self.stream.send(cls, **fields)
 
     async def wait(self) -> None:
         """Wait for the end; raise ZdutError if the command failed."""
@@ -276,8 +277,8 @@ class Run:
 
 
 class Client:
-    """One connection to a zdut server (broker or agent); with ``keys`` (``common.client_config.client_keys``) a
-    CURVE one, whose user is the key's name unless ``user`` says otherwise (which a secure server refuses)."""
+    """One connection to a zdut server (broker or agent); with ``keys`` (``client_config.client_keys``) a CURVE
+    one, whose user is the key's name unless ``user`` says otherwise (which a secure server refuses)."""
 
     def __init__(self, address: str, user: str | None = None, *, connect_timeout: float = CONNECT_TIMEOUT_S,
                  call_timeout: float = CALL_TIMEOUT_S, keys: ClientKeys | None = None) -> None:
@@ -291,8 +292,7 @@ class Client:
         self.warnings: list[str] = []
         self._ctx: zmq.Context[Any] | None = None
         self._pump: Pump | None = None
-        self._rids = itertools.count(1)
-        self._sids = itertools.count(1)
+        self._rids, self._sids = itertools.count(1), itertools.count(1)
         self._calls: dict[int, asyncio.Future[Message]] = {}
         self._runs: dict[int, Run] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -376,8 +376,7 @@ class Client:
             self.on_connection(True)
 
     def _down(self) -> None:
-        """The link dropped: what arrived before it is still delivered (a run's Done often comes right before
-        an agent that is shutting down closes), then everything still in flight fails."""
+        """The link dropped: deliver what came before it (a Done often precedes an agent's close), fail the rest."""
         self._connected.clear()
         if self._pump is not None:
             self._pump.drain()
@@ -488,8 +487,7 @@ class Client:
     # ------------------------------------------------------------- Run
     def run(self, device: str, command: str, args: builtins.list[str] | None = None,
             handler: RunHandler | None = None, mode: str = "") -> Run:
-        """Open a Run session; await ``run.wait()`` for its end.  ``mode``: protocol.WATCH or JOURNAL for
-        ``DEV watch`` and ``DEV log`` (``command`` is then ignored)."""
+        """Open a Run session; await ``run.wait()`` for its end; ``mode``: protocol.WATCH or JOURNAL."""
         args = list(args or [])
         sid = next(self._sids)
         run = Run(self, sid, device, command, args, handler or RunHandler())

@@ -33,17 +33,14 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 #: Largest payload chunk a sender emits (file chunks, console output).
 CHUNK_SIZE = 1024 * 1024
-#: Bytes of credit each side grants the other when a Run session opens.  Stdin
-#: has a window of its own so that unread console input can never starve a file
-#: transfer the module asks for later (docs/protocol.md, "Flow control").
+#: Bytes of credit each side grants the other when a Run session opens.  Stdin has a window of its own so that
+#: unread console input can never starve a file transfer the module asks for later (docs/protocol.md).
 INITIAL_WINDOW = 16 * 1024 * 1024
 STDIN_WINDOW = 256 * 1024
 WINDOW_MAIN, WINDOW_STDIN = 0, 1
-#: Credit cost charged per stream message on top of its payload, so that a
-#: flood of empty messages is bounded too.
+#: Credit cost charged per stream message on top of its payload, so that a flood of empty messages is bounded too.
 MESSAGE_COST = 1024
-#: Session keepalive: each side sends a Ping when it has been quiet this long,
-#: and gives the session up after SESSION_TIMEOUT without hearing anything.
+#: Session keepalive: each side pings when quiet this long, and gives up after SESSION_TIMEOUT of silence.
 SESSION_PING_S = 1.0
 SESSION_TIMEOUT_S = 4.0
 
@@ -257,9 +254,7 @@ WATCH, JOURNAL = "watch", "log"
 
 
 class RunOpen(_Msg, tag="run", frozen=True):
-    """``mode`` "" runs ``command``; WATCH follows the device's live output read-only; JOURNAL reads the
-    device's journal (``command`` is then empty, ``args`` are the client's flags)."""
-
+    """``mode`` "" runs ``command``; WATCH follows the device's output; JOURNAL reads its journal."""
     sid: int
     version: str
     user: str
@@ -356,7 +351,6 @@ class Cancel(_Msg, tag="cancel", frozen=True):
 
 class Break(_Msg, tag="break", frozen=True):
     """Client -> agent: send a serial break (the console's Ctrl-] b); a command that cannot says so."""
-
     sid: int
     seq: int
 
@@ -413,7 +407,6 @@ class Reregister(_Msg, tag="rereg", frozen=True):
 
 class LockChanged(_Msg, tag="lockchg", frozen=True):
     """Agent -> broker: a device's listed state changed (its hold, or who watches it)."""
-
     device: str
     lock: LockState | None  # the effective hold, as listed
     busy: LockState | None = None  # a busy hold under that reservation: listed once the reservation expires
