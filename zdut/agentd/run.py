@@ -271,12 +271,14 @@ class AgentRun:
         await self._out(STDERR, data)
 
     async def _out(self, stream: int, data: bytes) -> None:
+        """To the owner first, then to the tap (journal, watchers): a watched echo is not one send later."""
+        if len(data) <= CHUNK_SIZE and self.stream.try_send_credited(Data, data, stream=stream):
+            pass  # the common case: credit is there, no coroutine round needed
+        else:
+            for i in range(0, max(len(data), 1), CHUNK_SIZE):
+                await self.stream.send_credited(Data, data[i : i + CHUNK_SIZE], stream=stream)
         if self.tap is not None:
             self.tap(self, stream, data)
-        if len(data) <= CHUNK_SIZE and self.stream.try_send_credited(Data, data, stream=stream):
-            return  # the common case: credit is there, no coroutine round needed
-        for i in range(0, max(len(data), 1), CHUNK_SIZE):
-            await self.stream.send_credited(Data, data[i : i + CHUNK_SIZE], stream=stream)
 
     async def read_stdin(self) -> bytes:
         return await self._stdin.read()
