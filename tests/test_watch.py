@@ -209,6 +209,8 @@ def test_log_follow_goes_on_with_what_comes_and_since_filters(lab: Lab, config: 
     wait_for(lambda: "| late" in follower.text(), 10, "the new output at the follower")
     assert "early" not in follower.text() and "carol started console" in follower.text()
     assert lab.zdut("-s", addr, "board", "log", "--since", "1h").stdout.count("started console") == 2
+    last = lab.zdut("-s", addr, "board", "log", "-n", "2").stdout.splitlines()
+    assert len(last) == 2 and last[1].endswith("carol's console ended: ok"), last  # lines, not records
     assert lab.zdut("-s", addr, "board", "log", "--since", "2999-01-01T00:00").stdout == ""
     bad = lab.zdut("-s", addr, "board", "log", "--since", "yesterday")
     assert bad.returncode == 1 and "neither a duration nor a date-time" in bad.stderr

@@ -76,8 +76,13 @@ class Recorder:
         journal.flush()
         subscription = journal.subscribe(FOLLOW_LIMIT_BYTES) if query.follow else None
         try:
-            for entry in journal.tail(query.lines, query.since):
-                await session.stdout(_render(entry, query.json))
+            tail = journal.tail(query.lines, query.since)
+            if query.json:  # whole records: the oldest may hold more lines than asked for
+                for entry in tail:
+                    await session.stdout(_render(entry, True))
+            elif tail:
+                text = b"".join(_render(entry, False) for entry in tail)
+                await session.stdout(b"".join(text.splitlines(keepends=True)[-query.lines:]))
             if subscription is None:
                 return
             while True:
