@@ -237,6 +237,13 @@ def wait_listed(addr: str, what: str) -> None:
     raise SystemExit(f"{what} did not come up")
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop what ``start_lab`` (or a bench of its own) started, the last started first."""
+    for p in reversed(procs):
+        p.terminate()
+        p.wait(10)
+
+
 def start_lab(tmp: Path, files: Path) -> tuple[list[subprocess.Popen[bytes]], str, str]:
     """A broker and the demo agent registered with it; returns (processes, agent address, broker address).
     The agent keeps its temporary files (dummy-ft's copy) in ``files``."""
@@ -468,9 +475,7 @@ def echo_rounds(rounds: int, lines: int) -> None:
                       f"p50 {p50s[1] * 1e6:4.0f} p99 {p99s[1] * 1e6:4.0f} us | ratio p50 {p50s[1] / p50s[0]:.2f} "
                       f"p99 {p99s[1] / p99s[0]:.2f}", flush=True)
         finally:
-            for p in reversed(procs):
-                p.terminate()
-                p.wait(10)
+            stop_all(procs)
 
 
 def main() -> None:
@@ -517,9 +522,7 @@ def main() -> None:
             print(f"  zdut via broker, {args.broker_mb} MiB, library : {rates(lib)}")
             print(f"  zdut via broker, {args.broker_mb} MiB, one CLI call incl. start-up: {cli:4.0f} MB/s")
         finally:
-            for p in reversed(procs):
-                p.terminate()
-                p.wait(10)
+            stop_all(procs)
 
 
 if __name__ == "__main__":

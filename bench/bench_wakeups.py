@@ -26,6 +26,7 @@ from bench_sessions import (  # the bench folder is not a package: found through
     percentiles,
     pipe_echo,
     start_lab,
+    stop_all,
 )
 
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
@@ -109,9 +110,7 @@ def zdut(n: int) -> None:
             print(f"zdut through the broker: {percentiles(samples)}")
             meter.report("zdut", n)
         finally:
-            for p in reversed(procs):
-                p.terminate()
-                p.wait(10)
+            stop_all(procs)
 
 
 def main() -> None:

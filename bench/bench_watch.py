@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sessions import BIN, free_port, percentiles, pipe_echo
+from bench_sessions import BIN, free_port, percentiles, pipe_echo, stop_all
 
 CONFIG = """\
 version: 0
@@ -112,9 +112,7 @@ def main() -> None:
                 w.send_signal(signal.SIGINT)
                 w.wait(10)
         finally:
-            for p in reversed(procs):
-                p.terminate()
-                p.wait(10)
+            stop_all(procs)
 
 
 if __name__ == "__main__":
