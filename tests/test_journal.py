@@ -167,3 +167,18 @@ def test_100_mb_of_output_stays_within_the_cap_and_in_bounded_memory(tmp_path: P
     assert 0 < on_disk(tmp_path) <= 8 * 1024 * 1024
     _, imports_mb = run_measured([sys.executable, "-c", "import msgspec, zdut.agentd.journal"])
     assert peak_mb - imports_mb < 30, (peak_mb, imports_mb)
+
+
+def test_a_journal_that_cannot_write_drops_records_and_never_raises(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    j._file.close()
+    j._file = open("/dev/full", "ab")  # a full disk: every write fails with ENOSPC
+    j.session_started(1, "alice", "console", [])
+    j.output(1, "stdout", b"still served\n")
+    j.flush()
+    assert j.failing
+    assert j.recent_output(1) == b"still served\n"  # watchers still get their replay
+    j._file = open(tmp_path / "elsewhere.jsonl", "ab")  # the disk has room again
+    j.event("note", "alice", "back")
+    assert not j.failing
+    j.close()

@@ -19,12 +19,15 @@ import base64
 import binascii
 import collections
 import contextlib
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
+
+log = logging.getLogger("zdut.journal")
 
 DEFAULT_CAP_BYTES = 16 * 1024 * 1024
 DEFAULT_SEGMENTS = 4
@@ -121,6 +124,7 @@ class Journal:
         self.share = max(COALESCE_BYTES * 2, cap_bytes // self.segments)
         self.stem = file_stem(device)
         self.subscriptions: set[Subscription] = set()
+        self.failing = False  # the last write failed (said once in the log)
         self._recent = bytearray()
         self._pending: Entry | None = None
         self._pending_data = bytearray()
@@ -183,7 +187,8 @@ class Journal:
 
     def close(self) -> None:
         self.flush()
-        self._file.close()
+        with contextlib.suppress(OSError):  # what a full disk kept buffered is lost, as the log said
+            self._file.close()
 
     def _write(self, entry: Entry) -> None:
         self.flush()  # records stay in time order
@@ -191,10 +196,23 @@ class Journal:
 
     def _append(self, entry: Entry) -> None:
         line = self._encode(entry) + b"\n"
-        if self._size and self._size + len(line) > self.share:
-            self._rotate()
-        self._file.write(line)
-        self._file.flush()
+        try:
+            if self._file.closed:  # a rotation that failed half-way: start again on a fresh active file
+                self._file = open(self._path(0), "ab")
+                self._size = self._file.tell()
+            if self._size and self._size + len(line) > self.share:
+                self._rotate()
+            self._file.write(line)
+            self._file.flush()
+        except (OSError, ValueError) as exc:  # a full or lost disk costs the record, never the session
+            if not self.failing:
+                log.error("journal of %s: cannot write to %s (%s); records are dropped until it can",
+                          self.device, self.directory, exc)
+            self.failing = True
+            return
+        if self.failing:
+            log.warning("journal of %s: writing again", self.device)
+            self.failing = False
         self._size += len(line)
         for subscription in list(self.subscriptions):
             subscription.offer(entry, len(line))
