@@ -44,14 +44,14 @@ def _big_file(lab: Lab) -> None:
 
 
 def _temp_files(pid: int) -> list[str]:
-    """Regular files the agent has open for an upload (nothing of its own installation or logs)."""
+    """Regular files the agent has open for an upload (nothing of its own installation, logs or journals)."""
     found = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             path = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if path.startswith("/") and os.path.isfile(path) and not path.endswith((".log", ".json", ".yaml")) \
+        if path.startswith("/") and os.path.isfile(path) and not path.endswith((".log", ".json", ".jsonl", ".yaml")) \
                 and "site-packages" not in path and not path.startswith(("/usr", "/dev", "/proc")):
             found.append(path)
     return found
