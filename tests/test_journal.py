@@ -131,10 +131,11 @@ def test_a_follower_that_does_not_read_is_told_what_it_missed_and_never_blocks(t
         return batch
 
     batch = asyncio.run(scenario())
-    assert batch[0].kind == "gap" and "bytes of records missed" in batch[0].message
-    missed = int(batch[0].message.split()[0])
+    assert batch[-1].kind == "gap" and "bytes of records missed" in batch[-1].message
+    missed = int(batch[-1].message.split()[0])
     assert missed > 9 * 1024 * 1024
-    assert 0 < len(batch) - 1 <= 4
+    assert 0 < len(batch) - 1 <= 4 and all(e.kind == "output" for e in batch[:-1])  # the gap where it began
+    assert [e.sid for e in batch[:-1]] == list(range(len(batch) - 1))
 
 
 @pytest.mark.parametrize("names", [["../x", "a/b", "", "é", ".", "..", "%2E", "board"]])
@@ -182,3 +183,15 @@ def test_a_journal_that_cannot_write_drops_records_and_never_raises(tmp_path: Pa
     j.event("note", "alice", "back")
     assert not j.failing
     j.close()
+
+
+def test_escape_sequences_cannot_blow_the_cap(tmp_path: Path) -> None:
+    """Control bytes are valid UTF-8 but six bytes each in JSON: such output is stored as base64 instead."""
+    cap = 1024 * 1024
+    j = journal(tmp_path, cap_bytes=cap)
+    for _ in range(64):
+        j.output(1, "stdout", b"\x1b[0m\x01" * 16384)
+        j.flush()
+        assert on_disk(tmp_path) <= cap
+    j.close()
+    assert all(e.b64 for e in Journal(tmp_path, "board", cap_bytes=cap).entries())

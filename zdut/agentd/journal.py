@@ -3,9 +3,10 @@
 One JSON record a line, in at most ``segments`` files of ``cap_bytes // segments`` each: the active
 ``NAME.jsonl`` and the older ``NAME.1.jsonl`` ... ``NAME.{segments-1}.jsonl``.  When the active file would
 pass its share it becomes ``.1`` (the oldest goes), so a device's journal never holds more than
-``cap_bytes`` (defaults: 16 MiB in 4 files) and always keeps at least the newest ``(segments-1)/segments``
-of it.  Files are appended to across restarts; a torn last line (the agent killed mid-write) or any line
-that does not decode is skipped by readers.
+``cap_bytes`` (defaults: 16 MiB in 4 files; a file's share is at least 128 KiB, so caps under 512 KiB
+are that) and always keeps at least the newest ``(segments-1)/segments`` of it.  Files are appended to
+across restarts; a torn last line (the agent killed mid-write) or any line that does not decode is skipped
+by readers.
 
 Output is coalesced: what one session prints on one stream within 0.2 s (up to 64 KiB) is one record, so
 a flood of small writes is a few records a second.  Each record is written with one ``write`` call and
@@ -67,11 +68,20 @@ class Entry(msgspec.Struct, omit_defaults=True):
 
 
 def _with_payload(entry: Entry, data: bytes) -> Entry:
+    """Text when it is UTF-8 and JSON does not make it longer than base64 would (control bytes, as in
+    escape sequences, grow to six each): a record never takes more than 4/3 of its bytes on disk."""
     try:
-        entry.data = data.decode()
+        text = data.decode()
     except UnicodeDecodeError:
+        text = None
+    if text is not None and len(_text_encoder.encode(text)) <= 4 * (len(data) + 2) // 3 + 2:
+        entry.data = text
+    else:
         entry.b64 = base64.b64encode(data).decode()
     return entry
+
+
+_text_encoder = msgspec.json.Encoder()
 
 
 _SAFE_NAME = re.compile(rb"[A-Za-z0-9_-]")
@@ -92,7 +102,7 @@ class Subscription:
         self._ready = asyncio.Event()
 
     def offer(self, entry: Entry, size: int) -> None:
-        if self._queued + size > self._limit:
+        if self.missed or self._queued + size > self._limit:  # once behind, nothing until the reader catches up
             self.missed += size
         else:
             self._queue.append(entry)
@@ -105,9 +115,9 @@ class Subscription:
         batch = list(self._queue)
         self._queue.clear()
         self._queued = 0
-        if self.missed:
-            batch.insert(0, Entry(time.time(), GAP, message=f"{self.missed} bytes of records missed: the "
-                                                                "reader fell behind"))
+        if self.missed:  # where the loss began: after what was kept
+            batch.append(Entry(self._journal.clock(), GAP, message=f"{self.missed} bytes of records missed: "
+                                                                   "the reader fell behind"))
             self.missed = 0
         return batch
 
