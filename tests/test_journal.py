@@ -116,6 +116,20 @@ def test_recent_output_is_the_last_lines(tmp_path: Path) -> None:
     assert j.recent_output(100) == b"one\ntwo\nthree\nfour\npartial"
 
 
+def test_recorded_input_is_marked_and_never_replayed_to_watchers(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    j.output(1, "stdout", b"login: ")
+    j.output(1, "stdin", b"root\n")
+    j.output(1, "stdout", b"root\n# ")
+    j.event("note", "", "the port is back")
+    j.close()
+    assert j.recent_output(5) == b"login: root\n# "
+    reopened = Journal(tmp_path, "board")
+    assert reopened.recent_output(5) == b"login: root\n# "  # rebuilt without the input after a restart too
+    text = "".join(format_line(e) for e in reopened.entries())
+    assert " > root\n" in text and " | login: \n" in text and text.endswith(" [the port is back]\n")
+
+
 def test_a_follower_that_does_not_read_is_told_what_it_missed_and_never_blocks(tmp_path: Path) -> None:
     async def scenario() -> list[Entry]:
         j = journal(tmp_path)

@@ -162,6 +162,7 @@ async def _serve(agent: Agent, args: argparse.Namespace) -> int:
         return 1 if problems else 0
 
     try:
+        agent.start_background()  # after the dry-run exit: a check of the config reads no port
         code = await _listen(agent, args)
     finally:  # every way out once modules are up (a bind failure, a signal, a bug) de-initialises them
         problems = await agent.deinit_modules()

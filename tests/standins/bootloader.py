@@ -25,13 +25,14 @@ COLOR = b"\x1b[1;32mgreen\x1b[0m \x1b[2A\x1b]0;board title\x07plain \x1bP1$r0m\x
 
 
 class Bootloader:
-    def __init__(self, autoboot: int = 0, tick: float = 0.1) -> None:
+    def __init__(self, autoboot: int = 0, tick: float = 0.1, link: str | None = None) -> None:
+        """``link``: a symlink to keep pointing at the pty, as udev keeps /dev/serial/by-id/... pointing at
+        a USB adapter (``unplug`` removes it, ``replug`` makes it again for a new pty); ``path`` is then it."""
         self.autoboot = autoboot  # countdown seconds (ticks); 0 = stop at the prompt at once
         self.tick = tick
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.master)
-        tty.setraw(self.slave)  # the module's pyserial reconfigures the slave too
-        self.path = os.ttyname(self.slave)
+        self.link = link
+        self.master, self.slave = self._plug()
+        self.path = link or os.ttyname(self.slave)
         self.received = bytearray()
         self.sent = bytearray()
         self.state = "uboot"  # powered on long ago, sitting at the prompt
@@ -44,7 +45,28 @@ class Bootloader:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="bootloader", daemon=True)
 
+    def _plug(self) -> tuple[int, int]:
+        master, slave = os.openpty()
+        tty.setraw(master)
+        tty.setraw(slave)  # the module's pyserial reconfigures the slave too
+        if self.link is not None:
+            os.symlink(os.ttyname(slave), self.link)
+        return master, slave
+
     # -- control from the test
+    def unplug(self) -> None:
+        """Pull the USB adapter: the pty's master side closes (its reader gets EIO) and the link goes away."""
+        assert self.link is not None, "unplug needs a link"
+        self._post("unplug")
+        with self._cond:
+            self._cond.wait_for(lambda: self.master < 0, 5)
+
+    def replug(self) -> None:
+        """Plug it back in: a new pty, the link pointing at it."""
+        self._post("replug")
+        with self._cond:
+            self._cond.wait_for(lambda: self.master >= 0, 5)
+
     def start(self) -> Bootloader:
         self._thread.start()
         return self
@@ -72,6 +94,8 @@ class Bootloader:
                 os.close(fd)
             except OSError:
                 pass
+        if self.link is not None and os.path.islink(self.link):
+            os.unlink(self.link)
 
     def wait_received(self, needle: bytes, timeout: float = 5.0) -> bool:
         with self._cond:
@@ -92,6 +116,8 @@ class Bootloader:
         self._write(data)
 
     def _write(self, data: bytes) -> None:
+        if self.master < 0:
+            return  # printed while the adapter is unplugged: nobody can see it
         view = memoryview(data)
         while view:
             try:
@@ -119,7 +145,7 @@ class Bootloader:
     def _loop(self) -> None:
         while not self._stop:
             timeout = max(0.0, self._next_tick - time.monotonic()) if self.state == "boot" else None
-            ready, _, _ = select.select([self.master, self._wake_r], [], [], timeout)
+            ready, _, _ = select.select([fd for fd in (self.master, self._wake_r) if fd >= 0], [], [], timeout)
             if self._wake_r in ready:
                 os.read(self._wake_r, 64)
                 self._run_actions()
@@ -139,6 +165,19 @@ class Bootloader:
         for action in actions:
             if action == "reset":
                 self._power_on()
+            elif action == "unplug" and self.master >= 0:
+                assert self.link is not None
+                os.unlink(self.link)
+                os.close(self.master)
+                os.close(self.slave)
+                with self._cond:
+                    self.master = self.slave = -1
+                    self._cond.notify_all()
+            elif action == "replug" and self.master < 0:
+                master, slave = self._plug()
+                with self._cond:
+                    self.master, self.slave = master, slave
+                    self._cond.notify_all()
             elif action.startswith("say:"):
                 self._out(bytes.fromhex(action[4:]))
             elif action.startswith("flood:"):

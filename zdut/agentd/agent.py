@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from zdut.agentd.config import AgentConfig, Command
 from zdut.agentd.file_args import declared_files
+from zdut.agentd.journal import GAP, NOTE
 from zdut.agentd.locker import Locker
 from zdut.agentd.recording import Recorder
 from zdut.agentd.run import AgentRun
@@ -28,6 +29,8 @@ from zdut.devices import scratch
 from zdut.protocol import (
     JOURNAL,
     SESSION,
+    STDIN,
+    STDOUT,
     UNARY_REQUESTS,
     VERSION,
     WATCH,
@@ -77,6 +80,27 @@ def _utc(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
+class DeviceCapture:
+    """A module's background work on one device (``Module.background``), into the device's journal (as the
+    journal session ``sid``) and to its watchers."""
+
+    def __init__(self, agent: Agent, device: str, sid: int) -> None:
+        self.agent, self.device, self.sid = agent, device, sid
+
+    def output(self, data: bytes) -> None:
+        if data:
+            self.agent.recorder.captured(self.device, self.sid, data)
+            self.agent.watchers.output(self.device, STDOUT, data)
+
+    def note(self, text: str) -> None:
+        self.agent.recorder.event(self.device, NOTE, "", text)
+        self.agent.watchers.event(self.device, text)
+
+    def gap(self, text: str) -> None:
+        self.agent.recorder.event(self.device, GAP, "", text)
+        self.agent.watchers.event(self.device, f"gap: {text}")
+
+
 class Agent:
     """The device authority; transport-independent."""
 
@@ -97,6 +121,7 @@ class Agent:
                                  sorted(config.devices))
         self._journal_ids = itertools.count(int(time.time() * 1000))  # unique across restarts too
         self.closing = False  # shutting down: new runs are refused
+        self._background_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------- module lifecycle
     def _steps(self) -> list[tuple[str, str, Any]]:
@@ -143,7 +168,32 @@ class Agent:
             return
         atexit.register(scratch.release)
 
+    def start_background(self) -> None:
+        """The background work of the modules that do some (a serial port read while nobody is attached), for
+        every device that initialised; it reports into the device's journal and to its watchers."""
+        for device, command, step in self._steps():
+            if device not in self.failed and step.module.has_background():
+                capture = DeviceCapture(self, device, next(self._journal_ids))
+                task = asyncio.ensure_future(self._background(device, command, step, capture))
+                self._background_tasks.add(task)
+                task.add_done_callback(self._background_tasks.discard)
+
+    async def _background(self, device: str, command: str, step: Any, capture: DeviceCapture) -> None:
+        try:
+            await step.module.background(capture)
+        except ZdutError as exc:
+            log.error('device %s: command "%s": background work stopped: %s', device, command, exc.message)
+            capture.note(f"background work of {command} stopped: {exc.message}")
+        except Exception:
+            log.exception('device %s: command "%s": background work failed', device, command)
+            capture.note(f"background work of {command} failed (the agent's log says why)")
+
     async def deinit_modules(self) -> list[str]:
+        tasks = list(self._background_tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=DEINIT_TIMEOUT_S)
         problems = []
         for device, command, step in self._steps():
             try:
@@ -327,6 +377,7 @@ class Agent:
 
             async def body(session: AgentRun) -> None:
                 await self.recorder.read(device, session, query)
+
         else:
             raise ZdutError(Code.INVALID_ARGUMENT, f"unknown session mode {msg.mode!r}")
         self.runs[key] = run
@@ -336,7 +387,8 @@ class Agent:
 
     def _printed(self, run: AgentRun, stream: int, data: bytes) -> None:
         self.recorder.printed(run, stream, data)
-        self.watchers.output(run.device, stream, data)
+        if stream != STDIN:  # typed input (recorded only where the config asks) is the journal's alone
+            self.watchers.output(run.device, stream, data)
 
     def _owners(self, device: str) -> list[AgentRun]:
         return [r for r in self.runs.values() if r.device == device and not r.watching]

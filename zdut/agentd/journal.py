@@ -38,7 +38,7 @@ COALESCE_S = 0.2
 #: The newest output kept in memory for watchers' replay.
 RECENT_BYTES = 256 * 1024
 
-START, OUTPUT, END, GAP = "start", "output", "end", "gap"
+START, OUTPUT, END, GAP, NOTE = "start", "output", "end", "gap", "note"
 
 
 class Entry(msgspec.Struct, omit_defaults=True):
@@ -50,7 +50,7 @@ class Entry(msgspec.Struct, omit_defaults=True):
     sid: int = 0
     command: str = ""
     args: list[str] = msgspec.field(default_factory=list)
-    stream: str = ""  # stdout, stderr, print
+    stream: str = ""  # stdout, stderr, print; stdin: typed input, kept only where the config asks
     data: str = ""
     b64: str = ""
     code: str = ""
@@ -140,7 +140,7 @@ class Journal:
         self._pending_data = bytearray()
         self._timer: asyncio.TimerHandle | None = None
         for entry in self.entries():  # the replay of a watcher survives a restart too
-            if entry.kind == OUTPUT:
+            if entry.kind == OUTPUT and entry.stream != "stdin":
                 self._remember(entry.payload())
         self._file = open(self._path(0), "ab")
         self._size = self._file.tell()
@@ -164,7 +164,8 @@ class Journal:
     def output(self, sid: int, stream: str, data: bytes) -> None:
         if not data:
             return
-        self._remember(data)
+        if stream != "stdin":  # a watcher's replay is what the device printed
+            self._remember(data)
         pending = self._pending
         if pending is not None and (pending.sid, pending.stream) == (sid, stream) \
                 and len(self._pending_data) + len(data) <= COALESCE_BYTES:
@@ -302,11 +303,11 @@ def _shown(text: str) -> str:
 
 def format_line(entry: Entry) -> str:
     """An entry as lines of text: ``2026-12-02T21:00:01.123Z alice started console``; output lines after
-    ``|`` (stdout, print) or ``!`` (stderr), as the board printed them."""
+    ``|`` (stdout, print) or ``!`` (stderr), as the board printed them, and recorded input after ``>``."""
     ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(entry.t)) + f".{int(entry.t * 1000) % 1000:03d}Z"
     who = _shown(entry.user)
     if entry.kind == OUTPUT:
-        mark = "!" if entry.stream == "stderr" else "|"
+        mark = _STREAM_MARKS.get(entry.stream, "|")
         text = entry.payload().decode(errors="replace")
         return "".join(f"{ts} {mark} {line}\n" for line in text.splitlines())
     if entry.kind == START:
@@ -316,8 +317,11 @@ def format_line(entry: Entry) -> str:
         return f"{ts} {who}'s {_shown(entry.command)} ended: {how}\n"
     if entry.kind == GAP:
         return f"{ts} [gap: {_shown(entry.message)}]\n"
+    if entry.kind == NOTE:
+        return f"{ts} [{_shown(entry.message)}]\n"
     said = _EVENT_WORDS.get(entry.kind, entry.kind)
     return f"{ts} {who} {said} {_shown(entry.message)}".rstrip() + "\n"
 
 
+_STREAM_MARKS = {"stderr": "!", "stdin": ">"}
 _EVENT_WORDS = {"lock": "locked", "unlock": "unlocked", "force": "forced an unlock:"}

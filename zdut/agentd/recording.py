@@ -15,11 +15,11 @@ import msgspec
 from zdut.agentd.journal import Entry, Journal, format_line
 from zdut.agentd.run import AgentRun
 from zdut.common.watch_args import LogQuery
-from zdut.protocol import PRINT, STDERR
+from zdut.protocol import PRINT, STDERR, STDIN
 
 log = logging.getLogger("zdut.journal")
 
-STREAM_NAMES = {PRINT: "print", STDERR: "stderr"}
+STREAM_NAMES = {PRINT: "print", STDERR: "stderr", STDIN: "stdin"}
 #: How far a ``log --follow`` reader may fall behind before it is told what it missed.
 FOLLOW_LIMIT_BYTES = 4 * 1024 * 1024
 
@@ -48,6 +48,12 @@ class Recorder:
         journal = self.journals.get(run.device)
         if journal is not None:
             journal.output(run.journal_id, STREAM_NAMES.get(stream, "stdout"), data)
+
+    def captured(self, device: str, sid: int, data: bytes) -> None:
+        """Output a module read while no session ran (a serial port's background reader)."""
+        journal = self.journals.get(device)
+        if journal is not None:
+            journal.output(sid, "stdout", data)
 
     def ended(self, run: AgentRun) -> None:
         journal = self.journals.get(run.device)

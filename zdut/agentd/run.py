@@ -286,6 +286,10 @@ class AgentRun:
     async def readline(self) -> bytes:
         return await self._stdin.readline()
 
+    def record_input(self, data: bytes) -> None:
+        if self.tap is not None and data:
+            self.tap(self, STDIN, data)
+
     def request_file(self, name: str) -> _Incoming:
         self._xfers += 1
         return _Incoming(self, self._xfers, name)

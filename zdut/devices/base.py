@@ -90,6 +90,10 @@ class Session(Protocol):
     async def readline(self) -> bytes:
         """One line of stdin including its newline; the final partial line at EOF; b"" after EOF."""
 
+    def record_input(self, data: bytes) -> None:
+        """Keep input the user typed in the device's journal (never shown to watchers).  A module calls it only
+        where its config asks (input can hold passwords): the serial module's ``record_input: true``."""
+
     def request_file(self, name: str) -> IncomingFile:
         """Ask the client for the file ``name``; iterate the result for its bytes.  The client sends it only
         if ``Module.file_args`` declared ``name`` with ``send`` for this run."""
@@ -101,6 +105,20 @@ class Session(Protocol):
     @property
     def terminal_size(self) -> tuple[int, int] | None:
         """(rows, cols) of the client's terminal when it runs in raw mode, else None."""
+
+
+class Capture(Protocol):
+    """Where a module's background work reports what its device does while no session runs
+    (``Module.background``): the device's journal and its watchers."""
+
+    def output(self, data: bytes) -> None:
+        """What the device printed."""
+
+    def note(self, text: str) -> None:
+        """Something the journal and the watchers should know (the port went away)."""
+
+    def gap(self, text: str) -> None:
+        """Output was lost, and why (the port was gone for a while)."""
 
 
 OptionsT = TypeVar("OptionsT", bound=msgspec.Struct)
@@ -135,6 +153,14 @@ class Module(abc.ABC, Generic[OptionsT]):
 
     async def deinit(self) -> None:
         """Release what init took; must be safe after a failed init."""
+
+    def has_background(self) -> bool:
+        """Whether ``background`` should run from init to deinit (the serial module's ``background: true``)."""
+        return False
+
+    async def background(self, capture: Capture) -> None:
+        """Work done while no session runs, until cancelled at deinit; it reports through ``capture``.  Called
+        only when ``has_background()``; it must give way to the module's own runs (it shares ``self``)."""
 
     def wants_terminal(self, args: list[str]) -> bool:
         """Whether this run reads the user's keystrokes (the client then uses raw mode on a terminal).

@@ -1,9 +1,11 @@
 """The serial module: dutctl's send/expect engine and monitor mode, plus an interactive console.
 
 The port is opened per run (never at init, so the agent starts while the DUT is
-off) and only one session may hold it at a time.  The parts live beside this file:
-``serial_script`` parses the arguments, ``serial_ports`` opens, claims and reads the
-port, ``serial_ansi`` filters escape sequences and ``serial_expect`` matches output.
+off) and only one session may hold it at a time; with ``background: true`` the agent
+also reads it while no session does (``serial_background``).  The parts live beside
+this file: ``serial_script`` parses the arguments, ``serial_ports`` opens, claims and
+reads the port, ``serial_ansi`` filters escape sequences and ``serial_expect`` matches
+output.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import msgspec
 
 from zdut.common.durations import format_duration, parse_duration
 from zdut.common.flags import go_quote
-from zdut.devices.base import Module, ModuleError, Session
+from zdut.devices.base import Capture, Module, ModuleError, Session
 from zdut.devices.serial_ansi import KEEP_ALL, KEEP_DISPLAY, EscapeFilter
+from zdut.devices.serial_background import BackgroundReader
 from zdut.devices.serial_expect import Engine, PrintWriter
 from zdut.devices.serial_ports import Port, claim_port, os_text
 from zdut.devices.serial_script import Script, label, parse_args
@@ -31,6 +34,10 @@ class SerialOptions(msgspec.Struct, forbid_unknown_fields=True):
     port: str = ""
     baud: int = 0
     delay: str = DEFAULT_DELAY
+    #: Keep reading the port into the device's journal (and to its watchers) while no session uses it.
+    background: bool = False
+    #: Keep what is typed into a console in the device's journal too (off by default: it can hold passwords).
+    record_input: bool = False
 
 
 _HELP = """\
@@ -84,7 +91,10 @@ EXAMPLES:
 \tstop autoboot:                  -- expect 'Hit any key' send-raw ' ' expect '=> '
 
 with: port (device path, required), baud (default 115200), delay (Go duration before each send,
-default 50ms; 0s disables).
+default 50ms; 0s disables), background (true: the agent keeps reading the port while no session uses it,
+so what the board prints meanwhile is in the device's journal and replayed to watchers; a session still
+gets the port to itself; default false), record_input (true: what is typed into a console goes to the
+device's journal too, never to watchers; default false, as it can hold passwords).
 """
 
 
@@ -122,12 +132,18 @@ class Serial(Module[SerialOptions]):
     def _baud(self) -> int:
         return self.options.baud or DEFAULT_BAUD
 
+    def has_background(self) -> bool:
+        return self.options.background
+
+    async def background(self, capture: Capture) -> None:
+        await BackgroundReader(self.options.port, self._baud, capture).run()
+
     async def run(self, session: Session, args: list[str]) -> None:
         script = parse_args(args)
         path = self.options.port
         loop = asyncio.get_running_loop()
         deadline = loop.time() + script.timeout if script.timeout > 0 else None
-        with claim_port(path):
+        async with claim_port(path):
             port = await Port.open(path, self._baud)
             try:
                 if script.console:
@@ -199,7 +215,7 @@ class Serial(Module[SerialOptions]):
             raise ModuleError(f"{what}: context deadline exceeded") from None
 
     async def _console(self, session: Session, port: Port, script: Script, deadline: float | None) -> None:
-        console = _Console(session, port, script.keep_escapes)
+        console = _Console(session, port, script.keep_escapes, self.options.record_input)
         await console.emit(self._connected().encode())
         try:
             async with asyncio.timeout_at(deadline):
@@ -214,9 +230,10 @@ class Serial(Module[SerialOptions]):
 class _Console:
     """Bridges the session's stdin/stdout and the port until stdin ends."""
 
-    def __init__(self, session: Session, port: Port, keep_escapes: bool) -> None:
+    def __init__(self, session: Session, port: Port, keep_escapes: bool, record_input: bool) -> None:
         self.session = session
         self.port = port
+        self.record_input = record_input
         self.filter = EscapeFilter(KEEP_ALL if keep_escapes else KEEP_DISPLAY)
         self.at_line_start = True
         self._breaking: asyncio.Future[None] | None = None
@@ -235,6 +252,8 @@ class _Console:
 
     async def _to_port(self) -> None:
         while data := await self.session.read_stdin():
+            if self.record_input:
+                self.session.record_input(data)
             try:
                 await self.port.write(data)
             except OSError as exc:

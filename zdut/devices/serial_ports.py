@@ -2,8 +2,9 @@
 
 A process-wide registry keyed by the port's real path makes sure two sessions never read one port (two
 names for one device, such as a /dev/serial/by-id link, count as one): the second gets a busy error.
-The port is read and written through its non-blocking file descriptor on the event loop, so a cancelled
-run stops at once and closes it.
+A port's background reader (``serial_background``) is not a session: it yields the port to the session
+that claims it and takes it back afterwards.  The port is read and written through its non-blocking file
+descriptor on the event loop, so a cancelled run stops at once and closes it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 import serial as pyserial
 
@@ -27,19 +29,62 @@ _registry_lock = threading.Lock()
 _open_ports: set[str] = set()
 
 
-@contextlib.contextmanager
-def claim_port(path: str) -> Iterator[None]:
-    """Reserve ``path`` (by real path) for this session, or fail with the busy error."""
+class Yielding(Protocol):
+    """A holder of a port that gives it up while a session needs it (a background reader)."""
+
+    path: str
+
+    async def pause(self) -> None:
+        """Close the port; return once it is closed."""
+
+    def resume(self) -> None:
+        """The session is done: open the port again."""
+
+
+_yielding: dict[str, Yielding] = {}  # by the configured path
+
+
+def add_yielding(holder: Yielding) -> None:
+    """Register ``holder`` for its path; a second one for the same port is refused (ModuleError)."""
+    key = os.path.realpath(holder.path)
+    with _registry_lock:
+        if holder.path in _yielding or any(os.path.realpath(p) == key for p in _yielding):
+            raise ModuleError(f"serial port {holder.path} already has a background reader")
+        _yielding[holder.path] = holder
+
+
+def remove_yielding(holder: Yielding) -> None:
+    with _registry_lock:
+        if _yielding.get(holder.path) is holder:
+            del _yielding[holder.path]
+
+
+def _yielding_for(path: str, key: str) -> Yielding | None:
+    # By name first: a replugged adapter's link may point elsewhere by now, yet it is the same port.
+    with _registry_lock:
+        holder = _yielding.get(path)
+        return holder or next((h for p, h in _yielding.items() if os.path.realpath(p) == key), None)
+
+
+@contextlib.asynccontextmanager
+async def claim_port(path: str) -> AsyncIterator[None]:
+    """Reserve ``path`` (by real path) for this session, or fail with the busy error; a background reader of
+    the port closes it first and reopens it when the session is done."""
     key = os.path.realpath(path)
     with _registry_lock:
         if key in _open_ports:
             raise ModuleError(f"serial port {path} is busy (in use by another session)", Code.FAILED_PRECONDITION)
         _open_ports.add(key)
+    holder = _yielding_for(path, key)
     try:
+        if holder is not None:
+            await holder.pause()
         yield
     finally:
         with _registry_lock:
             _open_ports.discard(key)
+        if holder is not None:
+            holder.resume()
 
 
 def ports_in_use() -> frozenset[str]:

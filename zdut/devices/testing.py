@@ -53,6 +53,7 @@ class LocalSession:
         self._files_dir = Path(files_dir) if files_dir else None
         self._terminal_size = terminal_size
         self.on_break: Callable[[], None] | None = None
+        self.recorded_input = bytearray()  # what the module asked to keep of its input (record_input)
 
     # -- feeding the module
     def feed_stdin(self, data: bytes) -> None:
@@ -84,6 +85,9 @@ class LocalSession:
 
     async def readline(self) -> bytes:
         return await self._stdin.readline()
+
+    def record_input(self, data: bytes) -> None:
+        self.recorded_input += data
 
     def request_file(self, name: str) -> _LocalIncoming:
         if self._files_dir is None:
