@@ -142,7 +142,7 @@ def test_help_not_last_is_a_run(demo: tuple[Lab, str]) -> None:
     "args, message",
     [
         (["list", "x"], "list takes no arguments"),
-        (["device1", "lock", "1m", "2m"], "lock takes at most one argument"),
+        (["device1", "lock", "1m", "2m"], "lock takes at most a duration"),
         (["device1", "unlock", "--force"], 'unlock takes nothing or the word "force"'),
         (["device1", "status", "help", "more"], '"help" must be the only argument'),
     ],

@@ -56,7 +56,7 @@ def run(addr: str, tmp_path: Path) -> Iterator[Script]:
     [
         ("help me", 1, "help takes no arguments"),
         ("bogus status", 1, 'device "bogus": no such device'),
-        ("device1 lock 1h 2x", 1, "lock takes at most one argument"),
+        ("device1 lock 1h 2x", 1, "lock takes at most a duration"),
         ("use nosuch", 1, 'device "nosuch": no such device'),
         ("use device1 device2", 1, "use takes one device name"),
         ("format xml", 1, "format takes one of"),

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from zdut.client import Client, Run, RunHandler
 from zdut.common.client_config import KeyConfigError, PathArg, client_keys
 from zdut.common.durations import lock_seconds
+from zdut.common.watch_args import MAX_WAIT_S
+from zdut.expect import AsyncConsole
+from zdut.lock_queue import lock_first, wait_for_lock
 from zdut.protocol import PRINT, STDERR, STDOUT, AgentInfo, Code, DeviceInfo, LockState, Unlocked, ZdutError
 
 __all__ = ["AsyncLab", "RunResult", "ZdutError"]
@@ -149,11 +152,23 @@ class AsyncLab:
     async def help(self, device: str, command: str) -> str:
         return await self.client.details(device, command)
 
-    async def lock(self, device: str, duration: str | float | datetime.timedelta | None = None) -> LockState:
+    async def lock(self, device: str, duration: str | float | datetime.timedelta | None = None, *,
+                   wait: str | float | datetime.timedelta | None = None) -> LockState:
         """Reserve ``device``, or extend your reservation (never shortened).  ``duration`` as on the CLI: a Go
         duration string (``"10m"``, ``"1h30m"``), seconds as a number, or a timedelta; None is the agent's
-        default (30m).  Zero, negative or malformed: InvalidArgument, before anything is sent."""
-        return await self.client.lock(device, lock_seconds(duration))
+        default (30m).  Zero, negative or malformed: InvalidArgument, before anything is sent.  ``wait`` (a
+        duration too): if someone else holds it, wait in its queue that long (DeadlineExceeded after)."""
+        if wait is None:
+            return await self.client.lock(device, lock_seconds(duration))
+        return await wait_for_lock(self.client, device, lock_seconds(duration), _wait_seconds(wait))
+
+    async def lock_any(self, devices: str | list[str], duration: str | float | datetime.timedelta | None = None, *,
+                       wait: str | float | datetime.timedelta = "30m") -> tuple[str, LockState]:
+        """Lock the first of ``devices`` (names or globs such as ``"board-*"``) to be free, waiting up to
+        ``wait`` in each one's queue; returns (its name, the lock).  NotFound for a glob matching nothing,
+        DeadlineExceeded when none became free."""
+        patterns = [devices] if isinstance(devices, str) else list(devices)
+        return await lock_first(self.client, patterns, lock_seconds(duration), _wait_seconds(wait))
 
     async def unlock(self, device: str, force: bool = False) -> Unlocked:
         """Release your reservation; ``force`` breaks anyone's and cancels their sessions on the device.
@@ -165,6 +180,20 @@ class AsyncLab:
         return await self.client.forget(agent)
 
     # ------------------------------------------------------------- Run
+    async def open(self, device: str, command: str, *args: str,
+                   transcript: str | os.PathLike[str] | None = None) -> AsyncConsole:
+        """Start an interactive session and return its console (``zdut.expect``): ``send``, ``sendline``,
+        ``expect``, ``read``, ``close``; also an async context manager that closes it.  ``transcript``: a file
+        that gets everything the session prints.  The agent's refusal (a device locked by someone else, a
+        command that does not exist) raises its ZdutError here."""
+        console = AsyncConsole(device, command, transcript)
+        run = self.client.run(device, command, list(args), console.handler)
+        try:
+            return await console.attach(run)
+        except asyncio.CancelledError:
+            run.cancel()
+            raise
+
     async def run(self, device: str, command: str, *args: str, stdin: bytes | None = None, check: bool = True,
                   timeout: float | None = None) -> RunResult:
         """Run a command to its end.  ``stdin`` is sent then closed (EOF reaches the module).
@@ -205,3 +234,12 @@ async def _cancelled(run: Run) -> None:
     with contextlib.suppress(ZdutError, TimeoutError):
         async with asyncio.timeout(CANCEL_GRACE_S):
             await run.wait()
+
+
+def _wait_seconds(wait: str | float | datetime.timedelta) -> float:
+    """A lock wait as seconds, read as a lock duration is; InvalidArgument past ``MAX_WAIT_S``."""
+    seconds = lock_seconds(wait) if wait != "" else 0  # whole seconds, a fraction rounded up
+    if not 0 < seconds <= MAX_WAIT_S:
+        raise ZdutError(Code.INVALID_ARGUMENT, f"a lock wait must be more than 0s and at most {MAX_WAIT_S:g}s, "
+                                               f"got {wait!r}")
+    return float(seconds)

@@ -355,7 +355,7 @@ class Broker:
         if isinstance(msg, Heartbeat):
             return  # last_rx is already stamped
         if isinstance(msg, LockChanged):
-            self.registry.lock_changed(agent, msg.device, msg.lock, msg.busy, msg.watchers)
+            self.registry.lock_changed(agent, msg.device, msg.lock, msg.busy, msg.watchers, msg.waiting)
         elif isinstance(msg, Register):
             assert agent.rid is not None
             self._members.register(agent.rid, msg)

@@ -8,9 +8,8 @@ untouched.  ROUTER sockets see a routing-id frame in front.
 Envelopes (see docs/protocol.md):
 
 * client DEALER -> server ROUTER: ``[header][payload?]``
-* broker -> agent DEALER: ``[client-id][header][payload?]``, and the agent answers
-  with the same shape.  A direct agent ROUTER delivers exactly that shape too, so
-  the agent's handlers do not know whether a broker sits in between.
+* broker -> agent DEALER: ``[client-id][header][payload?]``, and the agent answers with the same shape
+  (a direct agent ROUTER delivers it too: the handlers cannot tell a broker sits in between).
 * broker <-> agent control traffic uses an empty client-id frame ``b""``.
 
 It imports nothing from zdut but the package version. Addresses are read in common/addresses.
@@ -33,8 +32,8 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 #: Largest payload chunk a sender emits (file chunks, console output).
 CHUNK_SIZE = 1024 * 1024
-#: Bytes of credit each side grants the other when a Run session opens.  Stdin has a window of its own so that
-#: unread console input can never starve a file transfer the module asks for later (docs/protocol.md).
+#: Credit each side grants the other when a Run opens; stdin has its own window, so that unread console input
+#: never starves a file transfer the module asks for later (docs/protocol.md).
 INITIAL_WINDOW = 16 * 1024 * 1024
 STDIN_WINDOW = 256 * 1024
 WINDOW_MAIN, WINDOW_STDIN = 0, 1
@@ -61,6 +60,7 @@ class Code:
     UNAVAILABLE = "Unavailable"
     ALREADY_EXISTS = "AlreadyExists"
     UNIMPLEMENTED = "Unimplemented"
+    OUT_OF_RANGE = "OutOfRange"  # read past the end: an expect on a console whose session ended (zdut.expect)
 
 
 class ZdutError(Exception):
@@ -103,6 +103,7 @@ class DeviceInfo(msgspec.Struct, array_like=True, frozen=True):
     online: bool = True
     failed: str = ""  # why its modules failed to initialise; "" = healthy
     watchers: int = 0  # `DEV watch` sessions following its output
+    waiting: list[str] = msgspec.field(default_factory=list)  # its lock queue, first in line first
 
 
 class CommandInfo(msgspec.Struct, array_like=True, frozen=True):
@@ -250,11 +251,12 @@ class Error(_Msg, tag="error", frozen=True):
 
 
 #: RunOpen.mode: what a session is, besides running one of the device's commands.
-WATCH, JOURNAL = "watch", "log"
+WATCH, JOURNAL, QUEUE = "watch", "log", "queue"
 
 
 class RunOpen(_Msg, tag="run", frozen=True):
-    """``mode`` "" runs ``command``; WATCH follows the device's output; JOURNAL reads its journal."""
+    """``mode`` "" runs ``command``; WATCH follows the device's output; JOURNAL reads its journal; QUEUE waits
+    for its lock (``args``: lock and wait seconds), then writes the granted ``LockState`` as JSON on stdout."""
     sid: int
     version: str
     user: str
@@ -406,11 +408,12 @@ class Reregister(_Msg, tag="rereg", frozen=True):
 
 
 class LockChanged(_Msg, tag="lockchg", frozen=True):
-    """Agent -> broker: a device's listed state changed (its hold, or who watches it)."""
+    """Agent -> broker: a device's listed state changed (its hold, who watches it, who waits for it)."""
     device: str
     lock: LockState | None  # the effective hold, as listed
     busy: LockState | None = None  # a busy hold under that reservation: listed once the reservation expires
     watchers: int = 0
+    waiting: list[str] = msgspec.field(default_factory=list)  # its lock queue
 
 
 class SessionGone(_Msg, tag="gone", frozen=True):
@@ -479,10 +482,9 @@ def check_version(server_role: str, server_version: str, peer_version: str, peer
     client), and a broker before it accepts a registration (the peer is an agent)."""
     level, reason = compare_versions(server_version, peer_version)
     if level == INCOMPATIBLE:
-        raise ZdutError(
-            Code.FAILED_PRECONDITION,
-            f"incompatible zdut versions: {server_role} {server_version}, {peer_role} {peer_version} ({reason})",
-        )
+        raise ZdutError(Code.FAILED_PRECONDITION,
+                        f"incompatible zdut versions: {server_role} {server_version}, {peer_role} {peer_version} "
+                        f"({reason})")
 
 
 def version_drift(client_version: str, server_role: str, server_version: str) -> str | None:
@@ -493,7 +495,6 @@ def version_drift(client_version: str, server_role: str, server_version: str) ->
     ca, sa = _SEMVER.match(client_version or ""), _SEMVER.match(server_version or "")
     relation = "differs from"
     if ca and sa:
-        ka = tuple(int(x) for x in ca.groups()[:3])
-        kb = tuple(int(x) for x in sa.groups()[:3])
+        ka, kb = (tuple(int(x) for x in m.groups()[:3]) for m in (ca, sa))
         relation = "is older than" if ka < kb else "is newer than" if ka > kb else "differs from"
     return f"zdut client {client_version} {relation} {server_role} {server_version} ({reason})"

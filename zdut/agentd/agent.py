@@ -16,18 +16,22 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from zdut.agentd.config import AgentConfig, Command
 from zdut.agentd.file_args import declared_files
 from zdut.agentd.journal import GAP, NOTE
 from zdut.agentd.locker import Locker
+from zdut.agentd.lockqueue import LockQueue
 from zdut.agentd.recording import Recorder
 from zdut.agentd.run import AgentRun
 from zdut.agentd.watch import Watchers
 from zdut.common.answers import listing, no_such_command, no_such_device
-from zdut.common.watch_args import log_query, replay_lines
+from zdut.common.watch_args import log_query, queue_args, replay_lines
 from zdut.devices import scratch
 from zdut.protocol import (
     JOURNAL,
+    QUEUE,
     SESSION,
     STDIN,
     STDOUT,
@@ -115,7 +119,8 @@ class Agent:
         #: Devices whose modules failed to initialise -> why; listed as failed, their runs refused.
         self.failed: dict[str, str] = {}
         self._deferred: set[asyncio.Task[None]] = set()  # replies that wait for cancelled runs to close
-        self.watchers = Watchers(self._owners, self._watchers_changed)
+        self.watchers = Watchers(self._owners, self._announce)
+        self.lock_queue = LockQueue(self.locker, self._announce)
         #: Each device's journal, beside the lock file (none without one: --dry-run).
         self.recorder = Recorder(state_path.with_name(f"{state_path.stem}.journal") if state_path else None,
                                  sorted(config.devices))
@@ -212,11 +217,17 @@ class Agent:
         ]
 
     def _lock_changed(self, device: str, state: LockState | None, shadowed: LockState | None) -> None:
+        """The Locker's callback: brokers are told, and a device that became free goes to its next waiter."""
         for uplink in self.uplinks:
-            uplink.send_control(LockChanged(device, state, shadowed, self.watchers.count(device)))
+            uplink.send_control(LockChanged(device, state, shadowed, self.watchers.count(device),
+                                            self.lock_queue.waiting(device)))
+        self.lock_queue.grant(device)
 
-    def _watchers_changed(self, device: str) -> None:
-        self._lock_changed(device, self.locker.state(device), self.locker.shadowed(device))
+    def _announce(self, device: str) -> None:
+        """Who watches or waits for ``device`` changed: brokers list it."""
+        for uplink in self.uplinks:
+            uplink.send_control(LockChanged(device, self.locker.state(device), self.locker.shadowed(device),
+                                            self.watchers.count(device), self.lock_queue.waiting(device)))
 
     # ------------------------------------------------------------- message entry point
     def handle(self, link: Link, peer: bytes, msg: Message, payload: Any) -> None:
@@ -303,7 +314,7 @@ class Agent:
         return listing(
             msg, "agent", self.name,
             devices=lambda: [DeviceInfo(n, self.locker.state(n), self.name, True, failed.get(n, ""),
-                                        self.watchers.count(n)) for n in sorted(devices)],
+                                        self.watchers.count(n), self.lock_queue.waiting(n)) for n in sorted(devices)],
             commands=lambda device: [(c.name, c.desc) for _, c in sorted(self._device(device).commands.items())],
             help_text=lambda device, command: self._command(device, command).help_text(),
             agents=lambda: [AgentInfo(self.name, sorted(devices), True, time.time(), VERSION, self.address,
@@ -362,8 +373,8 @@ class Agent:
             self.watchers.event(msg.device, f"{user} started {_command_line(msg.command, msg.args)}")
 
     def _open_watch(self, key: tuple[int, bytes, int], run: AgentRun, msg: RunOpen) -> None:
-        """``DEV watch [-n N]`` and ``DEV log ...``: no command, no hold; any user may (security decides who
-        is a user)."""
+        """``DEV watch [-n N]``, ``DEV log ...`` and ``DEV lock D --wait W``: no command, no hold; any user may
+        (security decides who is a user)."""
         self._device(msg.device)
         device, args = msg.device, list(msg.args)
         body: Callable[[AgentRun], Awaitable[None]]
@@ -377,7 +388,13 @@ class Agent:
 
             async def body(session: AgentRun) -> None:
                 await self.recorder.read(device, session, query)
+        elif msg.mode == QUEUE:
+            duration_s, wait_s = queue_args(args)
 
+            async def body(session: AgentRun) -> None:
+                granted = await self.lock_queue.wait(device, session, duration_s, wait_s)
+                self.recorder.event(device, "lock", session.user, f"until {_utc(granted.expires_at)} (after a wait)")
+                await session.stdout(msgspec.json.encode(granted) + b"\n")
         else:
             raise ZdutError(Code.INVALID_ARGUMENT, f"unknown session mode {msg.mode!r}")
         self.runs[key] = run

@@ -177,7 +177,7 @@ class Locker:
             except ZdutError as exc:
                 log.warning("%s", exc.message)
             self._changed(device)
-            return None
+            return self._reserved.get(device)  # the change may have handed it to the next in a lock queue
         return hold
 
     def _changed(self, device: str) -> None:

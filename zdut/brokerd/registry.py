@@ -66,6 +66,7 @@ class Device:
     busy: LockState | None = None  # a busy hold under that reservation: listed once the reservation expires
     failed: str = ""  # why its modules failed to initialise at the agent
     watchers: int = 0  # as the agent last said; listed while it is online
+    waiting: list[str] = field(default_factory=list)  # its lock queue, as the agent last said; listed while online
 
 
 @dataclass(slots=True)
@@ -344,11 +345,11 @@ class Registry:
 
     # ------------------------------------------------------------- locks
     def lock_changed(self, agent: Agent, device: str, lock: LockState | None, busy: LockState | None = None,
-                     watchers: int = 0) -> bool:
+                     watchers: int = 0, waiting: list[str] | None = None) -> bool:
         dev = self.devices.get(device)
         if dev is None or dev.agent is not agent:
             return False  # only the owning agent speaks for a device
-        dev.lock, dev.busy, dev.watchers = lock, busy, watchers
+        dev.lock, dev.busy, dev.watchers, dev.waiting = lock, busy, watchers, list(waiting or ())
         self._mark(agent.name)  # a change of state: its last-seen time is written with it
         self._changed()
         return True
@@ -392,7 +393,8 @@ class Registry:
             if lock is not None and lock.expires_at:
                 valid_until = min(valid_until, lock.expires_at)
             online = dev.agent.rid is not None
-            out.append(DeviceInfo(name, lock, dev.agent.name, online, dev.failed, dev.watchers if online else 0))
+            out.append(DeviceInfo(name, lock, dev.agent.name, online, dev.failed, dev.watchers if online else 0,
+                                  dev.waiting if online else []))
         return out, valid_until
 
     def agent_list(self) -> list[AgentInfo]:

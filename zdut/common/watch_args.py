@@ -1,5 +1,5 @@
-"""The arguments of ``DEV watch`` (and ``DEV log``), checked by the client before it sends them and by the
-agent, which may be asked by any client."""
+"""The arguments of ``DEV watch`` (and ``DEV log``, ``DEV lock --wait``), checked by the client before it
+sends them and by the agent, which may be asked by any client."""
 
 from __future__ import annotations
 
@@ -91,3 +91,46 @@ def since_time(text: str, now: float) -> float:
     except ValueError:
         raise ZdutError(Code.INVALID_ARGUMENT, f"--since {text!r} is neither a duration nor a date-time; "
                                                f"{LOG_USAGE}") from None
+
+
+#: The longest ``lock --wait`` (a CI job waits hours at most; a forgotten one should not wait for ever).
+MAX_WAIT_S = 7 * 24 * 3600.0
+
+
+def queue_args(args: list[str]) -> tuple[int, float]:
+    """A lock queue session's arguments, as the client sends them: the lock's seconds (0: the agent's
+    default) and the longest wait's seconds."""
+    try:
+        duration_s, wait_s = int(args[0]), float(args[1])
+        valid = len(args) == 2 and duration_s >= 0 and 0 < wait_s <= MAX_WAIT_S
+    except (IndexError, ValueError):
+        valid = False
+    if not valid:
+        raise ZdutError(Code.INVALID_ARGUMENT, "a lock queue takes the lock's seconds and the wait's seconds "
+                                               f"(0 < wait <= {MAX_WAIT_S:g}); got: {' '.join(args)}")
+    return duration_s, wait_s
+
+
+LOCK_USAGE = ("lock takes at most a duration such as 30m or 1h30m, and --wait MAX to wait that long in the device's "
+              "queue (then the device may be several, comma-separated, or a glob such as 'board-*')")
+
+
+def lock_words(args: list[str]) -> tuple[str, float | None]:
+    """The client's ``lock [DURATION] [--wait MAX]``: the duration as written and the wait's seconds (None: no
+    wait); InvalidArgument for anything else."""
+    words, wait_s = list(args), None
+    for i, word in enumerate(words):
+        if word == "--wait" or word.startswith("--wait="):
+            text = word.partition("=")[2] if "=" in word else (words[i + 1] if i + 1 < len(words) else "")
+            del words[i:i + (1 if "=" in word else 2)]
+            try:
+                wait_s = parse_duration(text)
+            except ValueError as exc:
+                raise ZdutError(Code.INVALID_ARGUMENT, f"--wait wants a duration such as 10m: {exc}") from None
+            if not 0 < wait_s <= MAX_WAIT_S:
+                raise ZdutError(Code.INVALID_ARGUMENT,
+                                f"--wait must be more than 0 and at most {MAX_WAIT_S / 3600:g}h, got {text}")
+            break
+    if len(words) > 1 or any(w.startswith("--") for w in words):  # "-5m" is a (bad) duration, not a flag
+        raise ZdutError(Code.INVALID_ARGUMENT, LOCK_USAGE)
+    return (words[0] if words else ""), wait_s

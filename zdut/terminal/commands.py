@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -22,7 +23,8 @@ from zdut.common import flags
 from zdut.common.addresses import server_endpoint
 from zdut.common.client_config import ClientKeys
 from zdut.common.durations import format_duration, lock_seconds
-from zdut.common.watch_args import log_query, replay_lines
+from zdut.common.watch_args import lock_words, log_query, replay_lines
+from zdut.lock_queue import lock_first
 from zdut.protocol import JOURNAL, VERSION, WATCH, ZdutError
 from zdut.terminal.console import attach
 from zdut.terminal.output import (
@@ -57,7 +59,7 @@ SYNOPSIS = """SYNOPSIS
     zdut [options] <device> [help]
     zdut [options] <device> <command> [args...]
     zdut [options] <device> <command> help
-    zdut [options] <device> lock [duration]
+    zdut [options] <device> lock [duration] [--wait MAX]
     zdut [options] <device> unlock [force]
     zdut [options] <device> watch [-n N]
     zdut [options] <device> log [-n N] [--since TIME] [--follow]
@@ -98,10 +100,13 @@ DESCRIPTION
     for interactive commands: Ctrl-] then . detaches, b sends a serial break, ? lists the
     keys), and files the command names are transferred.
     `help` after a command shows its usage. `lock` reserves a device (default 30m, Go duration
-    syntax such as 1h30m); `unlock force` breaks anyone's lock and cancels their sessions on
-    the device. `watch` follows, read-only, what every session on the device prints (it
-    replays the last N lines first, default 50; anyone may watch, a watcher that cannot keep
-    up is told how much it missed, the owner is told who watches; Ctrl-C leaves). `log` reads
+    syntax such as 1h30m); with --wait MAX it waits up to MAX in the device's queue, first
+    come first served, showing its place on a terminal (the device may then be a comma list
+    or a glob such as 'board-*': the first to be free is taken, and named); `unlock force`
+    breaks anyone's lock and cancels their sessions on the device. `watch` follows, read-only,
+    what every session on the device prints (it replays the last N lines first, default 50;
+    anyone may watch, a watcher that cannot keep up is told how much it missed, the owner is
+    told who watches; Ctrl-C leaves). `log` reads
     the device's journal at its agent: who ran what, when, its exit and output, and lock
     events (the last N lines, default 50; --since 10m or 2026-12-02T21:00; --follow goes on
     with what comes; -f json gives one record a line).
@@ -287,9 +292,13 @@ class Cli:
             return lambda c: self._commands(c, device)
         command, args = rest[0], rest[1:]
         if command == "lock":
-            if len(args) > 1:
-                raise UsageError("lock takes at most one argument: a duration such as 30m or 1h30m")
-            return lambda c: self._lock(c, device, args[0] if args else "")
+            try:
+                duration, wait_s = lock_words(args)
+            except ZdutError as exc:
+                raise UsageError(exc.message) from None
+            if wait_s is None:
+                return lambda c: self._lock(c, device, duration)
+            return lambda c: self._lock_wait(c, device.split(","), duration, wait_s)
         if command == "unlock":
             if args not in ([], ["force"]):
                 raise UsageError('unlock takes nothing or the word "force"')
@@ -342,6 +351,11 @@ class Cli:
     async def _commands(self, client: Client, device: str) -> int:
         cmds = await client.described_commands(device)
         self.out.emit(Content(COMMAND_LIST, cmds, False, self.meta("Commands Response", device=device)))
+        if self.out.fmt == "text":  # who waits for its lock, for the person deciding whether to join them
+            waiting = next((d.waiting for d in await client.list() if d.name == device), [])
+            if waiting:
+                self.out.emit(Content(GENERAL, f"Waiting for its lock: {', '.join(safe(u) for u in waiting)}", False,
+                                      {}))
         return EXIT_OK
 
     async def _details(self, client: Client, device: str, command: str) -> int:
@@ -362,6 +376,20 @@ class Cli:
         lock = await client.lock(device, seconds)
         kept = seconds > 0 and lock.expires_at > asked_until + 1  # the agent extends a lock, never shortens it
         self.out.emit(Content(LOCK_RESULT, (device, lock, kept), False, self.meta("Lock Response", device=device)))
+        return EXIT_OK
+
+    async def _lock_wait(self, client: Client, patterns: list[str], duration: str, wait_s: float) -> int:
+        """``lock --wait``: the first of the devices to become free, its place in each queue shown on a
+        terminal; Ctrl-C leaves the queues."""
+        shown = self.out.fmt == "text" and self.out.err.isatty()
+        show_place = (lambda device, text: self.out.progress(safe(text) + "\n")) if shown else None
+        with self.interrupts(functools.partial(_cancel, asyncio.current_task())):
+            try:
+                device, lock = await lock_first(client, patterns, lock_seconds(duration), wait_s, show_place)
+            except asyncio.CancelledError:
+                self.error("interrupted")
+                return EXIT_INTERRUPTED
+        self.out.emit(Content(LOCK_RESULT, (device, lock, False), False, self.meta("Lock Response", device=device)))
         return EXIT_OK
 
     async def _unlock(self, client: Client, device: str, force: bool) -> int:
@@ -464,3 +492,8 @@ class Cli:
             if not run.finished.done():
                 return
         await run.wait()
+
+
+def _cancel(task: asyncio.Task[Any] | None) -> None:
+    if task is not None:
+        task.cancel()

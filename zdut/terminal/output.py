@@ -70,6 +70,8 @@ def device_record(d: DeviceInfo, with_agent: bool) -> dict[str, Any]:
         rec["Failed"] = d.failed
     if d.watchers:  # zdut's own: absent when nobody watches, so dutctl's records stay as they were
         rec["Watchers"] = d.watchers
+    if d.waiting:  # likewise: its lock queue, first in line first
+        rec["Waiting"] = list(d.waiting)
     return rec
 
 
@@ -219,6 +221,8 @@ class Output:
                 notes.append(f'[in use by "{safe(d.lock.owner)}"]')
         if d.watchers:
             notes.append(f"({d.watchers} watching)")
+        if d.waiting:
+            notes.append(f"(waiting: {', '.join(safe(user) for user in d.waiting)})")
         if with_agent:
             notes.append(f"(agent {safe(d.agent)}, {'online' if d.online else 'OFFLINE'})")
         if notes:
@@ -318,6 +322,8 @@ def _device_token(d: DeviceInfo) -> str:
         states.append(f"failed:{_token_text(d.failed)}")
     if d.watchers:
         states.append(f"watched:{d.watchers}")
+    if d.waiting:
+        states.append(f"waiting:{','.join(_token_text(user) for user in d.waiting)}")
     return f"{d.name}={';'.join(states)}" if states else d.name
 
 

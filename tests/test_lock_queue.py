@@ -1,0 +1,158 @@
+"""``zdut DEV lock D --wait W``: a first-come, first-served queue at the agent, end to end with real processes."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import Lab, Proc, wait_for
+from zdut.api import Lab as Api
+from zdut.api import ZdutError
+from zdut.protocol import Code, LockState
+
+CONFIG = """\
+version: 0
+devices:
+{devices}
+"""
+DEVICE = """\
+  {name}:
+    cmds:
+      status:
+        uses:
+          - module: dummy-status
+"""
+
+
+@pytest.fixture
+def config(lab: Lab) -> Path:
+    path = lab.tmp / "queue.yaml"
+    path.write_text(CONFIG.format(devices="".join(DEVICE.format(name=n) for n in ("board", "board-1", "board-2"))))
+    return path
+
+
+def listed(lab: Lab, addr: str, device: str = "board") -> dict[str, object]:
+    records = json.loads(lab.zdut("-s", addr, "-f", "json", "list").stdout)["data"]
+    return next(r for r in records if r["Name"] == device)
+
+
+def waiting(lab: Lab, addr: str, device: str = "board") -> list[str]:
+    return list(listed(lab, addr, device).get("Waiting", []))  # type: ignore[call-overload]
+
+
+def join(lab: Lab, addr: str, user: str, device: str = "board") -> Proc:
+    """``user`` waits for ``device``'s lock (1m, waiting up to 30s); returns once the agent has them queued."""
+    before = len(waiting(lab, addr, device))
+    proc = lab.zdut_bg("-s", addr, "-u", user, device, "lock", "1m", "--wait", "30s", name=f"wait-{user}")
+    wait_for(lambda: len(waiting(lab, addr, device)) > before or not proc.alive(), 10, f"{user} in the queue")
+    return proc
+
+
+@pytest.mark.parametrize("how", ["direct", "brokered"])
+def test_three_waiters_get_the_lock_in_the_order_they_came(lab: Lab, config: Path, how: str) -> None:
+    addr = lab.serve(config, how)
+    assert lab.zdut("-s", addr, "-u", "alice", "board", "lock", "10m").returncode == 0
+    bob, carol, dave = (join(lab, addr, user) for user in ("bob", "carol", "dave"))
+    assert waiting(lab, addr) == ["bob", "carol", "dave"]
+    assert "(waiting: bob, carol, dave)" in lab.zdut("-s", addr, "list").stdout
+    shown = lab.zdut("-s", addr, "board")
+    assert "Waiting for its lock: bob, carol, dave" in shown.stdout, shown.stdout
+    assert lab.zdut("-s", addr, "-u", "erin", "board", "lock").returncode == 1  # no wait: refused, as ever
+
+    turns = (("alice", bob, "bob", ["carol", "dave"]), ("bob", carol, "carol", ["dave"]), ("carol", dave, "dave", []))
+    for holder, proc, user, rest in turns:
+        assert lab.zdut("-s", addr, "-u", holder, "board", "unlock").returncode == 0
+        assert proc.popen.wait(10) == 0, proc.text()
+        assert 'Device "board" locked' in proc.text()
+        record = listed(lab, addr)
+        assert record["Owner"] == user and waiting(lab, addr) == rest, record
+
+
+def test_a_waiter_killed_mid_wait_leaves_the_queue_and_the_next_is_served(lab: Lab, config: Path) -> None:
+    _, addr = lab.agent(config)
+    assert lab.zdut("-s", addr, "-u", "alice", "board", "lock", "10m").returncode == 0
+    bob = join(lab, addr, "bob")
+    carol = join(lab, addr, "carol")
+    bob.kill()  # SIGKILL: it says nothing to anyone
+    wait_for(lambda: waiting(lab, addr) == ["carol"], 5, "the killed waiter gone within 5 s")
+    assert lab.zdut("-s", addr, "-u", "alice", "board", "unlock").returncode == 0
+    assert carol.popen.wait(10) == 0, carol.text()
+    assert listed(lab, addr)["Owner"] == "carol"
+
+
+def test_a_wait_that_runs_out_is_a_clear_error(lab: Lab, config: Path) -> None:
+    _, addr = lab.agent(config)
+    assert lab.zdut("-s", addr, "-u", "alice", "board", "lock", "10m").returncode == 0
+    r = lab.zdut("-s", addr, "-u", "bob", "board", "lock", "5m", "--wait", "1s")
+    assert r.returncode == 1
+    assert 'device "board" did not become free within 1s; locked by "alice" for ' in r.stderr, r.stderr
+    assert waiting(lab, addr) == []
+
+
+def test_an_expiring_lock_goes_to_the_waiter_at_once(lab: Lab, config: Path) -> None:
+    _, addr = lab.agent(config)
+    assert lab.zdut("-s", addr, "-u", "alice", "board", "lock", "2s").returncode == 0
+    bob = join(lab, addr, "bob")
+    assert bob.popen.wait(10) == 0, bob.text()  # nobody unlocked: the expiry handed it over
+    assert listed(lab, addr)["Owner"] == "bob"
+
+
+def test_a_glob_or_a_list_takes_the_first_device_to_become_free(lab: Lab, config: Path) -> None:
+    _, addr = lab.agent(config)
+    for device in ("board-1", "board-2"):
+        assert lab.zdut("-s", addr, "-u", "alice", device, "lock", "10m").returncode == 0
+    bob = lab.zdut_bg("-s", addr, "-u", "bob", "board-*", "lock", "1m", "--wait", "30s", name="wait-bob")
+    wait_for(lambda: waiting(lab, addr, "board-1") == waiting(lab, addr, "board-2") == ["bob"], 10, "bob in both")
+    assert lab.zdut("-s", addr, "-u", "alice", "board-2", "unlock").returncode == 0
+    assert bob.popen.wait(10) == 0, bob.text()
+    assert 'Device "board-2" locked' in bob.text()
+    wait_for(lambda: waiting(lab, addr, "board-1") == [], 5, "bob gone from the other queue")
+    assert listed(lab, addr, "board-1")["Owner"] == "alice"
+    assert listed(lab, addr, "board-2")["Owner"] == "bob"
+    listing = lab.zdut("-s", addr, "-u", "bob", "board-1,board", "lock", "1m", "--wait", "5s")
+    assert listing.returncode == 0 and 'Device "board" locked' in listing.stdout  # a list: board was free
+    none = lab.zdut("-s", addr, "-u", "bob", "nothing-*", "lock", "--wait", "5s")
+    assert none.returncode == 1 and "no device matches 'nothing-*'" in none.stderr
+
+
+def test_the_api_waits_in_the_same_queue(lab: Lab, config: Path) -> None:
+    _, addr = lab.agent(config)
+    with Api(addr, user="alice") as alice:
+        alice.lock("board", "10m")
+        got: list[LockState | BaseException] = []
+
+        def bob_waits() -> None:
+            with Api(addr, user="bob") as bob:
+                try:
+                    got.append(bob.lock("board", "1m", wait="30s"))
+                except BaseException as exc:  # the assertion below shows it
+                    got.append(exc)
+
+        thread = threading.Thread(target=bob_waits)
+        thread.start()
+        wait_for(lambda: waiting(lab, addr) == ["bob"], 10, "bob in the queue")
+        alice.unlock("board")
+        thread.join(10)
+        assert isinstance(got[0], LockState) and got[0].owner == "bob", got
+        with pytest.raises(ZdutError) as late:
+            alice.lock("board", "1m", wait=1)
+        assert late.value.code == Code.DEADLINE_EXCEEDED
+        assert alice.lock_any(["board-*"], "1m", wait="5s")[0] == "board-1"
+        with pytest.raises(ZdutError) as bad:
+            alice.lock("board", "1m", wait=0)
+        assert bad.value.code == Code.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--wait"], "--wait wants a duration"),
+    (["--wait", "0s"], "--wait must be more than 0"),
+    (["1m", "--wait", "soon"], "--wait wants a duration"),
+    (["1m", "2m", "--wait", "1m"], "lock takes at most a duration"),
+    (["--force"], "lock takes at most a duration"),
+])
+def test_lock_wait_usage_errors(lab: Lab, args: list[str], message: str) -> None:
+    r = lab.zdut("-s", "localhost:1", "board", "lock", *args)
+    assert r.returncode == 1 and message in r.stderr, r.stderr  # a grammar error, as dutctl
