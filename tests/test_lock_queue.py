@@ -116,6 +116,12 @@ def test_a_glob_or_a_list_takes_the_first_device_to_become_free(lab: Lab, config
     assert listing.returncode == 0 and 'Device "board" locked' in listing.stdout  # a list: board was free
     none = lab.zdut("-s", addr, "-u", "bob", "nothing-*", "lock", "--wait", "5s")
     assert none.returncode == 1 and "no device matches 'nothing-*'" in none.stderr
+    for device in ("board-1", "board-2", "board"):
+        lab.zdut("-s", addr, "-u", "bob", device, "unlock", "force")
+    both_free = lab.zdut("-s", addr, "-u", "carol", "board-*", "lock", "--wait", "5s")
+    assert both_free.returncode == 0, both_free.stderr
+    owners = [listed(lab, addr, device).get("Owner") for device in ("board-1", "board-2")]
+    assert sorted(owners) == ["", "carol"], owners  # both granted at once: the one not taken is given back
 
 
 def test_the_api_waits_in_the_same_queue(lab: Lab, config: Path) -> None:

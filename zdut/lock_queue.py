@@ -20,6 +20,8 @@ from zdut.protocol import QUEUE, STDERR, STDOUT, Code, LockState, ZdutError
 
 #: Characters that make a device argument a glob.
 GLOB_CHARS = frozenset("*?[")
+#: A wait cancelled just as its lock was granted: how long to wait for the agent's answer, to give it back.
+GIVE_BACK_S = 5.0
 
 
 class _QueueHandler(RunHandler):
@@ -48,6 +50,11 @@ async def wait_for_lock(client: Client, device: str, duration_s: int, wait_s: fl
         await run.wait()
     except asyncio.CancelledError:
         run.cancel()
+        with contextlib.suppress(ZdutError, TimeoutError, asyncio.CancelledError):
+            async with asyncio.timeout(GIVE_BACK_S):
+                await asyncio.shield(run.finished)  # the agent's answer: it may have granted it just before
+        if run.finished.done() and run.finished.exception() is None and handler.granted:
+            await _give_back(client, device)
         raise
     try:
         return msgspec.json.decode(bytes(handler.granted), type=LockState)
