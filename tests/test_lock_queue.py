@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Lab, Proc, wait_for
+from conftest import Lab, Proc, free_port, wait_for
 from zdut.api import Lab as Api
 from zdut.api import ZdutError
 from zdut.protocol import Code, LockState
@@ -162,3 +162,21 @@ def test_the_api_waits_in_the_same_queue(lab: Lab, config: Path) -> None:
 def test_lock_wait_usage_errors(lab: Lab, args: list[str], message: str) -> None:
     r = lab.zdut("-s", "localhost:1", "board", "lock", *args)
     assert r.returncode == 1 and message in r.stderr, r.stderr  # a grammar error, as dutctl
+
+
+def test_a_restarted_broker_lists_the_queue_and_the_watchers_again(lab: Lab, config: Path) -> None:
+    broker_proc, broker = lab.broker()
+    port = int(broker.rsplit(":", 1)[1])
+    agent_port = free_port()
+    lab.brokered_agent(config, broker, agent_port)
+    direct = f"127.0.0.1:{agent_port}"  # the waiter and the watcher talk to the agent: they outlive the broker
+    assert lab.zdut("-s", direct, "-u", "alice", "board", "lock", "10m").returncode == 0
+    join(lab, direct, "bob")
+    lab.zdut_bg("-s", direct, "-u", "carol", "board", "watch", name="watch-carol")
+    wait_for(lambda: listed(lab, broker).get("Watchers") == 1 and waiting(lab, broker) == ["bob"], 10, "listed")
+    broker_proc.kill()
+    broker_proc.popen.wait(5)
+    lab.broker(port)  # the same address and state file: the agent registers again
+    wait_for(lambda: listed(lab, broker).get("Owner") == "alice", 15, "the agent back at the broker")
+    wait_for(lambda: listed(lab, broker).get("Watchers") == 1 and waiting(lab, broker) == ["bob"], 5,
+             "the watcher and the waiter listed again, with no change to prompt it")

@@ -226,8 +226,16 @@ class Agent:
     def _announce(self, device: str) -> None:
         """Who watches or waits for ``device`` changed: brokers list it."""
         for uplink in self.uplinks:
-            uplink.send_control(LockChanged(device, self.locker.state(device), self.locker.shadowed(device),
-                                            self.watchers.count(device), self.lock_queue.waiting(device)))
+            uplink.send_control(self._listed(device))
+
+    def _listed(self, device: str) -> LockChanged:
+        return LockChanged(device, self.locker.state(device), self.locker.shadowed(device),
+                           self.watchers.count(device), self.lock_queue.waiting(device))
+
+    def listed_extras(self) -> list[LockChanged]:
+        """The devices someone watches or waits for, for a broker that just registered this agent."""
+        return [self._listed(d) for d in sorted(self.config.devices)
+                if self.watchers.count(d) or self.lock_queue.waiting(d)]
 
     # ------------------------------------------------------------- message entry point
     def handle(self, link: Link, peer: bytes, msg: Message, payload: Any) -> None:

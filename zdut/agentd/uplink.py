@@ -33,6 +33,7 @@ from zdut.protocol import (
     VERSION,
     DeviceEntry,
     Heartbeat,
+    LockChanged,
     Message,
     Refused,
     Register,
@@ -66,6 +67,8 @@ class Served(Protocol):
     def locker(self) -> Locker: ...
 
     def device_entries(self) -> list[DeviceEntry]: ...
+
+    def listed_extras(self) -> list[LockChanged]: ...
 
     def handle(self, link: Link, peer: bytes, msg: Message, payload: Any) -> None: ...
 
@@ -261,6 +264,8 @@ class Uplink:
                 self._last_refusal = ""
                 log.info("registered with broker %s (%s) as %s: %d devices", self.address, msg.broker,
                          self.agent.name, len(self.agent.device_entries()))
+                for change in self.agent.listed_extras():  # Register carries holds; who watches or waits follows
+                    self.send_control(change)
             case Refused():
                 if msg.message != self._last_refusal:
                     log.error("broker %s refused registration: %s", self.address, msg.message)
