@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import zmq
+from standins.bootloader import Bootloader
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -183,6 +184,14 @@ def ctx() -> Iterator[zmq.Context[Any]]:
     c = zmq.Context()
     yield c
     c.destroy(0)
+
+
+@pytest.fixture
+def board() -> Iterator[Bootloader]:
+    """The simulated U-Boot board on the far end of a pseudo-terminal (tests/standins/bootloader.py)."""
+    b = Bootloader().start()
+    yield b
+    b.close()
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from test_shell_terminal import Tmux
 from zdut.terminal.console import BREAK, DETACH, HELP, UNKNOWN, EscapeKeys
 
 try:
-    from standins.bootloader import Bootloader
+    from standins.bootloader import Bootloader, serial_device
 except ImportError:  # tests/ imported as a package
-    from tests.standins.bootloader import Bootloader
+    from tests.standins.bootloader import Bootloader, serial_device
 
 
 def test_escape_keys_split_across_reads_and_keep_the_bytes_around_them() -> None:
@@ -30,13 +30,6 @@ def test_escape_keys_split_across_reads_and_keep_the_bytes_around_them() -> None
 
 
 @pytest.fixture
-def board() -> Iterator[Bootloader]:
-    b = Bootloader().start()
-    yield b
-    b.close()
-
-
-@pytest.fixture
 def tmux(lab: Lab) -> Iterator[Tmux]:
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (apt-get install tmux)")
@@ -47,9 +40,7 @@ def tmux(lab: Lab) -> Iterator[Tmux]:
 
 def test_the_escape_menu_in_a_serial_console(lab: Lab, board: Bootloader, tmux: Tmux) -> None:
     cfg = lab.tmp / "serial.yaml"
-    cfg.write_text("version: 0.1.0\ndevices:\n  board:\n    cmds:\n      serial:\n        uses:\n"
-                   "          - module: serial\n            passthrough: true\n"
-                   f"            with: {{port: {board.path}}}\n")
+    cfg.write_text("version: 0.1.0\ndevices:\n" + serial_device("board", board.path))
     _, addr = lab.agent(cfg)
     tmux.start("-s", addr, "board", "serial", "console")
     tmux.wait("[attached to board serial; Ctrl-] . detaches, Ctrl-] ? more]")

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from standins.bootloader import Bootloader
+from standins.bootloader import Bootloader, serial_device
 
 from conftest import Lab
 from zdut.aio import AsyncLab
@@ -17,34 +16,13 @@ from zdut.api import EOF, TIMEOUT, ExpectTimeout, SessionEnded, ZdutError
 from zdut.api import Lab as Api
 from zdut.protocol import Code
 
-CONFIG = """\
-version: 0
-devices:
-  board:
-    cmds:
-      serial:
-        uses:
-          - module: serial
-            passthrough: true
-            with: {{port: {port}}}
-      say:
-        uses:
-          - module: shell
-            passthrough: true
-"""
-
-
-@pytest.fixture
-def board() -> Iterator[Bootloader]:
-    b = Bootloader().start()
-    yield b
-    b.close()
+SAY = "      say:\n        uses:\n          - module: shell\n            passthrough: true\n"
 
 
 @pytest.fixture
 def addr(lab: Lab, board: Bootloader) -> str:
     path = lab.tmp / "expect.yaml"
-    path.write_text(CONFIG.format(port=board.path))
+    path.write_text("version: 0\ndevices:\n" + serial_device("board", board.path, SAY))
     return lab.agent(path)[1]
 
 

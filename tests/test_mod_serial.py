@@ -8,7 +8,7 @@ import re
 import select
 import subprocess
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 
 import pytest
 from modhelpers import make_module, until
@@ -25,16 +25,9 @@ from zdut.devices.testing import LocalSession
 from zdut.protocol import Code
 
 try:
-    from standins.bootloader import COLOR, Bootloader
+    from standins.bootloader import COLOR, Bootloader, serial_device
 except ImportError:  # tests/ imported as a package
-    from tests.standins.bootloader import COLOR, Bootloader
-
-
-@pytest.fixture
-def board() -> Iterator[Bootloader]:
-    b = Bootloader().start()
-    yield b
-    b.close()
+    from tests.standins.bootloader import COLOR, Bootloader, serial_device
 
 
 @pytest.fixture(autouse=True)
@@ -514,10 +507,7 @@ def test_monitor_streams_200mb_in_linear_time_and_bounded_memory(lab, board: Boo
     """A chatty console at full pty speed through a real agent and client: the agent keeps nothing beyond what
     it forwards, so 200 MB take about four times as long as 50 MB and the agent stays small."""
     cfg = lab.tmp / "serial.yaml"
-    cfg.write_text(
-        "version: 0.1.0\ndevices:\n  board:\n    cmds:\n      serial:\n        uses:\n"
-        f"          - module: serial\n            passthrough: true\n            with: {{port: {board.path}}}\n"
-    )
+    cfg.write_text("version: 0.1.0\ndevices:\n" + serial_device("board", board.path))
     agent, addr = lab.agent(cfg)
     read_fd, write_fd = os.pipe()
     client = subprocess.Popen([conftest.exe("zdut"), "-s", addr, "board", "serial"], stdin=subprocess.DEVNULL,

@@ -9,22 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from standins.bootloader import Bootloader
+from standins.bootloader import Bootloader, serial_device
 
 import zdut.devices.serial  # noqa: F401  imported before pytester snapshots sys.modules: it restores them after
 from conftest import Lab
 
 pytest_plugins = ["pytester"]
 
-BOARD = """\
-  {name}:
-    cmds:
-      serial:
-        uses:
-          - module: serial
-            passthrough: true
-            with: {{port: {port}}}
-"""
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "automation.md"
 
@@ -79,7 +70,7 @@ def boards() -> Iterator[list[Bootloader]]:
 @pytest.fixture
 def addr(lab: Lab, boards: list[Bootloader]) -> str:
     config = lab.tmp / "boards.yaml"
-    config.write_text("version: 0\ndevices:\n" + "".join(BOARD.format(name=f"board-{i}", port=b.path)
+    config.write_text("version: 0\ndevices:\n" + "".join(serial_device(f"board-{i}", b.path)
                                                          for i, b in enumerate(boards, 1)))
     _, broker = lab.broker()
     lab.brokered_agent(config, broker)

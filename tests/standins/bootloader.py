@@ -24,6 +24,13 @@ PROMPT = b"=> "
 COLOR = b"\x1b[1;32mgreen\x1b[0m \x1b[2A\x1b]0;board title\x07plain \x1bP1$r0m\x1b\\text\r\n"
 
 
+def serial_device(name: str, port: str, more_commands: str = "") -> str:
+    """An agent config's entry for device ``name``: a passthrough ``serial`` command on ``port``, then
+    ``more_commands`` (YAML at the commands' indentation)."""
+    return (f"  {name}:\n    cmds:\n      serial:\n        uses:\n          - module: serial\n"
+            f"            passthrough: true\n            with: {{port: {port}}}\n{more_commands}")
+
+
 class Bootloader:
     def __init__(self, autoboot: int = 0, tick: float = 0.1, link: str | None = None) -> None:
         """``link``: a symlink to keep pointing at the pty, as udev keeps /dev/serial/by-id/... pointing at
