@@ -10,6 +10,7 @@ import os
 import pty
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -296,3 +297,21 @@ def test_the_client_caps_frames_at_the_longest_reply() -> None:
 
     assert CLIENT_MAX_FRAME == p.MAX_REPLY_BYTES
 
+
+
+def test_a_lab_dropped_without_close_after_its_server_died_does_not_hang_the_garbage_collector(lab: Lab) -> None:
+    broker, addr = lab.broker()
+    script = ("import gc, sys\nfrom zdut.api import Lab\n"
+              "lab = Lab(sys.argv[1])\nlab.devices()\nprint('connected', flush=True)\nsys.stdin.readline()\n"
+              "del lab\ngc.collect()\nprint('collected', flush=True)\n")
+    child = subprocess.Popen([sys.executable, "-c", script, addr], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=lab.env)
+    assert child.stdout is not None and child.stdin is not None
+    assert child.stdout.readline().strip() == "connected"
+    broker.kill()
+    broker.popen.wait(5)
+    try:
+        out, _ = child.communicate("\n", timeout=15)  # the context's term() waited for ever here before
+    finally:
+        child.kill()
+    assert out.strip() == "collected"

@@ -74,7 +74,7 @@ from zdut.protocol import (
     ZdutError,
     version_drift,
 )
-from zdut.transport.dealer import client_socket, unresolvable
+from zdut.transport.dealer import client_context, client_socket, unresolvable
 from zdut.transport.files import Downloads, FileSender, open_source
 from zdut.transport.links import Pump
 from zdut.transport.monitor import ConnectionMonitor, Verdict, settled
@@ -326,7 +326,7 @@ class Client:
         problem = await unresolvable(ep, min(self.connect_timeout, RESOLVE_TIMEOUT_S))
         if problem:
             raise self._unreachable(problem)
-        self._ctx = zmq.Context()
+        self._ctx = client_context(self)
         sock = client_socket(self._ctx, self.keys)
         pump = self._pump = Pump(sock, with_peer=False, limit=MAX_REPLY_BYTES)
         monitor = ConnectionMonitor(sock, self._up, self._down, REFUSED_GRACE_S, self.keys, self._refused)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import weakref
 from typing import Any
 
 import zmq
@@ -24,6 +25,36 @@ from zdut.common.flags import go_quote
 from zdut.common.keyring import secure_client
 from zdut.common.limits import CLIENT_MAX_FRAME
 from zdut.transport.links import tune
+
+
+class _HoldingContext(zmq.Context):
+    """Keeps its sockets strongly: by the time a garbage-collected client's finalizer runs, the context's own
+    weak references to them are gone, and ``term()`` would wait for ever for sockets it cannot close."""
+
+    _held: list[zmq.Socket[Any]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        object.__setattr__(self, "_held", [])  # pyzmq's own __setattr__ takes a new name for a socket option
+
+    def socket(self, *args: Any, **kwargs: Any) -> zmq.Socket[Any]:
+        sock: zmq.Socket[Any] = super().socket(*args, **kwargs)
+        self._held.append(sock)
+        return sock
+
+    def release(self) -> None:
+        for sock in self._held:
+            sock.close(linger=0)
+        self._held.clear()
+        self.term()
+
+
+def client_context(owner: object) -> zmq.Context[Any]:
+    """A context closed (linger 0) when ``owner`` is garbage-collected: a client dropped without ``close()``
+    would otherwise hang the interpreter in the context's ``__del__`` (``term()``) once its server has gone."""
+    ctx = _HoldingContext()
+    weakref.finalize(owner, ctx.release)
+    return ctx
 
 
 def client_socket(ctx: zmq.Context[Any], keys: ClientKeys | None = None) -> zmq.Socket[Any]:
