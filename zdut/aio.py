@@ -18,19 +18,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from zdut.client import Client, Run, RunHandler
+from zdut.brokers import client_order, connect_first
+from zdut.client import CONNECT_TIMEOUT_S, Client, Run, RunHandler
 from zdut.common.client_config import KeyConfigError, PathArg, client_keys
 from zdut.common.durations import lock_seconds
 from zdut.common.watch_args import MAX_WAIT_S
 from zdut.expect import AsyncConsole
 from zdut.lock_queue import lock_first, wait_for_lock
 from zdut.protocol import PRINT, STDERR, STDOUT, AgentInfo, Code, DeviceInfo, LockState, Unlocked, ZdutError
+from zdut.transport.monitor import LinkDown
 
 __all__ = ["AsyncLab", "RunResult", "ZdutError"]
+
+log = logging.getLogger("zdut.api")
+T = TypeVar("T")
 
 #: After a run's timeout, how long to wait for the agent to confirm the cancel (and release the device).
 CANCEL_GRACE_S = 5.0
@@ -108,24 +115,56 @@ class AsyncLab:
     (the server's public key file) make it a CURVE connection, for a server with security on; each defaults to
     $ZDUT_KEY / $ZDUT_SERVER_KEY, then the config file (``~/.config/zdut/config.toml``), as for ``zdut``.  A key
     that cannot be used, or half a pair: InvalidArgument, before anything connects.  ``user`` defaults to the
-    key's name with a key (a secure server takes no other), else ``$USER@hostname``."""
+    key's name with a key (a secure server takes no other), else ``$USER@hostname``.
 
-    def __init__(self, address: str | None = None, user: str | None = None, *, timeout: float = 30.0,
+    ``address`` may list several brokers of one lab (``"a:1024,b:1024"`` or a list): the first that answers is
+    used (zdut.brokers), and when its connection dies the next call switches to another, saying so once in the
+    ``zdut.api`` log; a unary call cut off by the death is made again there, a run or console is not."""
+
+    def __init__(self, address: str | list[str] | None = None, user: str | None = None, *, timeout: float = 30.0,
                  key: PathArg | None = None, server_key: PathArg | None = None) -> None:
-        address = address or os.environ.get("ZDUT_SERVER") or DEFAULT_SERVER
+        self._addresses = client_order(address or os.environ.get("ZDUT_SERVER") or DEFAULT_SERVER)
         try:
-            keys = client_keys(address, key, server_key, given_as=("key=", "server_key="))
+            self._keys = {a: client_keys(a, key, server_key, given_as=("key=", "server_key="))
+                          for a in self._addresses}
         except KeyConfigError as exc:
             raise ZdutError(Code.INVALID_ARGUMENT, str(exc)) from None
-        self.client = Client(address, user, call_timeout=timeout, keys=keys)
+        self._user, self._timeout = user, timeout
+        self.client = self._client_for(self._addresses[0], CONNECT_TIMEOUT_S)
+        self._closed = False
+
+    def _client_for(self, address: str, connect_timeout: float) -> Client:
+        return Client(address, self._user, call_timeout=self._timeout, keys=self._keys[address],
+                      connect_timeout=connect_timeout)
 
     async def connect(self) -> AsyncLab:
         """Connect and exchange versions: Unavailable if nobody answers, InvalidArgument for a bad address."""
-        await self.client.connect()
+        self.client = await connect_first(self._addresses, self._client_for)
         return self
+
+    async def _live(self, dead: bool = False) -> Client:
+        """The connection, switched to another broker of the list if this one died (or is ``dead``)."""
+        client = self.client
+        if (client.connected and not dead) or len(self._addresses) == 1 or self._closed:
+            return client
+        await client.close()
+        self.client = await connect_first(self._addresses, self._client_for, after=client.address)
+        log.warning("lost the connection to %s: now using %s", client.address, self.client.address)
+        return self.client
+
+    async def _unary(self, call: Callable[[Client], Awaitable[T]]) -> T:
+        """``call`` on the live connection; made once more on another broker if the connection died under it."""
+        client = await self._live()
+        try:
+            return await call(client)
+        except LinkDown:
+            if len(self._addresses) == 1:
+                raise
+        return await call(await self._live(dead=True))
 
     async def close(self) -> None:
         """Cancel what still runs and close the connection; calls after it raise Unavailable."""
+        self._closed = True
         await self.client.close()
 
     async def __aenter__(self) -> AsyncLab:
@@ -136,21 +175,21 @@ class AsyncLab:
 
     # ------------------------------------------------------------- unary calls
     async def devices(self) -> list[DeviceInfo]:
-        return await self.client.list()
+        return await self._unary(lambda c: c.list())
 
     async def agents(self) -> list[AgentInfo]:
         """The agents a broker knows (an agent lists itself)."""
-        return await self.client.agents()
+        return await self._unary(lambda c: c.agents())
 
     async def commands(self, device: str) -> list[str]:
-        return await self.client.commands(device)
+        return await self._unary(lambda c: c.commands(device))
 
     async def descriptions(self, device: str) -> dict[str, str]:
         """Each of ``device``'s commands, in order, with the config's ``desc`` of it ("" where there is none)."""
-        return dict(await self.client.described_commands(device))
+        return dict(await self._unary(lambda c: c.described_commands(device)))
 
     async def help(self, device: str, command: str) -> str:
-        return await self.client.details(device, command)
+        return await self._unary(lambda c: c.details(device, command))
 
     async def lock(self, device: str, duration: str | float | datetime.timedelta | None = None, *,
                    wait: str | float | datetime.timedelta | None = None) -> LockState:
@@ -159,8 +198,9 @@ class AsyncLab:
         default (30m).  Zero, negative or malformed: InvalidArgument, before anything is sent.  ``wait`` (a
         duration too): if someone else holds it, wait in its queue that long (DeadlineExceeded after)."""
         if wait is None:
-            return await self.client.lock(device, lock_seconds(duration))
-        return await wait_for_lock(self.client, device, lock_seconds(duration), _wait_seconds(wait))
+            seconds = lock_seconds(duration)
+            return await self._unary(lambda c: c.lock(device, seconds))
+        return await wait_for_lock(await self._live(), device, lock_seconds(duration), _wait_seconds(wait))
 
     async def lock_any(self, devices: str | list[str], duration: str | float | datetime.timedelta | None = None, *,
                        wait: str | float | datetime.timedelta = "30m") -> tuple[str, LockState]:
@@ -168,16 +208,16 @@ class AsyncLab:
         ``wait`` in each one's queue; returns (its name, the lock).  NotFound for a glob matching nothing,
         DeadlineExceeded when none became free."""
         patterns = [devices] if isinstance(devices, str) else list(devices)
-        return await lock_first(self.client, patterns, lock_seconds(duration), _wait_seconds(wait))
+        return await lock_first(await self._live(), patterns, lock_seconds(duration), _wait_seconds(wait))
 
     async def unlock(self, device: str, force: bool = False) -> Unlocked:
         """Release your reservation; ``force`` breaks anyone's and cancels their sessions on the device.
         The answer's ``broke`` names the owner whose lock a forced unlock broke, ``cancelled`` counts them."""
-        return await self.client.unlock(device, force)
+        return await self._unary(lambda c: c.unlock(device, force))
 
     async def forget(self, agent: str) -> list[str]:
         """Drop an offline agent and its devices from a broker; returns those devices."""
-        return await self.client.forget(agent)
+        return await self._unary(lambda c: c.forget(agent))
 
     # ------------------------------------------------------------- Run
     async def open(self, device: str, command: str, *args: str,
@@ -187,7 +227,7 @@ class AsyncLab:
         that gets everything the session prints.  The agent's refusal (a device locked by someone else, a
         command that does not exist) raises its ZdutError here."""
         console = AsyncConsole(device, command, transcript)
-        run = self.client.run(device, command, list(args), console.handler)
+        run = (await self._live()).run(device, command, list(args), console.handler)
         try:
             return await console.attach(run)
         except asyncio.CancelledError:
@@ -202,7 +242,7 @@ class AsyncLab:
         After ``timeout`` seconds the command is cancelled and fails with DeadlineExceeded; cancelling the
         awaiting task cancels it on the agent too."""
         result = RunResult()
-        run = self.client.run(device, command, list(args), _Collector(result.output))
+        run = (await self._live()).run(device, command, list(args), _Collector(result.output))
         try:
             async with asyncio.timeout(timeout):
                 await _feed_and_wait(run, stdin)

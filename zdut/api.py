@@ -42,7 +42,7 @@ T = TypeVar("T")
 class Lab:
     """A connection to a zdut broker or agent (the arguments are ``zdut.aio.AsyncLab``'s)."""
 
-    def __init__(self, address: str | None = None, user: str | None = None, *, timeout: float = 30.0,
+    def __init__(self, address: str | list[str] | None = None, user: str | None = None, *, timeout: float = 30.0,
                  key: PathArg | None = None, server_key: PathArg | None = None) -> None:
         if _loop_running():  # a blocking call would stall that loop (and asyncio refuses to nest loops)
             raise RuntimeError("zdut.api.Lab blocks; in a thread that runs an event loop (Jupyter, async code) "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from zdut.common.addresses import server_list
 from zdut.common.client_config import KeyConfigError, client_keys
 from zdut.common.memtune import tune_malloc
 from zdut.terminal.commands import (
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if not opts.version and words[:1] != ["version"]:  # every other command talks to a server
         try:
-            opts.keys = client_keys(opts.server, opts.key, opts.server_key)
+            opts.server_keys = {a: client_keys(a, opts.key, opts.server_key) for a in server_list(opts.server)}
+            opts.keys = next(iter(opts.server_keys.values()))
         except KeyConfigError as exc:  # not a grammar problem: the line alone, without the usage
             sys.stderr.write(f"{exc}\n")
             return EXIT_USAGE

@@ -77,7 +77,7 @@ from zdut.protocol import (
 from zdut.transport.dealer import client_context, client_socket, unresolvable
 from zdut.transport.files import Downloads, FileSender, open_source
 from zdut.transport.links import Pump
-from zdut.transport.monitor import ConnectionMonitor, Verdict, settled
+from zdut.transport.monitor import ConnectionMonitor, LinkDown, Verdict, settled
 from zdut.transport.stream import Stream, Watched, keep_alive
 
 CONNECT_TIMEOUT_S = 10.0
@@ -350,7 +350,7 @@ class Client:
             self.warnings.append(drift)
 
     def _unreachable(self, why: str, code: str = Code.UNAVAILABLE) -> ZdutError:
-        return ZdutError(code, f"cannot reach zdut server at {self.address} ({why})")
+        return LinkDown(code, f"cannot reach zdut server at {self.address} ({why})")
 
     def _refused(self, verdict: Verdict) -> None:
         if self.on_refused:
@@ -380,7 +380,7 @@ class Client:
         self._connected.clear()
         if self._pump is not None:
             self._pump.drain()
-        self._fail_all(ZdutError(Code.UNAVAILABLE, f"lost connection to zdut server at {self.address} (closed by "
+        self._fail_all(LinkDown(Code.UNAVAILABLE, f"lost connection to zdut server at {self.address} (closed by "
                                  f"the server or the network, or it sent a frame over {CLIENT_MAX_FRAME >> 20} MiB)"))
         if self.on_connection:
             self.on_connection(False)

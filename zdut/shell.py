@@ -120,7 +120,7 @@ class Shell:
         self.script = not interactive if script is None else script
         self.cli = ShellCli(opts, self)
         self.tracker = Tracker(opts.server, opts.user or default_user(opts.keys), self._notify, self._invalidate,
-                               opts.keys)
+                               opts.keys, opts.server_keys)
         self.device: str | None = None
         #: What Ctrl-C does right now: cancel the command being executed, or nothing.
         self.on_interrupt: Callable[[], None] | None = None

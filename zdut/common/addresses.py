@@ -1,10 +1,13 @@
-"""Server addresses as people type them (``host:port`` or ``tcp://host:port``), checked before anything connects.
+"""Server addresses as people type them (``host:port``, ``tcp://host:port``, or a comma-separated list of
+them), checked before anything connects.
 
 A typo such as ``hostwithoutport``, ``http://host:1024`` or ``localhost:99999`` is refused here with one
 message, so a front end can make it a usage error naming its flag instead of a socket error later.
 """
 
 from __future__ import annotations
+
+import zlib
 
 
 def endpoint(addr: str) -> str:
@@ -36,3 +39,29 @@ def server_endpoint(address: str) -> str:
     if scheme != "tcp" or not host or not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(WANT)
     return ep
+
+
+def server_list(text: str) -> list[str]:
+    """A comma-separated list of servers (``a:1024,b:1024``; one server is a list of one) -> the addresses, each
+    checked; ValueError saying which entry is wrong and what is wanted."""
+    items = [item.strip() for item in text.split(",")]
+    if len(items) > 1 and not all(items):
+        raise ValueError("an empty entry in the list: want host:port,host:port")
+    seen: dict[str, str] = {}
+    for item in items:
+        try:
+            ep = server_endpoint(item)
+        except ValueError as exc:
+            raise ValueError(f"{item!r}: {exc}" if len(items) > 1 else str(exc)) from None
+        if ep in seen:
+            raise ValueError(f"{item!r} is listed twice (as {seen[ep]!r})" if item != seen[ep]
+                             else f"{item!r} is listed twice")
+        seen[ep] = item
+    return items
+
+
+def start_order(addresses: list[str], seed: str) -> list[str]:
+    """The order a client tries ``addresses`` in, so that clients given the same list spread over it: from the
+    entry at CRC-32 of ``seed`` (the client's host name and process id) modulo the list's length, round the list."""
+    start = zlib.crc32(seed.encode()) % len(addresses) if addresses else 0
+    return addresses[start:] + addresses[:start]

@@ -18,15 +18,17 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from zdut.brokers import client_order, connect_first
 from zdut.client import Client, Run
 from zdut.common import flags
-from zdut.common.addresses import server_endpoint
+from zdut.common.addresses import server_list
 from zdut.common.client_config import ClientKeys
 from zdut.common.durations import format_duration, lock_seconds
 from zdut.common.watch_args import lock_words, log_query, replay_lines
 from zdut.lock_queue import lock_first
 from zdut.protocol import JOURNAL, VERSION, WATCH, ZdutError
 from zdut.terminal.console import attach
+from zdut.terminal.help_text import HELP, OPTIONS, SYNOPSIS  # noqa: F401  HELP: read here by cli.py and tests
 from zdut.terminal.output import (
     AGENT_LIST,
     COMMAND_DETAIL,
@@ -52,81 +54,6 @@ CANCEL_GRACE_S = 3.0
 #: A planned command line, to run on a connected client.
 Action = Callable[[Client], Awaitable[int]]
 
-SYNOPSIS = """SYNOPSIS
-    zdut [options] [list]
-    zdut [options] agents
-    zdut [options] forget <agent>
-    zdut [options] <device> [help]
-    zdut [options] <device> <command> [args...]
-    zdut [options] <device> <command> help
-    zdut [options] <device> lock [duration] [--wait MAX]
-    zdut [options] <device> unlock [force]
-    zdut [options] <device> watch [-n N]
-    zdut [options] <device> log [-n N] [--since TIME] [--follow]
-    zdut [options] shell [options]
-    zdut version
-    zdut help
-"""
-
-OPTIONS = """OPTIONS
-    -s ADDR        server (zdut-broker or zdut-agent) as host:port or tcp://host:port
-                   (default $ZDUT_SERVER, else localhost:1024)
-    -f FORMAT      output format: text (default), json, yaml, oneline (alias csv)
-    -v             verbose: include metadata (server, device, command) in the output
-    --no-color     disable colours (they are only used on a terminal anyway)
-    -u USER        identity for locks and runs (default: the key's name with a key, else
-                   $USER@hostname; a server with security on refuses any other name)
-    --key FILE     your secret key (NAME.key_secret, from `zdut keys generate NAME`): talk CURVE
-                   as user NAME (default $ZDUT_KEY, else the config file's key)
-    --server-key FILE
-                   the server's public key (default $ZDUT_SERVER_KEY, else the config file's
-                   server_key); --key and --server-key go together
-    --log LEVEL    client log: warn (default, summary at exit), debug (live), none
-    --version      show the version (as `zdut version`)
-    -h, --help     show this help (as `zdut help`)
-"""
-
-HELP = f"""zdut - reach lab devices (serial consoles, power, flashers, GPIO, IPMI) by name.
-
-{SYNOPSIS}
-DESCRIPTION
-    Without arguments, or with `list`, lists the devices the server knows and their locks.
-    `agents` lists the agents behind a broker; `forget` drops an offline agent and its devices
-    from a broker (and its state file), so that a device locked there can move to another agent.
-    `keys generate NAME [--dir DIR]` writes a CurveZMQ key pair (NAME.key, NAME.key_secret);
-    `keys show FILE` prints its public key (`zdut keys -h`).
-    With a device, lists its commands; with a
-    command, runs it: output streams as it arrives, stdin is forwarded (raw mode on a terminal
-    for interactive commands: Ctrl-] then . detaches, b sends a serial break, ? lists the
-    keys), and files the command names are transferred.
-    `help` after a command shows its usage. `lock` reserves a device (default 30m, Go duration
-    syntax such as 1h30m); with --wait MAX it waits up to MAX in the device's queue, first
-    come first served, showing its place on a terminal (the device may then be a comma list
-    or a glob such as 'board-*': the first to be free is taken, and named); `unlock force`
-    breaks anyone's lock and cancels their sessions on the device. `watch` follows, read-only,
-    what every session on the device prints (it replays the last N lines first, default 50;
-    anyone may watch, a watcher that cannot keep up is told how much it missed, the owner is
-    told who watches; Ctrl-C leaves). `log` reads
-    the device's journal at its agent: who ran what, when, its exit and output, and lock
-    events (the last N lines, default 50; --since 10m or 2026-12-02T21:00; --follow goes on
-    with what comes; -f json gives one record a line).
-    Flags go before the device.
-    Exit status: 0 success, 1 error, 2 bad flag or config file, 130 interrupted, 141 output
-    closed (as by head).
-
-{OPTIONS}
-FILES
-    $XDG_CONFIG_HOME/zdut/config.toml (default ~/.config/zdut/config.toml): the keys for servers
-    with security on, as paths (relative ones to the file's directory). A server's table wins over
-    [default] field by field; --key/--server-key and $ZDUT_KEY/$ZDUT_SERVER_KEY win over both:
-        [default]
-        key = "alice.key_secret"
-        server_key = "lab.key"
-        [servers."lab2:1024"]
-        server_key = "lab2.key"
-"""
-
-
 class UsageError(Exception):
     """A flag problem (exit 2)."""
 
@@ -145,6 +72,8 @@ class Options:
     server_key: str | None = None
     #: What --key and --server-key, the environment and the config file settle on (``zdut.cli.main``).
     keys: ClientKeys | None = None
+    #: The same for each server of a list given to -s (each may have its own section in the config file).
+    server_keys: dict[str, ClientKeys | None] = field(default_factory=dict)
 
 
 _VALUE_FLAGS = {"s": "server", "f": "fmt", "u": "user", "log": "log", "key": "key", "server-key": "server_key"}
@@ -171,7 +100,7 @@ def parse_flags(argv: list[str]) -> tuple[Options, list[str]]:
         raise UsageError(f"invalid value {flags.go_quote(opts.user)} for flag -u: not valid UTF-8")
     if not (opts.help or opts.version) and parsed.rest[:1] not in (["version"], ["help"]):  # none needs a server
         try:
-            server_endpoint(opts.server)
+            server_list(opts.server)
         except ValueError as exc:
             origin = "flag -s" if "s" in parsed.values else "$ZDUT_SERVER"
             raise UsageError(f"invalid value {flags.go_quote(opts.server)} for {origin}: {exc}") from None
@@ -208,10 +137,11 @@ class Cli:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.out = GuardedOutput(opts.fmt, opts.verbose, False if opts.no_color else None)
+        self.answered_by = ""  # the server (of -s's list) this command talks to
         self.log = Warnings(opts.log, self.out)
 
     def meta(self, msg: str, **extra: str) -> dict[str, str]:
-        return {"server": self.opts.server, "msg": msg, **extra} if self.opts.verbose else {}
+        return {"server": self.answered_by or self.opts.server, "msg": msg, **extra} if self.opts.verbose else {}
 
     def error(self, text: str) -> None:
         with contextlib.suppress(OutputFailed):  # stderr itself is gone: the exit status has to say it
@@ -241,17 +171,21 @@ class Cli:
             self.error(str(exc))
             self.out.err.write("\n" + SYNOPSIS + "\n" + OPTIONS)
             return EXIT_ERROR
-        client = Client(self.opts.server, self.opts.user, keys=self.opts.keys)
         try:
-            try:
-                await client.connect()
-            except ZdutError as exc:
-                self.error(exc.message)
-                return EXIT_ERROR
+            client = await connect_first(client_order(self.opts.server), self.client_for)
+        except ZdutError as exc:
+            self.error(exc.message)
+            return EXIT_ERROR
+        self.answered_by = client.address  # -v says which broker of a list answered
+        try:
             self.greet(client)
             return await self.perform(action, client)
         finally:
             await client.close()
+
+    def client_for(self, address: str, connect_timeout: float) -> Client:
+        return Client(address, self.opts.user, keys=self.opts.server_keys.get(address, self.opts.keys),
+                      connect_timeout=connect_timeout)
 
     def greet(self, client: Client) -> None:
         """Log what the handshake told us (version drift warnings)."""

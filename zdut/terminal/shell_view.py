@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
+from zdut.brokers import client_order, connect_first
 from zdut.client import Client
 from zdut.common.backoff import Backoff
 from zdut.common.client_config import ClientKeys
@@ -203,13 +204,17 @@ class Tracker:
     Connects in the background (the prompt does not wait), retries until a server answers,
     then follows the client's link state: ZeroMQ reconnects by itself, we only report it. A server that refuses
     our key (or wants one) is said once, then retried quietly: its admin may be adding the key right now.
-    libzmq gives up a link whose reconnection was refused, so then a new client takes over."""
+    libzmq gives up a link whose reconnection was refused, so then a new client takes over.  Given several
+    brokers (``a:1024,b:1024``), it uses the first that answers and switches to another as soon as its link
+    drops, saying so once."""
 
     def __init__(
         self, address: str, user: str, notify: Callable[[list[str]], None], changed: Callable[[], None],
-        keys: ClientKeys | None = None,
+        keys: ClientKeys | None = None, server_keys: dict[str, ClientKeys | None] | None = None,
     ) -> None:
-        self.address, self.user, self.keys = address, user, keys
+        self.addresses = client_order(address)
+        self.address, self.user, self.keys = self.addresses[0], user, keys
+        self._server_keys = server_keys or {}
         self.notify, self.changed = notify, changed
         self.view = LabView()
         self.state = CONNECTING
@@ -265,13 +270,9 @@ class Tracker:
         """Connect, retrying; ``told`` is the refusal already said (a refusal is said once, not per retry)."""
         backoff = Backoff(RETRY_MIN_S, RETRY_MAX_S)
         while True:
-            client = Client(self.address, self.user, keys=self.keys)
-            client.on_connection = lambda up, c=client: self._link(c, up)
-            client.on_refused = lambda exc, c=client: self._refused(c, exc)
             try:
-                await client.connect()
+                client = await connect_first(self.addresses, self._client_for, after=self.address if told else "")
             except ZdutError as exc:
-                await client.close()
                 self.error = exc.message
                 self._attempted.set()
                 self._set_state(DISCONNECTED)
@@ -283,13 +284,20 @@ class Tracker:
                     return  # a bad address, an incompatible server, a user the key does not allow
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            self.client = client
+            self.client, self.address = client, client.address
             self._attempted.set()
             self._set_state(CONNECTED)
             if told:
                 self.notify([f"connected to {self.address}"])
             self._wake.set()
             return
+
+    def _client_for(self, address: str, connect_timeout: float) -> Client:
+        client = Client(address, self.user, keys=self._server_keys.get(address, self.keys),
+                        connect_timeout=connect_timeout)
+        client.on_connection = lambda up, c=client: self._link(c, up)
+        client.on_refused = lambda exc, c=client: self._refused(c, exc)
+        return client
 
     def _refused(self, client: Client, exc: ZdutError) -> None:
         """The server refused the handshake of a reconnection (our key removed, security turned on or off):
@@ -317,7 +325,16 @@ class Tracker:
         elif not up and self.state == CONNECTED:
             self.error = f"lost connection to zdut server at {self.address}"
             self._set_state(DISCONNECTED)
-            self.notify([self.error])
+            if len(self.addresses) > 1:  # another broker serves the same lab: go there now
+                self.notify([f"{self.error}: switching to another of {', '.join(self.addresses)}"])
+                self.client = None
+                self._tasks.append(asyncio.create_task(self._switch(client)))
+            else:
+                self.notify([self.error])
+
+    async def _switch(self, dead: Client) -> None:
+        await dead.close()
+        await self._connect(told=self.error)
 
     # ------------------------------------------------------------- refresh
     async def _refresh_loop(self) -> None:

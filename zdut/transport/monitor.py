@@ -33,7 +33,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from zdut.common.client_config import ClientKeys, config_path
 from zdut.common.daemon import off_loop
-from zdut.protocol import Code
+from zdut.protocol import Code, ZdutError
 from zdut.transport.links import EVENTS, NOBLOCK, POLLIN, int_option
 
 _WATCHED = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
@@ -46,6 +46,11 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_
 GREETING_S = 1.2
 REFUSED = "connection refused"
 NOT_ZMTP = "the port answered, but not in ZMTP: is it a zdut server?"
+
+
+class LinkDown(ZdutError):
+    """The client's own link to its server failed (no connection, or it dropped): not an answer of the server, so
+    another broker of the same lab may serve."""
 
 
 #: ZAP's status for "these credentials are not let in" (RFC 27): the server does not know our key.

@@ -1,0 +1,140 @@
+"""Several brokers for one lab (issue 15): clients given a list use the first that answers, spread over it, and
+go on through another when theirs dies; every broker shows the same truth.  Real brokers, agent, CLI, API and
+shell."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CONF, Lab, Proc, wait_for
+from test_shell_terminal import Tmux, tmux  # noqa: F401  tmux: the fixture, used by name
+from zdut.aio import AsyncLab
+from zdut.api import Lab as Api
+from zdut.protocol import Code, ZdutError
+
+DEVICES = ["device1", "device2", "device3"]
+
+
+@pytest.fixture
+def three(lab: Lab) -> tuple[list[Proc], list[str]]:
+    """Three brokers and the demo agent registered with all of them."""
+    started = [lab.broker() for _ in range(3)]
+    procs, addrs = [p for p, _ in started], [a for _, a in started]
+    lab.agent(CONF / "demo.yaml", None, *[arg for a in addrs for arg in ("--server", a)])
+    for addr in addrs:
+        wait_for(lambda addr=addr: lab.online(addr, DEVICES), 15, f"the agent at {addr}")
+    return procs, addrs
+
+
+def answered_by(lab: Lab, servers: str, *args: str) -> tuple[int, str]:
+    r = lab.zdut("-s", servers, "-v", *(args or ("list",)))
+    found = re.search(r"# connected to (\S+)", r.stdout)
+    return r.returncode, found.group(1) if found else r.stderr
+
+
+@pytest.mark.parametrize(("servers", "message"), [
+    ("a:1,,b:2", "an empty entry in the list"),
+    ("localhost:1,localhost:1", "'localhost:1' is listed twice"),
+    ("localhost:1,tcp://127.0.0.1:1", "'tcp://127.0.0.1:1' is listed twice (as 'localhost:1')"),
+    ("localhost:1,http://x", "'http://x': want host:port"),
+    ("localhost:1,hostwithoutport", "'hostwithoutport': want host:port"),
+])
+def test_the_list_syntax_and_its_errors(lab: Lab, servers: str, message: str) -> None:
+    r = lab.zdut("-s", servers, "list")
+    assert r.returncode == 2 and f'for flag -s: {message}' in r.stderr, r.stderr
+    r = lab.zdut("list", env={**lab.env, "ZDUT_SERVER": servers})
+    assert r.returncode == 2 and f"for $ZDUT_SERVER: {message}" in r.stderr, r.stderr
+    with pytest.raises(ZdutError) as bad:
+        AsyncLab(servers)
+    assert bad.value.code == Code.INVALID_ARGUMENT and message in bad.value.message
+
+
+def test_nobody_answering_names_every_broker(lab: Lab) -> None:
+    started = time.monotonic()
+    r = lab.zdut("-s", "localhost:1,localhost:2", "list")
+    assert r.returncode == 1 and r.stderr.startswith("✗ no zdut server answered: ")
+    assert "localhost:1" in r.stderr and "localhost:2" in r.stderr
+    assert time.monotonic() - started < 5  # about a second each
+
+
+def test_one_shot_calls_spread_over_the_list_and_go_on_when_a_broker_is_killed(
+        lab: Lab, three: tuple[list[Proc], list[str]]) -> None:
+    procs, addrs = three
+    servers = ",".join(addrs)
+    used = set()
+    for _ in range(12):
+        code, where = answered_by(lab, servers)
+        assert code == 0, where
+        used.add(where)
+    assert len(used) >= 2, used  # each client starts at its own place in the list
+    procs[0].kill()  # SIGKILL: no goodbye to anyone
+    procs[0].popen.wait(5)
+    for _ in range(6):
+        started = time.monotonic()
+        code, where = answered_by(lab, servers)
+        assert code == 0 and where != addrs[0], where  # no call fails: the dead one is passed over
+        assert time.monotonic() - started < 5
+    assert lab.zdut("-s", servers, "-u", "alice", "device1", "lock", "10m").returncode == 0
+    for addr in addrs[1:]:  # a lock taken through one broker is enforced through every other and directly
+        r = lab.zdut("-s", addr, "-u", "bob", "device1", "status")
+        assert r.returncode == 1 and 'locked by "alice"' in r.stderr, r.stderr
+
+    lab.broker(int(addrs[0].rsplit(":", 1)[1]))  # back, on its address and state file
+    wait_for(lambda: lab.online(addrs[0], DEVICES), 15, "the agent back at the restarted broker")
+    wait_for(lambda: 'locked by "alice"' in lab.zdut("-s", addrs[0], "list").stdout, 5, "the lock there too")
+    wait_for(lambda: answered_by(lab, servers)[1] == addrs[0], 30, "new clients using it again", interval=0)
+
+
+def test_the_api_switches_to_another_broker_when_its_own_dies(lab: Lab, three: tuple[list[Proc], list[str]],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    procs, addrs = three
+    with Api(",".join(addrs), user="alice") as api:
+        assert [d.name for d in api.devices()] == DEVICES
+        mine = api._lab.client.address
+        procs[addrs.index(mine)].kill()
+        procs[addrs.index(mine)].popen.wait(5)
+        started = time.monotonic()
+        api.lock("device2", "10m")  # the next call goes through another broker, without the caller's help
+        assert time.monotonic() - started < 2
+        assert api._lab.client.address != mine
+        assert "lost the connection to " + mine in caplog.text
+        for addr in addrs:
+            if addr != mine:
+                wait_for(lambda addr=addr: 'locked by "alice"' in lab.zdut("-s", addr, "list").stdout, 2,
+                         f"the lock listed at {addr} within 2 s")
+        with Api(",".join(a for a in addrs if a != mine), user="bob") as bob, pytest.raises(ZdutError) as refused:
+            bob.run("device2", "status")
+        assert 'locked by "alice"' in refused.value.message
+
+
+def test_the_shell_keeps_working_when_its_broker_dies(lab: Lab, three: tuple[list[Proc], list[str]],
+                                                       tmux: Tmux) -> None:  # noqa: F811  the imported fixture
+    procs, addrs = three
+    tmux.start("-s", ",".join(addrs), "shell")
+    tmux.wait_ready()
+    tmux.line("list")
+    tmux.wait("- device3")
+    mine = next(a for a in addrs if a in tmux.toolbar())  # the toolbar says where it is connected
+    procs[addrs.index(mine)].kill()
+    tmux.wait(f"lost connection to zdut server at {mine}: switching to another", 5)
+    tmux.until(lambda: mine not in tmux.toolbar() and any(a in tmux.toolbar() for a in addrs), "another broker", 3)
+    tmux.line("device1 status")
+    tmux.wait("Hello from dummy status module")
+
+
+def test_a_lab_never_closed_does_not_hold_up_its_interpreters_exit(lab: Lab, three: tuple[list[Proc], list[str]]
+                                                                    ) -> None:
+    procs, addrs = three
+    procs[0].kill()
+    procs[0].popen.wait(5)
+    script = ("import sys\nfrom zdut.api import Lab, ZdutError\n"
+              "lab = Lab(sys.argv[1], user='bob')\n"
+              "try:\n    lab.run('device1', 'nothing')\nexcept ZdutError as exc:\n    print(exc.code)\n")
+    child = subprocess.run([sys.executable, "-c", script, ",".join(addrs)], capture_output=True, text=True,
+                           timeout=20, env=lab.env)  # a hang here is the failure
+    assert child.returncode == 0 and child.stdout.strip() == "NotFound", child.stdout + child.stderr
