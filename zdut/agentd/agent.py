@@ -218,13 +218,11 @@ class Agent:
 
     def _lock_changed(self, device: str, state: LockState | None, shadowed: LockState | None) -> None:
         """The Locker's callback: brokers are told, and a device that became free goes to its next waiter."""
-        for uplink in self.uplinks:
-            uplink.send_control(LockChanged(device, state, shadowed, self.watchers.count(device),
-                                            self.lock_queue.waiting(device)))
+        self._announce(device)
         self.lock_queue.grant(device)
 
     def _announce(self, device: str) -> None:
-        """Who watches or waits for ``device`` changed: brokers list it."""
+        """``device``'s hold, or who watches or waits for it, changed: brokers list it."""
         for uplink in self.uplinks:
             uplink.send_control(self._listed(device))
 

@@ -307,12 +307,7 @@ class Tracker:
         self.client, self.error = None, exc.message
         self._set_state(DISCONNECTED)
         self.notify([exc.message])
-
-        async def replace() -> None:
-            await client.close()
-            await self._connect(told=exc.message)
-
-        self._tasks.append(asyncio.create_task(replace()))
+        self._tasks.append(asyncio.create_task(self._switch(client)))
 
     def _link(self, client: Client, up: bool) -> None:
         if client is not self.client:
@@ -333,6 +328,7 @@ class Tracker:
                 self.notify([self.error])
 
     async def _switch(self, dead: Client) -> None:
+        """Replace a client that is no use any more (its link gone or refused), the reason already said."""
         await dead.close()
         await self._connect(told=self.error)
 
