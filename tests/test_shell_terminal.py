@@ -268,8 +268,11 @@ def test_console_detach_then_ctrl_c_cancels_a_command_not_the_shell(lab: Lab, tm
     wait_for(lambda: busy(lab, addr, "board") == "", 5, "the busy hold to be released")
 
     tmux.type("half-typed")
+    # Each key only once the screen shows the last one took: a key sent while one prompt ends and the next
+    # begins meets a cooked terminal, where Ctrl-D is the tty's end-of-file, not a key the shell can read.
+    tmux.wait_prompt("zdut> half-typed")
     tmux.keys("C-c")  # at the prompt: drops the line, stays
-    tmux.wait_prompt("zdut>")
+    tmux.wait_prompt("zdut>")  # a new prompt: the line above shows "half-typed"
     assert "EXIT=" not in tmux.screen()
     tmux.keys("C-d")
     tmux.wait("EXIT=")
