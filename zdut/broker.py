@@ -208,11 +208,9 @@ class Broker:
         """Handle up to BATCH messages; True if more may be waiting."""
         recv, dispatch, events = self._sock.recv, self._handle, self._events
         for i in range(BATCH):
-            if i and not events(_EVENTS) & _POLLIN:  # cheaper than the zmq.Again that would end the batch
-                return False
             try:
                 rid = recv(_NB)
-            except zmq.Again:
+            except zmq.Again:  # ends a long batch: one exception (~8 us) instead of an EVENTS query (~3 us) a message
                 return False
             try:
                 dispatch(rid, recv(copy=False))  # a ROUTER always delivers at least one frame after the routing id
@@ -221,6 +219,8 @@ class Broker:
                     logging.ERROR, "internal", "internal error handling a message from %s", hex_id(rid), exc_info=True
                 )
                 self._inbox.discard_rest()
+            if not i and not events(_EVENTS) & _POLLIN:  # a lone message (light load) ends without that exception
+                return False
         return True
 
     def _log_stats(self) -> None:
