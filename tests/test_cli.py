@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+import zmq
 
 from conftest import CONF, Lab
+from zdut import protocol as P
 from zdut.terminal.commands import UsageError, parse_flags
 
 DEMO_LINES = "Hello from dummy status module\nCalled with 0 arguments\n"
@@ -141,7 +143,10 @@ def test_help_not_last_is_a_run(demo: tuple[Lab, str]) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["list", "x"], "list takes no arguments"),
+        (["list", "x"], "list takes nothing, or --match GLOB"),
+        (["list", "--match"], "list takes nothing, or --match GLOB"),
+        (["list", "--match", "a", "b"], "list takes nothing, or --match GLOB"),
+        (["list", "--match="], "--match wants a glob of device names"),
         (["device1", "lock", "1m", "2m"], "lock takes at most a duration"),
         (["device1", "unlock", "--force"], 'unlock takes nothing or the word "force"'),
         (["device1", "status", "help", "more"], '"help" must be the only argument'),
@@ -183,6 +188,39 @@ def test_json_output(demo: tuple[Lab, str]) -> None:
     assert set(first) - {"Name", "Locked", "Owner", "ExpiresAt"} in (set(), {"Agent", "Online"})
     assert "metadata" not in doc and "error" not in doc
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", doc["timestamp"])
+
+
+@pytest.mark.parametrize(("words", "listed"), [
+    (["--match", "device[13]"], ["device1", "device3"]),
+    (["--match=device?"], ["device1", "device2", "device3"]),
+    (["-m", "device2"], ["device2"]),
+    (["--match", "*3"], ["device3"]),
+    (["--match", "Device*"], []),  # case-sensitive, as device names are
+])
+def test_list_match_keeps_the_devices_whose_names_match(demo: tuple[Lab, str], words: list[str],
+                                                        listed: list[str]) -> None:
+    r = z(demo, "-f", "json", "list", *words)
+    assert r.returncode == 0, r.stderr
+    assert [d["Name"] for d in json.loads(r.stdout)["data"]] == listed
+    assert re.findall(r"^- (device\d)", z(demo, "list", *words).stdout, re.M) == listed
+
+
+def test_the_server_does_the_filtering(demo: tuple[Lab, str]) -> None:
+    """A raw request with a glob gets only the matches back: a 100,000-device lab sends a few, not all."""
+    _, addr = demo
+    reply = raw_request(addr, P.ListDevices(7, P.VERSION, "tester", "device[23]"))
+    assert isinstance(reply, P.DeviceList) and [d.name for d in reply.devices] == ["device2", "device3"]
+    reply = raw_request(addr, P.ListDevices(8, P.VERSION, "tester"))  # as a client from before --match asks
+    assert isinstance(reply, P.DeviceList) and len(reply.devices) == 3
+
+
+def raw_request(addr: str, msg: P.Message) -> P.Message:
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.linger = 0
+        sock.connect(f"tcp://{addr}")
+        sock.send(P.encode(msg))
+        assert sock.poll(5000), "no answer within 5 s"
+        return P.decode(sock.recv(), P.MAX_REPLY_BYTES)
 
 
 def test_json_run_emits_one_object_per_chunk(demo: tuple[Lab, str]) -> None:

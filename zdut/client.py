@@ -22,6 +22,7 @@ import zmq
 from zdut.common.addresses import server_endpoint
 from zdut.common.answers import encode_request
 from zdut.common.client_config import ClientKeys, default_user
+from zdut.common.globs import matching
 from zdut.common.limits import CLIENT_MAX_FRAME
 from zdut.protocol import (
     INITIAL_WINDOW,
@@ -75,7 +76,7 @@ from zdut.protocol import (
     version_drift,
 )
 from zdut.transport.dealer import client_context, client_socket, unresolvable
-from zdut.transport.files import Downloads, FileSender, open_source
+from zdut.transport.files import Downloads, FileSender, allowed_files, open_source
 from zdut.transport.links import Pump
 from zdut.transport.monitor import ConnectionMonitor, LinkDown, Verdict, settled
 from zdut.transport.stream import Stream, Watched, keep_alive
@@ -115,15 +116,6 @@ class RunHandler:
 
     def warning(self, text: str) -> None:
         self.warnings.append(text)
-
-
-def allowed_files(files: dict[str, str]) -> dict[str, set[str]]:
-    """RunStarted.files as the client checks it: normalised path -> the ways it may move (send, receive)."""
-    allowed: dict[str, set[str]] = {}
-    for path, way in files.items():
-        ways = {"send", "receive"} if way == "both" else {way} & {"send", "receive"}
-        allowed.setdefault(os.path.normpath(path), set()).update(ways)
-    return allowed
 
 
 class Run:
@@ -442,10 +434,11 @@ class Client:
             raise ZdutError(reply.code, reply.message)
         return reply
 
-    async def list(self) -> list[DeviceInfo]:
-        reply = await self._call(lambda rid: ListDevices(rid, VERSION, self.user))
+    async def list(self, match: str = "") -> list[DeviceInfo]:
+        """The devices whose names match the glob ``match`` ("" for all); a server before globs sends all."""
+        reply = await self._call(lambda rid: ListDevices(rid, VERSION, self.user, match))
         assert isinstance(reply, DeviceList)
-        return reply.devices
+        return matching(reply.devices, match)
 
     async def commands(self, device: str) -> builtins.list[str]:
         return [name for name, _ in await self.described_commands(device)]

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 from collections.abc import Callable, Iterable
 
 import msgspec
 
 from zdut.client import Client, RunHandler
+from zdut.common.globs import is_glob
 from zdut.protocol import QUEUE, STDERR, STDOUT, Code, LockState, ZdutError
 
-#: Characters that make a device argument a glob.
-GLOB_CHARS = frozenset("*?[")
 #: A wait cancelled just as its lock was granted: how long to wait for the agent's answer, to give it back.
 GIVE_BACK_S = 5.0
 
@@ -66,12 +64,10 @@ async def wait_for_lock(client: Client, device: str, duration_s: int, wait_s: fl
 async def matching_devices(client: Client, patterns: Iterable[str]) -> list[str]:
     """Device names for ``patterns`` (names, or globs matched against the listing), in order, once each;
     NotFound for a glob that matches nothing."""
-    patterns = list(patterns)
-    listed = [d.name for d in await client.list()] if any(GLOB_CHARS & set(p) for p in patterns) else []
     names: list[str] = []
     for pattern in patterns:
-        if GLOB_CHARS & set(pattern):
-            found = [name for name in listed if fnmatch.fnmatchcase(name, pattern)]
+        if is_glob(pattern):
+            found = [d.name for d in await client.list(pattern)]  # the server filters: one reply per glob
             if not found:
                 raise ZdutError(Code.NOT_FOUND, f"no device matches {pattern!r}")
         else:

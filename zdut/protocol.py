@@ -79,8 +79,7 @@ class ProtocolError(Exception):
     """A frame that is not a valid zdut message."""
 
 
-# Stream ids of Data frames.
-PRINT, STDOUT, STDERR, STDIN = 0, 1, 2, 3
+PRINT, STDOUT, STDERR, STDIN = 0, 1, 2, 3  # stream ids of Data frames
 
 
 class _Msg(msgspec.Struct, array_like=True, tag=True, frozen=True):
@@ -151,6 +150,7 @@ class ListDevices(_Msg, tag="list", frozen=True):
     rid: int
     version: str
     user: str
+    match: str = ""  # only the devices whose names match this glob (fnmatchcase); a server before it lists all
 
 
 class DeviceList(_Msg, tag="devices", frozen=True):

@@ -27,6 +27,7 @@ from zdut.agentd.recording import Recorder
 from zdut.agentd.run import AgentRun
 from zdut.agentd.watch import Watchers
 from zdut.common.answers import listing, no_such_command, no_such_device
+from zdut.common.globs import matching
 from zdut.common.watch_args import log_query, queue_args, replay_lines
 from zdut.devices import scratch
 from zdut.protocol import (
@@ -319,8 +320,9 @@ class Agent:
         devices, failed = self.config.devices, self.failed
         return listing(
             msg, "agent", self.name,
-            devices=lambda: [DeviceInfo(n, self.locker.state(n), self.name, True, failed.get(n, ""),
-                                        self.watchers.count(n), self.lock_queue.waiting(n)) for n in sorted(devices)],
+            devices=lambda match: [DeviceInfo(n, self.locker.state(n), self.name, True, failed.get(n, ""),
+                                        self.watchers.count(n), self.lock_queue.waiting(n))
+                                   for n in matching(sorted(devices), match, str)],
             commands=lambda device: [(c.name, c.desc) for _, c in sorted(self._device(device).commands.items())],
             help_text=lambda device, command: self._command(device, command).help_text(),
             agents=lambda: [AgentInfo(self.name, sorted(devices), True, time.time(), VERSION, self.address,

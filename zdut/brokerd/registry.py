@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from zdut.brokerd.store import AgentRecord, DeviceRecord
 from zdut.common.answers import device_not_found, listing, no_such_command
 from zdut.common.durations import format_left
+from zdut.common.globs import matching
 from zdut.protocol import (
     VERSION,
     AgentInfo,
@@ -377,12 +378,13 @@ class Registry:
             agents=self.agent_list,
         )
 
-    def device_list(self) -> list[DeviceInfo]:
-        """Every known device, sorted, offline ones included; expired reservations left out."""
+    def device_list(self, match: str = "") -> list[DeviceInfo]:
+        """Every known device whose name matches the glob ``match`` ("" for all), sorted, offline ones included;
+        expired reservations left out."""
         now = self.wall()
         if self._listing is None or now >= self._listing_valid_until:
             self._listing, self._listing_valid_until = self._build_listing(now)
-        return self._listing
+        return matching(self._listing, match) if match else self._listing
 
     def _build_listing(self, now: float) -> tuple[list[DeviceInfo], float]:
         out = []

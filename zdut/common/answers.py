@@ -59,19 +59,19 @@ def listing(
     role: str,
     name: str,
     *,
-    devices: Callable[[], list[DeviceInfo]],
+    devices: Callable[[str], list[DeviceInfo]],
     commands: Callable[[str], list[tuple[str, str]]],
     help_text: Callable[[str, str], str],
     agents: Callable[[], list[AgentInfo]],
 ) -> Message:
     """The reply of server ``name`` (``role`` "agent" or "broker") to Hello or a listing request; the
     lookups raise ZdutError (no_such_device or device_not_found, no_such_command, or anything else the server
-    refuses)."""
+    refuses).  ``devices`` takes a ListDevices' glob ("" for all)."""
     match msg:
         case Hello():
             return Welcome(msg.rid, VERSION, role, name)
         case ListDevices():
-            return DeviceList(msg.rid, devices())
+            return DeviceList(msg.rid, devices(msg.match))
         case ListCommands():
             named = commands(msg.device)  # (name, desc) of each, in order
             return CommandList(msg.rid, [name for name, _ in named], [desc for _, desc in named])

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from glob import escape
 from typing import Any
 
 from zdut.brokers import client_order, connect_first
@@ -210,9 +211,8 @@ class Cli:
     def plan(self, words: list[str]) -> Action:
         """Map the positional words to an action (raises UsageError for a malformed line)."""
         if not words or words[0] == "list":
-            if len(words) > 1:
-                raise UsageError("list takes no arguments")
-            return self._list
+            glob = list_match(words[1:])
+            return lambda c: self._list(c, glob)
         if words[0] == "agents":
             if len(words) > 1:
                 raise UsageError("agents takes no arguments")
@@ -261,8 +261,8 @@ class Cli:
         return lambda c: self._run(c, device, "log", query.args(), JOURNAL)
 
     # ------------------------------------------------------------- unary actions
-    async def _list(self, client: Client) -> int:
-        devices = await client.list()
+    async def _list(self, client: Client, glob: str) -> int:
+        devices = await client.list(glob)
         with_agent = client.server_role == "broker"
         self.out.emit(Content(DEVICE_LIST, [(d, with_agent) for d in devices], False, self.meta("List Response")))
         return EXIT_OK
@@ -286,7 +286,7 @@ class Cli:
         cmds = await client.described_commands(device)
         self.out.emit(Content(COMMAND_LIST, cmds, False, self.meta("Commands Response", device=device)))
         if self.out.fmt == "text":  # who waits for its lock, for the person deciding whether to join them
-            waiting = next((d.waiting for d in await client.list() if d.name == device), [])
+            waiting = next((d.waiting for d in await client.list(escape(device))), [])
             if waiting:
                 self.out.emit(Content(GENERAL, f"Waiting for its lock: {', '.join(safe(u) for u in waiting)}", False,
                                       {}))
@@ -431,3 +431,19 @@ class Cli:
 def _cancel(task: asyncio.Task[Any] | None) -> None:
     if task is not None:
         task.cancel()
+
+
+def list_match(args: list[str]) -> str:
+    """The glob of ``list --match GLOB`` (or ``--match=GLOB``), "" for a bare ``list``."""
+    match args:
+        case []:
+            return ""
+        case ["--match", glob] | ["-m", glob]:
+            pass
+        case [word] if word.startswith("--match="):
+            glob = word.partition("=")[2]
+        case _:
+            raise UsageError("list takes nothing, or --match GLOB: the devices whose names match, such as 'board-*'")
+    if not glob:
+        raise UsageError("--match wants a glob of device names, such as 'board-*'")
+    return glob

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 SYNOPSIS = """SYNOPSIS
-    zdut [options] [list]
+    zdut [options] [list [--match GLOB]]
     zdut [options] agents
     zdut [options] forget <agent>
     zdut [options] <device> [help]
@@ -41,7 +41,8 @@ HELP = f"""zdut - reach lab devices (serial consoles, power, flashers, GPIO, IPM
 
 {SYNOPSIS}
 DESCRIPTION
-    Without arguments, or with `list`, lists the devices the server knows and their locks.
+    Without arguments, or with `list`, lists the devices the server knows and their locks;
+    `list --match GLOB` only those whose names match (such as 'rack3-*'), filtered by the server.
     `agents` lists the agents behind a broker; `forget` drops an offline agent and its devices
     from a broker (and its state file), so that a device locked there can move to another agent.
     `keys generate NAME [--dir DIR]` writes a CurveZMQ key pair (NAME.key, NAME.key_secret);

@@ -470,3 +470,12 @@ class Downloads:
         self.writing.remove(dl)
         if dl.error is None and not self.closed:
             self.transferred(dl.path, dl.received)
+
+
+def allowed_files(files: dict[str, str]) -> dict[str, set[str]]:
+    """RunStarted.files as the client checks it: normalised path -> the ways it may move (send, receive)."""
+    allowed: dict[str, set[str]] = {}
+    for path, way in files.items():
+        ways = {"send", "receive"} if way == "both" else {way} & {"send", "receive"}
+        allowed.setdefault(os.path.normpath(path), set()).update(ways)
+    return allowed
