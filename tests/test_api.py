@@ -16,6 +16,7 @@ def test_api_calls_and_runs(lab: Lab) -> None:
     _, addr = lab.agent(CONF / "demo.yaml")
     with Api(addr, user="ci@rack") as api:
         assert [d.name for d in api.devices()] == ["device1", "device2", "device3"]
+        assert [d.name for d in api.devices("device[2-9]")] == ["device2", "device3"]
         assert api.commands("device2") == ["repeat", "status"]
         assert api.help("device1", "status").startswith("Report status\n\nThis dummy module prints")
         result = api.run("device1", "status", "a", "b")

@@ -174,8 +174,9 @@ class AsyncLab:
         await self.close()
 
     # ------------------------------------------------------------- unary calls
-    async def devices(self) -> list[DeviceInfo]:
-        return await self._unary(lambda c: c.list())
+    async def devices(self, match: str = "") -> list[DeviceInfo]:
+        """The devices, or those whose names match the glob ``match`` (the server filters)."""
+        return await self._unary(lambda c: c.list(match))
 
     async def agents(self) -> list[AgentInfo]:
         """The agents a broker knows (an agent lists itself)."""

@@ -75,8 +75,9 @@ class Lab:
             self._loop.close()
 
     # ------------------------------------------------------------- calls (documented in zdut.aio.AsyncLab)
-    def devices(self) -> list[DeviceInfo]:
-        return self._call(self._lab.devices())
+    def devices(self, match: str = "") -> list[DeviceInfo]:
+        """The devices, or those whose names match the glob ``match`` (such as ``"rack3-*"``)."""
+        return self._call(self._lab.devices(match))
 
     def agents(self) -> list[AgentInfo]:
         return self._call(self._lab.agents())
