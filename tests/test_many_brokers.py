@@ -4,10 +4,13 @@ shell."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -138,3 +141,76 @@ def test_a_lab_never_closed_does_not_hold_up_its_interpreters_exit(lab: Lab, thr
     child = subprocess.run([sys.executable, "-c", script, ",".join(addrs)], capture_output=True, text=True,
                            timeout=20, env=lab.env)  # a hang here is the failure
     assert child.returncode == 0 and child.stdout.strip() == "NotFound", child.stdout + child.stderr
+
+
+def truth(api: Api) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """What one broker says of the lab, without what is each broker's own (when it last heard an agent)."""
+    devices = [(d.name, d.agent, d.online, d.lock and (d.lock.owner, d.lock.expires_at)) for d in api.devices()]
+    agents = [(a.name, a.devices, a.online, a.version, a.address) for a in api.agents()]
+    return devices, agents
+
+
+def cli_truth(lab: Lab, addr: str) -> tuple[object, object]:
+    """The same from ``zdut -f json list`` and ``agents``, as a user would compare them."""
+    listed = json.loads(lab.zdut("-s", addr, "-f", "json", "list").stdout)["data"]
+    agents = json.loads(lab.zdut("-s", addr, "-f", "json", "agents").stdout)["data"]
+    return listed, [{k: v for k, v in a.items() if k != "LastSeen"} for a in agents]
+
+
+def all_agree(apis: list[Api], expect: Callable[[tuple[list[tuple[object, ...]], list[tuple[object, ...]]]], bool],
+              within: float, what: str) -> float:
+    """Wait until every broker shows the same truth and it is the one expected; how long that took."""
+    started = time.monotonic()
+
+    def agreed() -> bool:
+        seen = [truth(api) for api in apis]
+        return all(s == seen[0] for s in seen) and expect(seen[0])
+
+    wait_for(agreed, within, f"every broker to show {what} within {within:g} s", interval=0.01)
+    return time.monotonic() - started
+
+
+def test_every_broker_shows_the_same_truth_within_two_seconds(lab: Lab, three: tuple[list[Proc], list[str]]) -> None:
+    _, addrs = three
+    apis = [Api(addr, user="carol") for addr in addrs]
+    try:
+        def owner(device: str) -> Callable[[Any], bool]:
+            return lambda seen: next(d for d in seen[0] if d[0] == device)[3] not in (None, "")
+
+        # lock changes, through a broker, through another, and at the agent directly
+        started = time.monotonic()
+        assert lab.zdut("-s", addrs[0], "-u", "alice", "device1", "lock", "10m").returncode == 0
+        all_agree(apis, owner("device1"), 2 + time.monotonic() - started, "device1 locked")
+        assert truth(apis[2])[0][0][3][0] == "alice"
+        started = time.monotonic()
+        assert lab.zdut("-s", addrs[1], "-u", "alice", "device1", "unlock").returncode == 0
+        all_agree(apis, lambda seen: seen[0][0][3] is None, 2 + time.monotonic() - started, "device1 free")
+        direct = next(a.address for a in apis[0].agents())
+        started = time.monotonic()
+        assert lab.zdut("-s", direct, "-u", "bob", "device3", "lock", "5m").returncode == 0
+        all_agree(apis, owner("device3"), 2 + time.monotonic() - started, "device3 locked at the agent")
+
+        # an agent arriving: every broker lists it within 2 s of the first one that does
+        newcomer, _ = lab.agent(CONF / "file.yaml", None, *[arg for a in addrs for arg in ("--server", a)],
+                                ready=False)
+        wait_for(lambda: any("example-device" in [d.name for d in api.devices()] for api in apis), 15,
+                 "the new agent listed by a broker")
+        all_agree(apis, lambda seen: len(seen[1]) == 2 and all(a[2] for a in seen[1]), 2, "the new agent")
+        assert cli_truth(lab, addrs[0]) == cli_truth(lab, addrs[1]) == cli_truth(lab, addrs[2])
+
+        # leaving: said goodbye (SIGTERM), every broker within 2 s of it; killed, within 2 s of the first to notice
+        started = time.monotonic()
+        newcomer.stop()
+        all_agree(apis, lambda seen: [a[2] for a in seen[1]].count(False) == 1, 2 + time.monotonic() - started,
+                  "the agent that said goodbye offline")
+        port = int(newcomer.args[newcomer.args.index("-a") + 1].rsplit(":", 1)[1])
+        newcomer, _ = lab.agent(CONF / "file.yaml", port, *[arg for a in addrs for arg in ("--server", a)])
+        all_agree(apis, lambda seen: all(a[2] for a in seen[1]), 15, "the agent back")
+        newcomer.kill()
+        wait_for(lambda: any(not a.online for api in apis for a in api.agents()), 10,
+                 "a broker to notice the agent killed")
+        all_agree(apis, lambda seen: [a[2] for a in seen[1]].count(False) == 1, 2, "the killed agent offline")
+        assert cli_truth(lab, addrs[0]) == cli_truth(lab, addrs[1]) == cli_truth(lab, addrs[2])
+    finally:
+        for api in apis:
+            api.close()
