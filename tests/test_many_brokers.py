@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from conftest import CONF, Lab, Proc, wait_for
-from test_shell_terminal import Tmux, tmux  # noqa: F401  tmux: the fixture, used by name
+from test_shell_terminal import Tmux, busy, tmux  # noqa: F401  tmux: the fixture, used by name
 from zdut.aio import AsyncLab
 from zdut.api import Lab as Api
 from zdut.protocol import Code, ZdutError
@@ -143,7 +144,10 @@ def test_a_lab_never_closed_does_not_hold_up_its_interpreters_exit(lab: Lab, thr
     assert child.returncode == 0 and child.stdout.strip() == "NotFound", child.stdout + child.stderr
 
 
-def truth(api: Api) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+Truth = tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]  # devices, agents
+
+
+def truth(api: Api) -> Truth:
     """What one broker says of the lab, without what is each broker's own (when it last heard an agent)."""
     devices = [(d.name, d.agent, d.online, d.lock and (d.lock.owner, d.lock.expires_at)) for d in api.devices()]
     agents = [(a.name, a.devices, a.online, a.version, a.address) for a in api.agents()]
@@ -157,7 +161,7 @@ def cli_truth(lab: Lab, addr: str) -> tuple[object, object]:
     return listed, [{k: v for k, v in a.items() if k != "LastSeen"} for a in agents]
 
 
-def all_agree(apis: list[Api], expect: Callable[[tuple[list[tuple[object, ...]], list[tuple[object, ...]]]], bool],
+def all_agree(apis: list[Api], expect: Callable[[Truth], bool],
               within: float, what: str) -> float:
     """Wait until every broker shows the same truth and it is the one expected; how long that took."""
     started = time.monotonic()
@@ -174,7 +178,7 @@ def test_every_broker_shows_the_same_truth_within_two_seconds(lab: Lab, three: t
     _, addrs = three
     apis = [Api(addr, user="carol") for addr in addrs]
     try:
-        def owner(device: str) -> Callable[[Any], bool]:
+        def owner(device: str) -> Callable[[Truth], bool]:
             return lambda seen: next(d for d in seen[0] if d[0] == device)[3] not in (None, "")
 
         # lock changes, through a broker, through another, and at the agent directly
@@ -214,3 +218,53 @@ def test_every_broker_shows_the_same_truth_within_two_seconds(lab: Lab, three: t
     finally:
         for api in apis:
             api.close()
+
+
+def test_a_console_open_on_a_broker_killed_ends_clearly_and_the_shell_goes_on(
+        lab: Lab, three: tuple[list[Proc], list[str]], tmux: Tmux) -> None:  # noqa: F811  the imported fixture
+    procs, addrs = three
+    tmux.start("-s", ",".join(addrs), "shell")
+    tmux.wait_ready()
+    mine = next(a for a in addrs if a in tmux.toolbar())  # the toolbar says where it is connected
+    tmux.line("device2 repeat")
+    tmux.wait("Two words will terminate")
+    tmux.line("hello")
+    tmux.wait("\nhello\n", 5)  # the module repeated it: the console is open
+    procs[addrs.index(mine)].kill()
+    started = time.monotonic()
+    tmux.wait(f"lost connection to zdut server at {mine}", 5)  # the console cannot migrate: it ends, saying why
+    tmux.wait_prompt("zdut>", 5)
+    assert time.monotonic() - started < 5
+    tmux.line("device2 status")  # the next call works through another broker, without the user's help
+    tmux.wait("Hello from dummy status module")
+    assert mine not in tmux.toolbar()
+    other = next(a for a in addrs if a != mine)  # the agent ended the session whose broker died: device2 is free
+    wait_for(lambda: "in use" not in busy(lab, other, "device2"), 5, "device2 no longer in use")
+
+
+def test_one_shot_calls_in_a_loop_while_a_broker_is_killed(lab: Lab, three: tuple[list[Proc], list[str]]) -> None:
+    procs, addrs = three
+    servers = ",".join(addrs)
+    calls: list[tuple[float, subprocess.CompletedProcess[str]]] = []  # (when it started, how it ended)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            calls.append((started, lab.zdut("-s", servers, "-v", "device1", "status")))
+
+    looping = threading.Thread(target=loop)
+    looping.start()
+    try:
+        wait_for(lambda: len(calls) >= 4, 20, "a few calls before the kill")
+        procs[1].kill()
+        killed = time.monotonic()
+        wait_for(lambda: sum(started > killed for started, _ in calls) >= 8, 30, "eight calls after the kill")
+    finally:
+        stop.set()
+        looping.join(60)
+    for started, call in calls:
+        if started > killed:  # a call that starts after the kill passes over the dead broker
+            assert call.returncode == 0 and f"# connected to {addrs[1]}" not in call.stdout, call.stderr
+        else:  # one in flight on it when it died may fail, and says so
+            assert call.returncode == 0 or f"lost connection to zdut server at {addrs[1]}" in call.stderr, call.stderr
