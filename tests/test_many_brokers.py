@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,8 +36,8 @@ def three(lab: Lab) -> tuple[list[Proc], list[str]]:
     return procs, addrs
 
 
-def answered_by(lab: Lab, servers: str, *args: str) -> tuple[int, str]:
-    r = lab.zdut("-s", servers, "-v", *(args or ("list",)))
+def answered_by(lab: Lab, servers: str | None, *args: str) -> tuple[int, str]:
+    r = lab.zdut(*(("-s", servers) if servers is not None else ()), "-v", *(args or ("list",)))
     found = re.search(r"# connected to (\S+)", r.stdout)
     return r.returncode, found.group(1) if found else r.stderr
 
@@ -268,3 +269,50 @@ def test_one_shot_calls_in_a_loop_while_a_broker_is_killed(lab: Lab, three: tupl
             assert call.returncode == 0 and f"# connected to {addrs[1]}" not in call.stdout, call.stderr
         else:  # one in flight on it when it died may fail, and says so
             assert call.returncode == 0 or f"lost connection to zdut server at {addrs[1]}" in call.stderr, call.stderr
+
+
+def write_config(lab: Lab, text: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The client config file of the lab's CLI calls and of this process's API."""
+    for name in ("XDG_CONFIG_HOME", "ZDUT_SERVER"):
+        monkeypatch.setenv(name, lab.env[name])
+    path = lab.tmp / "config" / "zdut" / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_the_config_files_server_list_is_the_default(lab: Lab, three: tuple[list[Proc], list[str]],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    procs, addrs = three
+    procs[0].kill()
+    write_config(lab, f'[default]\nserver = "{",".join(addrs)}"\n', monkeypatch)
+    for _ in range(3):  # without -s or $ZDUT_SERVER, the file's list, with the dead broker passed over
+        code, where = answered_by(lab, None)
+        assert code == 0 and where in addrs[1:], where
+    with Api(user="alice") as api:  # the API too
+        assert [d.name for d in api.devices()] == DEVICES
+        assert api._lab.client.address in addrs[1:]
+    r = lab.zdut("-v", "list", env={**lab.env, "ZDUT_SERVER": "127.0.0.1:1"})  # the variable wins over the file
+    assert r.returncode == 1 and "127.0.0.1:1" in r.stderr, r.stderr
+    offered = lab.zdut("__complete", "dev").stdout.split()  # and shell completion
+    assert offered == DEVICES, offered
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ('[default]\nserver = "hostwithoutport"\n', "{path}: [default] server 'hostwithoutport': want host:port"),
+    ('[default]\nserver = "a:1,a:1"\n', "{path}: [default] server 'a:1,a:1': 'a:1' is listed twice"),
+    ('[default]\nserver = 1024\n', "{path}: [default] server must be host:port, or a comma-separated list of them, "
+                                   "in quotes, not 1024"),
+    ('[servers."a:1"]\nserver = "b:2"\n', "{path}: [servers.\"a:1\"]: server belongs in [default] (a server's "
+                                          "table holds its keys: key and server_key)"),
+])
+def test_a_bad_server_in_the_config_file_is_a_usage_error_naming_it(lab: Lab, config: str, message: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_config(lab, config, monkeypatch)
+    r = lab.zdut("list")
+    assert r.returncode == 2 and r.stderr.startswith(message.format(path=path)), r.stderr
+    assert "SYNOPSIS" not in r.stderr  # the file's problem, not the command line's
+    with pytest.raises(ZdutError) as bad:
+        AsyncLab()
+    assert bad.value.code == Code.INVALID_ARGUMENT and message.format(path=path).split(": ", 1)[1] in bad.value.message
+    assert lab.zdut("-s", "127.0.0.1:1", "version").returncode == 0  # nothing that needs no server is refused

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from zdut.brokers import client_order, connect_first
 from zdut.client import CONNECT_TIMEOUT_S, Client, Run, RunHandler
-from zdut.common.client_config import KeyConfigError, PathArg, client_keys
+from zdut.common.client_config import KeyConfigError, PathArg, client_keys, default_server
 from zdut.common.durations import lock_seconds
 from zdut.common.watch_args import MAX_WAIT_S
 from zdut.expect import AsyncConsole
@@ -41,8 +41,6 @@ T = TypeVar("T")
 
 #: After a run's timeout, how long to wait for the agent to confirm the cancel (and release the device).
 CANCEL_GRACE_S = 5.0
-#: Where to connect without an address or $ZDUT_SERVER (the CLI's default too).
-DEFAULT_SERVER = "localhost:1024"
 
 
 @dataclass
@@ -110,11 +108,12 @@ class _Collector(RunHandler):
 
 
 class AsyncLab:
-    """A connection to a zdut broker or agent, for coroutines.  ``address`` defaults to $ZDUT_SERVER, then
-    ``localhost:1024``; ``timeout`` bounds each unary call.  ``key`` (your ``NAME.key_secret``) and ``server_key``
-    (the server's public key file) make it a CURVE connection, for a server with security on; each defaults to
-    $ZDUT_KEY / $ZDUT_SERVER_KEY, then the config file (``~/.config/zdut/config.toml``), as for ``zdut``.  A key
-    that cannot be used, or half a pair: InvalidArgument, before anything connects.  ``user`` defaults to the
+    """A connection to a zdut broker or agent, for coroutines.  ``address`` defaults to $ZDUT_SERVER, then the
+    config file's ``server`` (``~/.config/zdut/config.toml``), then ``localhost:1024``; ``timeout`` bounds each
+    unary call.  ``key`` (your ``NAME.key_secret``) and ``server_key`` (the server's public key file) make it a
+    CURVE connection, for a server with security on; each defaults to $ZDUT_KEY / $ZDUT_SERVER_KEY, then the
+    config file, as for ``zdut``.  A key that cannot be used, a bad config file, or half a pair: InvalidArgument,
+    before anything connects.  ``user`` defaults to the
     key's name with a key (a secure server takes no other), else ``$USER@hostname``.
 
     ``address`` may list several brokers of one lab (``"a:1024,b:1024"`` or a list): the first that answers is
@@ -123,8 +122,8 @@ class AsyncLab:
 
     def __init__(self, address: str | list[str] | None = None, user: str | None = None, *, timeout: float = 30.0,
                  key: PathArg | None = None, server_key: PathArg | None = None) -> None:
-        self._addresses = client_order(address or os.environ.get("ZDUT_SERVER") or DEFAULT_SERVER)
         try:
+            self._addresses = client_order(address or default_server()[0])
             self._keys = {a: client_keys(a, key, server_key, given_as=("key=", "server_key="))
                           for a in self._addresses}
         except KeyConfigError as exc:

@@ -40,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         return keys.main(argv[1:])
     try:
         opts, words = parse_flags(argv)
+        if words and words[0] == "shell" and len(words) > 1:  # `zdut shell -s ADDR` as `zdut -s ADDR shell`
+            opts, rest = parse_flags(argv[: len(argv) - len(words)] + words[1:])
+            words = ["shell", *rest]
     except UsageError as exc:
         return _usage(exc)
-    if words and words[0] == "shell" and len(words) > 1:  # `zdut shell -s ADDR` as `zdut -s ADDR shell`
-        try:
-            opts, rest = parse_flags(argv[: len(argv) - len(words)] + words[1:])
-        except UsageError as exc:
-            return _usage(exc)
-        words = ["shell", *rest]
+    except KeyConfigError as exc:  # a bad config file: not a grammar problem, the line alone without the usage
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_USAGE
     if opts.help or words == ["help"]:  # asked for: stdout, exit 0 (docs/differences.md row 15)
         sys.stdout.write(HELP)
         return EXIT_OK

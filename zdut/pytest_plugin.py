@@ -39,7 +39,8 @@ _RUNNING = pytest.StashKey[pytest.Item | None]()  # the test running now
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("zdut", "zdut: lab devices for tests")
     group.addoption("--zdut-server", default=None,
-                    help="broker or agent address, host:port (default: $ZDUT_SERVER, else localhost:1024)")
+                    help="broker or agent address, host:port, or brokers comma-separated (default: $ZDUT_SERVER, "
+                         "else the config file's server, else localhost:1024)")
     group.addoption("--zdut-user", default=None,
                     help="identity for locks and runs (default: $USER@hostname); under xdist each worker adds "
                          "/WORKER, or puts it where {worker} is")

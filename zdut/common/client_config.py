@@ -1,8 +1,10 @@
-"""The client's keys (issue 12): which key pair and server key a client holds for a server, and where they came from.
+"""The client's keys (issue 12) and default server (issue 15): which key pair and server key a client holds for a
+server, where they came from, and where a client connects when it is not told.
 
 The config file is ``$XDG_CONFIG_HOME/zdut/config.toml`` (default ``~/.config/zdut/config.toml``)::
 
     [default]
+    server = "lab1:1024,lab2:1024"             # where to connect without -s or $ZDUT_SERVER: a broker, or a list
     key = "~/.config/zdut/alice.key_secret"    # your secret key file (zdut keys generate alice)
     server_key = "lab.key"                     # the server's public key file; relative to this file's directory
 
@@ -27,11 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zdut.common.addresses import server_endpoint
+from zdut.common.addresses import server_endpoint, server_list
 from zdut.common.keys import SECRET_SUFFIX, KeyFileError, load_pair, load_public, name_problem, read_small_file
 
-KEY_ENV, SERVER_KEY_ENV = "ZDUT_KEY", "ZDUT_SERVER_KEY"
+KEY_ENV, SERVER_KEY_ENV, SERVER_ENV = "ZDUT_KEY", "ZDUT_SERVER_KEY", "ZDUT_SERVER"
 FIELDS = ("key", "server_key")
+DEFAULT_FIELDS = ("server", *FIELDS)  # [default] also names the server; a server's own table cannot
+#: Where a client connects without -s, $ZDUT_SERVER or a config file's server.
+DEFAULT_SERVER = "localhost:1024"
 #: A config file is a few lines: anything much larger (``/dev/zero``, a disk image) is not one.
 MAX_CONFIG_BYTES = 1 << 20
 PathArg = str | os.PathLike[str]
@@ -82,6 +87,23 @@ def config_path() -> Path:
     """``$XDG_CONFIG_HOME/zdut/config.toml``, else ``~/.config/zdut/config.toml``."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "zdut" / "config.toml"
+
+
+def default_server(env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """Where a client connects when not told (the first of: ``$ZDUT_SERVER``, the config file's ``[default]
+    server``, ``localhost:1024``), and where that came from, to name in messages.  Raises KeyConfigError."""
+    env = os.environ if env is None else env
+    if env.get(SERVER_ENV):
+        return env[SERVER_ENV], f"${SERVER_ENV}"
+    path = config_path()
+    server = _read_config(path).get("default", {}).get("server")
+    if server:
+        try:
+            server_list(server)
+        except ValueError as exc:  # the file's problem, said as one: no usage text
+            raise KeyConfigError(f"{path}: [default] server {server!r}: {exc}") from None
+        return server, f"{path} [default] server"
+    return DEFAULT_SERVER, "the default server"
 
 
 def client_keys(server: str, key: PathArg | None = None, server_key: PathArg | None = None, *,
@@ -155,7 +177,7 @@ def _read_config(path: Path) -> dict[str, Any]:
                              "quoted)") from None
     _only(path, "the top level", doc, ("default", "servers"), "tables")
     if "default" in doc:
-        _table(path, "default", doc["default"])
+        _table(path, "default", doc["default"], DEFAULT_FIELDS)
     servers = doc.get("servers", {})
     if not isinstance(servers, dict):
         raise KeyConfigError(f"{path}: servers must be tables [servers.\"HOST:PORT\"], not a value")
@@ -169,17 +191,21 @@ def _read_config(path: Path) -> dict[str, Any]:
         if endpoint in seen:
             raise KeyConfigError(f'{path}: [{label}] and [servers."{seen[endpoint]}"] are the same server')
         seen[endpoint] = name
-        _table(path, label, table)
+        _table(path, label, table, FIELDS)
     return doc
 
 
-def _table(path: Path, label: str, table: object) -> None:
+def _table(path: Path, label: str, table: object, fields: tuple[str, ...]) -> None:
     if not isinstance(table, dict):
         raise KeyConfigError(f"{path}: {label} must be a table [{label}], not a value")
-    _only(path, f"[{label}]", table, FIELDS, "fields")
+    if "server" in table and "server" not in fields:
+        raise KeyConfigError(f"{path}: [{label}]: server belongs in [default] (a server's table holds its keys: "
+                             f"{' and '.join(fields)})")
+    _only(path, f"[{label}]", table, fields, "fields")
     for field, value in table.items():
         if not isinstance(value, str) or not value:
-            raise KeyConfigError(f'{path}: [{label}] {field} must be a file name in quotes, not {value!r}')
+            what = "host:port, or a comma-separated list of them," if field == "server" else "a file name"
+            raise KeyConfigError(f'{path}: [{label}] {field} must be {what} in quotes, not {value!r}')
 
 
 def _only(path: Path, where: str, table: dict[str, Any], known: tuple[str, ...], what: str) -> None:
@@ -190,7 +216,7 @@ def _only(path: Path, where: str, table: dict[str, Any], known: tuple[str, ...],
             near = difflib.get_close_matches(name, known, n=1)
             hint = f"did you mean {near[0]!r}? " if near else ""
             raise KeyConfigError(f"{path}: {where}: unknown {what[:-1]} {name!r} ({hint}the {what} are "
-                                 f"{' and '.join(known)})")
+                                 f"{', '.join(known[:-1])} and {known[-1]})")
 
 
 def _section_for(sections: dict[str, Any], server: str) -> tuple[str, dict[str, str]]:

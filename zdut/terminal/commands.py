@@ -23,7 +23,7 @@ from zdut.brokers import client_order, connect_first
 from zdut.client import Client, Run
 from zdut.common import flags
 from zdut.common.addresses import server_list
-from zdut.common.client_config import ClientKeys
+from zdut.common.client_config import DEFAULT_SERVER, ClientKeys, default_server
 from zdut.common.durations import format_duration, lock_seconds
 from zdut.common.watch_args import lock_words, log_query, replay_lines
 from zdut.lock_queue import lock_first
@@ -47,7 +47,6 @@ from zdut.terminal.printer import EXIT_BROKEN_PIPE, CliRunHandler, GuardedOutput
 from zdut.terminal.safe_text import safe
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEFAULT_SERVER = "localhost:1024"
 LONG_LOCK_S = 8 * 3600
 #: How long the agent gets to confirm a cancel (Ctrl-C, Ctrl-]) before we stop waiting.
 CANCEL_GRACE_S = 3.0
@@ -61,7 +60,7 @@ class UsageError(Exception):
 
 @dataclass
 class Options:
-    server: str = field(default_factory=lambda: os.environ.get("ZDUT_SERVER") or DEFAULT_SERVER)
+    server: str = DEFAULT_SERVER  # parse_flags settles it: -s, $ZDUT_SERVER, the config file, this
     fmt: str = "text"
     verbose: bool = False
     no_color: bool = False
@@ -100,10 +99,12 @@ def parse_flags(argv: list[str]) -> tuple[Options, list[str]]:
     if opts.user is not None and flags.utf8_problem(opts.user):
         raise UsageError(f"invalid value {flags.go_quote(opts.user)} for flag -u: not valid UTF-8")
     if not (opts.help or opts.version) and parsed.rest[:1] not in (["version"], ["help"]):  # none needs a server
+        origin = "flag -s"
+        if "s" not in parsed.values:
+            opts.server, origin = default_server()  # KeyConfigError for a bad config file: main says so
         try:
             server_list(opts.server)
         except ValueError as exc:
-            origin = "flag -s" if "s" in parsed.values else "$ZDUT_SERVER"
             raise UsageError(f"invalid value {flags.go_quote(opts.server)} for {origin}: {exc}") from None
     return opts, parsed.rest
 

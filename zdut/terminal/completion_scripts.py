@@ -126,7 +126,7 @@ def candidates(words: list[str]) -> list[tuple[str, str]]:
     if not positional and current.startswith("-"):
         return _starting(current, [*(f"-{f}" if len(f) == 1 else f"--{f}" for f in sorted(VALUE_FLAGS)),
                                    *BOOL_FLAGS])
-    server = given["s"] if "s" in given else os.environ.get("ZDUT_SERVER") or "localhost:1024"
+    server = given["s"] if "s" in given else _default_server()
     keys = given.get("key"), given.get("server-key")
     if not positional:
         return _starting(current, [*KEYWORDS, *Cache(server, *keys).devices()])
@@ -201,21 +201,41 @@ def _held(entry: dict[str, Any]) -> dict[str, str]:
     return {str(n): str(descs[i]) if i < len(descs) else "" for i, n in enumerate(names)}
 
 
+def _default_server() -> str:
+    from zdut.common.client_config import DEFAULT_SERVER, KeyConfigError, default_server
+
+    try:
+        return default_server()[0]
+    except KeyConfigError:  # a bad config file: zdut itself says why; completion offers what it can
+        return DEFAULT_SERVER
+
+
 def _ask(server: str, device: str | None, key: str | None = None,
          server_key: str | None = None) -> list[tuple[str, str]] | None:
     """The server's device names (or ``device``'s commands with their descs) within :data:`QUERY_TIMEOUT_S`;
-    None if it did not answer in time, or the keys for it cannot be settled (``zdut`` itself says why)."""
+    None if it did not answer in time, or the keys for it cannot be settled (``zdut`` itself says why).
+    ``server`` may be a list of brokers, as for ``zdut -s``: the first that answers is asked."""
     import asyncio
 
+    from zdut.brokers import client_order, connect_first
     from zdut.client import Client
     from zdut.common.client_config import client_keys
+    from zdut.protocol import ZdutError
+
+    try:
+        addresses = client_order(server)
+    except ZdutError:  # not a list of addresses: zdut itself says why
+        return None
+    share = QUERY_TIMEOUT_S / len(addresses)  # each broker of a list its part of the time a Tab may take
+
+    def make(address: str, _: float) -> Client:
+        keys = client_keys(address, key, server_key)  # with keys, the user must be the key's
+        return Client(address, None if keys else "completion", connect_timeout=share, call_timeout=QUERY_TIMEOUT_S,
+                      keys=keys)
 
     async def query() -> list[tuple[str, str]]:
-        keys = client_keys(server, key, server_key)  # with keys, the user must be the key's
-        client = Client(server, None if keys else "completion", connect_timeout=QUERY_TIMEOUT_S,
-                        call_timeout=QUERY_TIMEOUT_S, keys=keys)
+        client = await connect_first(addresses, make)
         try:
-            await client.connect()
             if device is None:
                 return [(d.name, "") for d in await client.list()]
             return await client.described_commands(device)

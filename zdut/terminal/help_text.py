@@ -21,7 +21,7 @@ SYNOPSIS = """SYNOPSIS
 OPTIONS = """OPTIONS
     -s ADDR        server (zdut-broker or zdut-agent) as host:port or tcp://host:port, or several
                    brokers of one lab, comma-separated: the first that answers is used
-                   (default $ZDUT_SERVER, else localhost:1024)
+                   (default $ZDUT_SERVER, else the config file's server, else localhost:1024)
     -f FORMAT      output format: text (default), json, yaml, oneline (alias csv)
     -v             verbose: include metadata (server, device, command) in the output
     --no-color     disable colours (they are only used on a terminal anyway)
@@ -68,10 +68,12 @@ DESCRIPTION
 
 {OPTIONS}
 FILES
-    $XDG_CONFIG_HOME/zdut/config.toml (default ~/.config/zdut/config.toml): the keys for servers
+    $XDG_CONFIG_HOME/zdut/config.toml (default ~/.config/zdut/config.toml): the server to use
+    without -s or $ZDUT_SERVER (one, or a comma-separated list of brokers), and the keys for servers
     with security on, as paths (relative ones to the file's directory). A server's table wins over
     [default] field by field; --key/--server-key and $ZDUT_KEY/$ZDUT_SERVER_KEY win over both:
         [default]
+        server = "lab1:1024,lab2:1024"
         key = "alice.key_secret"
         server_key = "lab.key"
         [servers."lab2:1024"]
