@@ -13,8 +13,9 @@ a raw pyzmq baseline measured in the same run.
    connections.
 
 The simulated agents live in worker processes (a process cannot hold 20,000 sockets: each needs two file
-descriptors), each a plain pyzmq loop that answers the broker's heartbeats with its own, so every agent stays
-online while the listings are measured.
+descriptors), each a plain pyzmq loop that, as ``zdut-agent`` does, heartbeats every ``--heartbeat`` seconds,
+answers the broker's heartbeats and registers again when the broker asks, so every agent stays online while the
+listings are measured.  The raw baselines' agents only register (a raw ROUTER has no liveness to keep).
 
 Run: ``.venv/bin/python bench/bench_scale.py`` (``--agents 2000`` for a smaller run).
 """
@@ -72,22 +73,33 @@ poller = zmq.Poller()
 for s in socks:
     poller.register(s, zmq.POLLIN)
 poller.register(sys.stdin.fileno(), zmq.POLLIN)
-waiting, registered = set(socks), P.Registered.__struct_config__.tag
+register_of = {s: frames[i // len(eps)] for i, s in enumerate(socks)}
+waiting, registered = set(socks), P.Registered.__struct_config__.tag.encode()
+rereg = P.encode(P.Reregister())
+heartbeat_s, beat_at, asked = float(sys.argv[6]), time.monotonic(), {}
 while True:
-    ready = dict(poller.poll(1000))
+    ready = dict(poller.poll(100))
     if sys.stdin.fileno() in ready:
         break  # the parent closed our stdin: the end
     for s in ready:
         while s.poll(0):
             reply = s.recv_multipart()
             if s in waiting:
-                if not raw and registered.encode() not in reply[-1][:16]:
+                if not raw and registered not in reply[-1][:16]:
                     print(f"refused: {reply[-1][:200]!r}", flush=True)
                     sys.exit(1)
                 waiting.discard(s)
                 if not waiting:
                     print(f"registered {time.perf_counter() - started:.3f}", flush=True)
             elif reply[-1] == heartbeat:  # the broker heard nothing from this agent for a while: answer
+                s.send_multipart([b"", heartbeat])
+            elif reply[-1] == rereg and time.monotonic() - asked.get(s, 0.0) >= max(heartbeat_s, 1.0):
+                asked[s] = time.monotonic()  # the broker lost us: register again, at most once a heartbeat, as
+                s.send_multipart([b"", register_of[s]])  # zdut-agent does (each reply to a register is a rereg)
+    if not raw and time.monotonic() - beat_at >= heartbeat_s:  # an idle agent heartbeats on its own
+        beat_at = time.monotonic()
+        for s in socks:
+            if s not in waiting:
                 s.send_multipart([b"", heartbeat])
 """
 
@@ -96,11 +108,12 @@ class Workers:
     """Simulated agents across processes: ``go`` starts every worker's storm, ``wait`` returns the slowest
     worker's time to be fully registered."""
 
-    def __init__(self, n_agents: int, n_devices: int, endpoints: list[str], raw: bool) -> None:
+    def __init__(self, n_agents: int, n_devices: int, endpoints: list[str], raw: bool,
+                 heartbeat: float = 1.0) -> None:
         self.procs = []
         for first in range(0, n_agents, PER_WORKER):
             args = [sys.executable, "-c", WORKER, str(first), str(min(PER_WORKER, n_agents - first)), str(n_devices),
-                    ",".join(endpoints), "raw" if raw else "zdut"]
+                    ",".join(endpoints), "raw" if raw else "zdut", str(heartbeat)]
             self.procs.append(subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         for proc in self.procs:
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -188,7 +201,7 @@ def one_broker(n_agents: int, n_devices: int, heartbeat: float, glob: str) -> di
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         broker, ep, log = start_broker(Path(tmp) / "broker.sqlite3", heartbeat)
-        workers = Workers(n_agents, n_devices, [ep], raw=False)
+        workers = Workers(n_agents, n_devices, [ep], raw=False, heartbeat=heartbeat)
         try:
             out["storm"] = workers.storm()
             request = P.encode(P.ListDevices(1, P.VERSION, USER))
@@ -231,7 +244,7 @@ def two_brokers(n_agents: int, n_devices: int, heartbeat: float) -> dict[str, An
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         started = [start_broker(Path(tmp) / f"broker{i}.sqlite3", heartbeat) for i in range(2)]
-        workers = Workers(n_agents, n_devices, [ep for _, ep, _ in started], raw=False)
+        workers = Workers(n_agents, n_devices, [ep for _, ep, _ in started], raw=False, heartbeat=heartbeat)
         try:
             out["storm"] = workers.storm()
             out["memory"] = [memory(proc.pid) for proc, _, _ in started]

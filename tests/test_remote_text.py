@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 import zmq
+from hypothesis import given
+from hypothesis import strategies as st
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from test_broker_system import Broker, FakeAgent
@@ -30,6 +32,7 @@ from zdut.protocol import DeviceInfo, LockState
 from zdut.terminal.commands import Options, Warnings
 from zdut.terminal.completion import ShellCompleter
 from zdut.terminal.output import Output
+from zdut.terminal.safe_text import clean, escape_char, is_unsafe, safe
 from zdut.terminal.shell_view import LabView, changes
 
 DEV = "ev\x1b]0;pwned\x07\u202eil"
@@ -242,3 +245,14 @@ def test_the_shells_prompt_and_toolbar_show_no_raw_controls() -> None:
     toolbar = "".join(text for _, text, *_ in shell.toolbar())
     assert inert(prompt) and "ev\\x1b]0;pwned" in prompt, prompt
     assert inert(toolbar), toolbar
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x2100))
+       | st.text(alphabet="\x00\x1b\n\t\r\x7f\x85\x9f a\u202e\u2028é"), st.booleans())
+def test_safe_escapes_exactly_the_characters_is_unsafe_names(text: str, multiline: bool) -> None:
+    """safe() searches with one regex (fast on big listings); it must escape exactly what is_unsafe says,
+    character by character, keeping newline and tab in a multi-line text."""
+    keep = "\n\t" if multiline else ""
+    expected = "".join(escape_char(c) if is_unsafe(c) and c not in keep else c for c in text)
+    assert safe(text, multiline) == expected
+    assert clean(text) == (not any(is_unsafe(c) for c in text))
