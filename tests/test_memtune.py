@@ -45,3 +45,24 @@ def test_tuning_is_idempotent() -> None:
 
     first = tune_malloc()
     assert tune_malloc() == first
+
+
+def test_gc_paused_pauses_the_collector_and_restores_it() -> None:
+    import gc
+
+    from zdut.common.memtune import gc_paused
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()  # someone else's choice is kept
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(ValueError), gc_paused():
+        raise ValueError("even on an error")
+    assert gc.isenabled()

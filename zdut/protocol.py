@@ -89,13 +89,13 @@ class _Msg(msgspec.Struct, array_like=True, tag=True, frozen=True):
 # ---------------------------------------------------------------- shared shapes
 
 
-class LockState(msgspec.Struct, array_like=True, frozen=True):
+class LockState(msgspec.Struct, array_like=True, frozen=True, gc=False):
     owner: str
     locked_at: int
     expires_at: int  # unix seconds; 0 = busy hold (no expiry)
 
 
-class DeviceInfo(msgspec.Struct, array_like=True, frozen=True):
+class DeviceInfo(msgspec.Struct, array_like=True, frozen=True, gc=False):  # gc=False: no cycles; 100k fast
     name: str
     lock: LockState | None = None
     agent: str = ""
@@ -105,19 +105,19 @@ class DeviceInfo(msgspec.Struct, array_like=True, frozen=True):
     waiting: list[str] = msgspec.field(default_factory=list)  # its lock queue, first in line first
 
 
-class CommandInfo(msgspec.Struct, array_like=True, frozen=True):
+class CommandInfo(msgspec.Struct, array_like=True, frozen=True, gc=False):
     name: str
     help: str
     desc: str = ""  # the config's one-line desc; a peer or state file from before it sends [name, help]
 
 
-class DeviceEntry(msgspec.Struct, array_like=True, frozen=True):
+class DeviceEntry(msgspec.Struct, array_like=True, frozen=True, gc=False):
     name: str
     commands: list[CommandInfo]
     failed: str = ""  # as DeviceInfo.failed
 
 
-class AgentInfo(msgspec.Struct, array_like=True, frozen=True):
+class AgentInfo(msgspec.Struct, array_like=True, frozen=True, gc=False):
     name: str
     devices: list[str]
     online: bool

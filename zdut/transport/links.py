@@ -21,6 +21,7 @@ import zmq
 
 from zdut.common.answers import oversized
 from zdut.common.logs import Throttle
+from zdut.common.memtune import gc_paused
 from zdut.protocol import MAX_HEADER_BYTES, WITH_PAYLOAD, Code, Message, ProtocolError, ZdutError, decode, encode
 
 log = logging.getLogger("zdut.link")
@@ -78,6 +79,8 @@ Handler = Callable[[bytes, Message, Any], None]
 #: Messages one wake-up handles before it yields to the loop (signals, timers, other sockets): a peer that
 #: keeps the socket full can slow the others down, never hold up a SIGTERM or a keepalive.
 BATCH = 256
+#: A header this large is a bulk reply (a listing): decoded with the garbage collector paused.
+BULK_HEADER_BYTES = 1 << 20
 
 
 def int_option(sock: zmq.Socket[Any]) -> Callable[[int], int]:
@@ -241,7 +244,11 @@ def recv_message(
         oversize(peer, header)
         return None
     try:
-        msg = decode(header, limit)
+        if len(header) < BULK_HEADER_BYTES:
+            msg = decode(header, limit)
+        else:  # a listing of 100,000 devices: the collector would rescan its objects, which hold no cycles
+            with gc_paused():
+                msg = decode(header, limit)
     except ProtocolError as exc:
         dropped(logging.WARNING, "dropped: undecodable", "dropped an undecodable message: %s", exc)
         return None
