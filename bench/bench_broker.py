@@ -337,7 +337,7 @@ def relay_e2e(seconds: float, payload: bytes) -> dict[str, dict[str, float]]:
 RAW_SERVER = r"""
 import sys, zmq
 ctx = zmq.Context(); r = ctx.socket(zmq.ROUTER); r.sndhwm = r.rcvhwm = 0
-r.setsockopt(zmq.BACKLOG, 1024)  # as the broker
+r.setsockopt(zmq.BACKLOG, 4096)  # as the broker
 r.bind("tcp://127.0.0.1:*"); print(r.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
 blob = bytes(int(sys.argv[1]))
 while True:

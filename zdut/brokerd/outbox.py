@@ -71,7 +71,8 @@ def bind_router(
     sock = new_router(ctx, MAX_FRAME)
     sock.setsockopt(zmq.SNDHWM, min(hwm, SNDHWM) if hwm else 0)  # hwm 0: no limits (benchmarks)
     sock.setsockopt(zmq.RCVHWM, hwm)
-    sock.setsockopt(zmq.BACKLOG, 1024)  # an agent storm after a broker restart: no SYN retransmit waits
+    sock.setsockopt(zmq.BACKLOG, 4096)  # a storm of agents (after a restart): fewer SYN retransmit waits (Linux caps
+    # it at net.core.somaxconn, 4096 by default; 10,000 agents at once overflowed 1024 four times as often)
     sock.setsockopt(zmq.LINGER, 500)  # replies in flight at shutdown get a moment, never a hang
     tcp_keepalive_instead_of_zmtp_heartbeats(sock, heartbeat_s)  # docs/architecture.md, "Flow control and liveness"
     try:
