@@ -12,7 +12,7 @@ import pytest
 import yaml
 import zmq
 
-from conftest import CONF, Lab
+from conftest import CONF, Lab, wait_for
 from zdut import protocol as P
 from zdut.terminal.commands import UsageError, parse_flags
 
@@ -212,6 +212,31 @@ def test_the_server_does_the_filtering(demo: tuple[Lab, str]) -> None:
     assert isinstance(reply, P.DeviceList) and [d.name for d in reply.devices] == ["device2", "device3"]
     reply = raw_request(addr, P.ListDevices(8, P.VERSION, "tester"))  # as a client from before --match asks
     assert isinstance(reply, P.DeviceList) and len(reply.devices) == 3
+
+
+def test_a_broker_answers_an_unchanged_listing_with_its_number_only(lab: Lab) -> None:
+    """The shell polls the whole listing every 2 s naming the generation it holds: until something changes it
+    gets no devices back (at 100,000 devices a listing is 3.2 MiB to encode and decode)."""
+    _, broker = lab.broker()
+    agent = lab.brokered_agent(CONF / "demo.yaml", broker)
+
+    def listing(known: int, at: str = broker) -> P.DeviceList:
+        reply = raw_request(at, P.ListDevices(1, P.VERSION, "tester", "", known))
+        assert isinstance(reply, P.DeviceList), reply
+        return reply
+
+    first = listing(0)
+    assert len(first.devices) == 3 and first.generation
+    again = listing(first.generation)
+    assert again.devices == [] and again.generation == first.generation
+    assert lab.zdut("-s", broker, "-u", "alice", "device2", "lock", "5m").returncode == 0
+    wait_for(lambda: listing(first.generation).devices, 5, "the listing to change")
+    changed = listing(first.generation)
+    lock = changed.devices[1].lock
+    assert changed.generation != first.generation and lock is not None and lock.owner == "alice"
+    assert listing(changed.generation).devices == []
+    direct = agent.args[agent.args.index("-a") + 1]  # an agent numbers nothing: always the whole listing
+    assert listing(0, direct).generation == 0 and len(listing(first.generation, direct).devices) == 3
 
 
 def raw_request(addr: str, msg: P.Message) -> P.Message:

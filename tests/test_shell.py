@@ -267,3 +267,37 @@ def test_the_tracker_closes_when_a_refresh_is_due_as_it_is_cancelled(lab: Lab) -
         await asyncio.wait_for(tracker.close(), 5)
 
     asyncio.run(scenario())
+
+
+def test_the_shell_keeps_its_view_when_the_broker_says_the_listing_is_unchanged(lab: Lab) -> None:
+    """Each poll names the listing the shell holds; a broker whose listing has not changed sends no devices,
+    and the shell keeps showing the ones it has, then takes the next change."""
+    _, broker = lab.broker()
+    lab.brokered_agent(CONF / "demo.yaml", broker)
+
+    async def scenario() -> None:
+        tracker = Tracker(broker, "tester", lambda _: None, lambda: None)
+        await tracker._connect()
+        client = tracker.client
+        assert client is not None
+        sent: list[int] = []  # how many devices each poll's reply carried
+        listing = client.listing
+
+        async def counted(match: str = "", known: int = 0) -> tuple[int, list[DeviceInfo] | None]:
+            generation, devices = await listing(match, known)
+            sent.append(-1 if devices is None else len(devices))
+            return generation, devices
+
+        client.listing = counted  # type: ignore[method-assign]
+        for _ in range(3):
+            await tracker._refresh(client)
+        assert sent == [3, -1, -1] and sorted(tracker.view.devices) == ["device1", "device2", "device3"]
+        await client.lock("device2", 300)
+        deadline = time.monotonic() + 5
+        while tracker.view.devices["device2"].lock is None:  # the agent tells the broker just after it answers
+            assert time.monotonic() < deadline, f"the lock never reached the shell's view: {sent}"
+            await tracker._refresh(client)
+        assert sent[-1] == 3  # the change came with the whole listing
+        await tracker.close()
+
+    asyncio.run(scenario())

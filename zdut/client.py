@@ -436,9 +436,14 @@ class Client:
 
     async def list(self, match: str = "") -> list[DeviceInfo]:
         """The devices whose names match the glob ``match`` ("" for all); a server before globs sends all."""
-        reply = await self._call(lambda rid: ListDevices(rid, VERSION, self.user, match))
+        return matching((await self.listing(match))[1] or [], match)
+
+    async def listing(self, match: str = "", known: int = 0) -> tuple[int, builtins.list[DeviceInfo] | None]:
+        """(generation, devices) as ``list``; None for the devices when ``known``, the generation of a listing the
+        caller holds (for this ``match``), is still current: a broker then sends a few bytes, not 100,000 devices."""
+        reply = await self._call(lambda rid: ListDevices(rid, VERSION, self.user, match, known))
         assert isinstance(reply, DeviceList)
-        return matching(reply.devices, match)
+        return reply.generation, None if known and reply.generation == known else reply.devices
 
     async def commands(self, device: str) -> builtins.list[str]:
         return [name for name, _ in await self.described_commands(device)]

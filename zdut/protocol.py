@@ -1,9 +1,8 @@
 """The zdut wire contract: every message, status code, version and frame layout.
 
-Frames on every socket are ``[header][payload?]``: the header is one msgspec
-``Message`` (a tagged, array-like Struct, a few dozen bytes); ``Data`` and
-``FileChunk`` are followed by exactly one raw payload frame that relays forward
-untouched.  ROUTER sockets see a routing-id frame in front.
+Frames on every socket are ``[header][payload?]``: the header is one msgspec ``Message`` (a tagged, array-like
+Struct, a few dozen bytes); ``Data`` and ``FileChunk`` are followed by exactly one raw payload frame that relays
+forward untouched.  ROUTER sockets see a routing-id frame in front.
 
 Envelopes (see docs/protocol.md):
 
@@ -24,8 +23,7 @@ import msgspec
 
 from zdut import __version__
 
-#: zdut release; its semver major decides compatibility (dutctl's policy).
-VERSION = __version__  # the package version, read from its metadata
+VERSION = __version__  # zdut release, the package's: its semver major decides compatibility (dutctl's policy)
 #: Longest header a server accepts from a peer; larger frames are dropped as garbage.
 MAX_HEADER_BYTES = 64 * 1024
 #: Longest header a client accepts from its server: listings of 10,000 devices are ~300 KiB.
@@ -151,11 +149,13 @@ class ListDevices(_Msg, tag="list", frozen=True):
     version: str
     user: str
     match: str = ""  # only the devices whose names match this glob (fnmatchcase); a server before it lists all
+    known: int = 0  # the listing the caller holds (its DeviceList.generation): if current, no devices are sent
 
 
 class DeviceList(_Msg, tag="devices", frozen=True):
     rid: int
     devices: list[DeviceInfo]
+    generation: int = 0  # this listing's number at this server (0: unnumbered); == known: what the caller holds
 
 
 class ListCommands(_Msg, tag="cmds", frozen=True):

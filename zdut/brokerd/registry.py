@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ class Registry:
         self._offline_bytes = 0
         self._listing: list[DeviceInfo] | None = None
         self._listing_valid_until = 0.0  # the earliest reservation expiry in the cached listing
+        #: Numbers each listing built, from a random start: a client that moved from another broker cannot
+        #: hold a number that means something else here (a shell polls with the one it holds: ListDevices.known).
+        self.listing_generation = random.getrandbits(48)
 
     # ------------------------------------------------------------- persistence
     def load(self, records: Iterable[AgentRecord]) -> None:
@@ -389,6 +393,7 @@ class Registry:
             commands=self.commands,
             help_text=self.help_text,
             agents=self.agent_list,
+            generation=lambda: self.listing_generation,
         )
 
     def device_list(self, match: str = "") -> list[DeviceInfo]:
@@ -397,6 +402,7 @@ class Registry:
         now = self.wall()
         if self._listing is None or now >= self._listing_valid_until:
             self._listing, self._listing_valid_until = self._build_listing(now)
+            self.listing_generation += 1
         return matching(self._listing, match) if match else self._listing
 
     def _build_listing(self, now: float) -> tuple[list[DeviceInfo], float]:

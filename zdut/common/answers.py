@@ -63,15 +63,19 @@ def listing(
     commands: Callable[[str], list[tuple[str, str]]],
     help_text: Callable[[str, str], str],
     agents: Callable[[], list[AgentInfo]],
+    generation: Callable[[], int] = lambda: 0,
 ) -> Message:
     """The reply of server ``name`` (``role`` "agent" or "broker") to Hello or a listing request; the
     lookups raise ZdutError (no_such_device or device_not_found, no_such_command, or anything else the server
-    refuses).  ``devices`` takes a ListDevices' glob ("" for all)."""
+    refuses).  ``devices`` takes a ListDevices' glob ("" for all); ``generation`` numbers the listing it last
+    returned (0: unnumbered), so that a caller who holds that one gets no devices back."""
     match msg:
         case Hello():
             return Welcome(msg.rid, VERSION, role, name)
         case ListDevices():
-            return DeviceList(msg.rid, devices(msg.match))
+            listed = devices(msg.match)  # first: it brings the listing, and so its generation, up to date
+            number = generation()
+            return DeviceList(msg.rid, [] if number and msg.known == number else listed, number)
         case ListCommands():
             named = commands(msg.device)  # (name, desc) of each, in order
             return CommandList(msg.rid, [name for name, _ in named], [desc for _, desc in named])
