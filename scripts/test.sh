@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 .venv/bin/lint-imports --no-logo   # the layering contracts in pyproject.toml
 .venv/bin/mypy                     # zdut/, configured in pyproject.toml
 if [ $# -gt 0 ]; then exec .venv/bin/python -m pytest -q "$@"; fi   # the tests you name, in one process
-if [ "${ZDUT_TEST_WORKERS:-1}" -le 1 ]; then exec .venv/bin/python -m pytest -q; fi   # the whole suite, in order
+# The whole suite, in order, with its 25 slowest tests listed at the end: the suite must stay within 10 minutes.
+if [ "${ZDUT_TEST_WORKERS:-1}" -le 1 ]; then exec .venv/bin/python -m pytest -q --durations=25; fi
 # ZDUT_TEST_WORKERS=N: most tests on N xdist workers, then the tests marked `serial` (they assert on wall-clock
 # time) alone. Faster, but not the default: on the 2-core CI host, 4 of 4 such runs had one zdut process stall
 # for 5-30 s inside its imports (faulthandler: garbage-collecting while unmarshalling asyncio), never seen in
