@@ -113,8 +113,8 @@ class AsyncLab:
     unary call.  ``key`` (your ``NAME.key_secret``) and ``server_key`` (the server's public key file) make it a
     CURVE connection, for a server with security on; each defaults to $ZDUT_KEY / $ZDUT_SERVER_KEY, then the
     config file, as for ``zdut``.  A key that cannot be used, a bad config file, or half a pair: InvalidArgument,
-    before anything connects.  ``user`` defaults to the
-    key's name with a key (a secure server takes no other), else ``$USER@hostname``.
+    before anything connects.  ``user`` defaults to the key's name with a key (a secure server takes no other),
+    else ``$USER@hostname``.
 
     ``address`` may list several brokers of one lab (``"a:1024,b:1024"`` or a list): the first that answers is
     used (zdut.brokers), and when its connection dies the next call switches to another, saying so once in the
