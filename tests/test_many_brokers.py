@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -316,3 +317,27 @@ def test_a_bad_server_in_the_config_file_is_a_usage_error_naming_it(lab: Lab, co
         AsyncLab()
     assert bad.value.code == Code.INVALID_ARGUMENT and message.format(path=path).split(": ", 1)[1] in bad.value.message
     assert lab.zdut("-s", "127.0.0.1:1", "version").returncode == 0  # nothing that needs no server is refused
+
+
+def test_a_hung_broker_costs_a_one_shot_call_one_second(lab: Lab, three: tuple[list[Proc], list[str]]) -> None:
+    """A broker that accepts connections and answers nothing (SIGSTOP: the kernel still completes the TCP
+    handshake) is the slowest way to be down; a call that starts there moves on after 1 s."""
+    procs, addrs = three
+    servers = f"{addrs[0]},{addrs[1]}"  # two entries: about half the clients start at the hung one
+    start_up = min(timed(lab, "version")[0] for _ in range(3))
+    procs[0].kill(signal.SIGSTOP)
+    try:
+        calls = [timed(lab, "-s", servers, "-v", "list") for _ in range(10)]
+    finally:
+        procs[0].kill(signal.SIGCONT)
+    for took, r in calls:
+        assert r.returncode == 0 and f"# connected to {addrs[1]}" in r.stdout, r.stderr
+        assert took - start_up < 1.0 + 1.0, (took, start_up)  # the 1 s it gives the hung broker, and slack
+    slow = [took for took, _ in calls if took - start_up > 0.8]
+    assert slow, [took for took, _ in calls]  # some did start at the hung broker (each call: 1 in 2)
+
+
+def timed(lab: Lab, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    started = time.monotonic()
+    r = lab.zdut(*args)
+    return time.monotonic() - started, r
