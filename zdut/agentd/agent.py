@@ -71,6 +71,8 @@ INIT_TIMEOUT_S = 300.0
 DEINIT_TIMEOUT_S = 15.0
 #: How long a forced unlock waits for the runs it cancelled to close before it answers anyway.
 FORCE_WAIT_S = 5.0
+#: A busy hold is listed by brokers once it has lasted this long; a shorter run never shows as busy.
+BUSY_ANNOUNCE_S = 0.05
 
 
 def anonymous() -> str:
@@ -115,7 +117,10 @@ class Agent:
         self.address = address
         self.started = time.time()
         self.uplinks: list[Uplink] = []  # each told about lock changes
-        self.locker = Locker(set(config.devices), state_path, on_change=self._lock_changed)
+        self.locker = Locker(set(config.devices), state_path, on_change=self._lock_changed,
+                             on_busy=self._busy_changed)
+        #: Busy holds taken but not yet announced: device -> the timer that announces it (BUSY_ANNOUNCE_S).
+        self._unannounced: dict[str, asyncio.TimerHandle] = {}
         self.runs: dict[tuple[int, bytes, int], AgentRun] = {}
         #: Devices whose modules failed to initialise -> why; listed as failed, their runs refused.
         self.failed: dict[str, str] = {}
@@ -222,8 +227,26 @@ class Agent:
         self._announce(device)
         self.lock_queue.grant(device)
 
+    def _busy_changed(self, device: str, taken: bool) -> None:
+        """A busy hold is announced only once it has lasted BUSY_ANNOUNCE_S: a short run (a ``status``, a
+        power toggle) then costs brokers nothing, where two announcements would double its messages."""
+        if taken:
+            if device not in self._unannounced:
+                self._unannounced[device] = asyncio.get_running_loop().call_later(
+                    BUSY_ANNOUNCE_S, self._announce, device)
+            return
+        if device not in self._unannounced:  # brokers were told of the hold: tell them it ended
+            self._announce(device)
+        else:  # they never heard of it, and the device is as they list it
+            self._unannounced.pop(device).cancel()
+        self.lock_queue.grant(device)
+
     def _announce(self, device: str) -> None:
-        """``device``'s hold, or who watches or waits for it, changed: brokers list it."""
+        """``device``'s hold, or who watches or waits for it, changed: brokers list it (its busy hold too, so a
+        pending announcement of that hold is no longer needed)."""
+        pending = self._unannounced.pop(device, None)
+        if pending is not None:
+            pending.cancel()
         for uplink in self.uplinks:
             uplink.send_control(self._listed(device))
 

@@ -49,10 +49,14 @@ class Locker:
         state_path: Path | None = None,
         on_change: Callable[[str, LockState | None, LockState | None], None] | None = None,
         clock: Callable[[], float] = time.time,
+        on_busy: Callable[[str, bool], None] | None = None,
     ) -> None:
+        """``on_change`` hears of every change of a device's state; ``on_busy``, if given, hears instead of
+        busy holds taken (True) and ended (False), which are shorter-lived than reservations."""
         self._devices = devices
         self._path = state_path
         self._on_change = on_change
+        self._on_busy = on_busy
         self._clock = clock
         self._reserved: dict[str, _Hold] = {}
         self._busy: dict[str, _Hold] = {}
@@ -95,7 +99,7 @@ class Locker:
         hold = self._busy.get(device)
         if hold is None:
             hold = self._busy[device] = _Hold(user, int(self._clock()), 0)
-            self._changed(device)
+            self._busy_changed(device, True)
         hold.runs += 1
 
     def release_busy(self, device: str, user: str) -> None:
@@ -105,7 +109,7 @@ class Locker:
         hold.runs -= 1
         if hold.runs <= 0:
             del self._busy[device]
-            self._changed(device)
+            self._busy_changed(device, False)
 
     # ------------------------------------------------------------- reservations
     def lock(self, device: str, user: str, duration_s: int) -> LockState:
@@ -179,6 +183,12 @@ class Locker:
             self._changed(device)
             return self._reserved.get(device)  # the change may have handed it to the next in a lock queue
         return hold
+
+    def _busy_changed(self, device: str, taken: bool) -> None:
+        if self._on_busy is not None:
+            self._on_busy(device, taken)
+        else:
+            self._changed(device)
 
     def _changed(self, device: str) -> None:
         if self._on_change is not None:

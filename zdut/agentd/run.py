@@ -102,7 +102,7 @@ class AgentRun:
     ) -> None:
         self.device, self.command, self.user = device, command, user
         self.stream = Stream(sid, send_frames, granted={WINDOW_MAIN: INITIAL_WINDOW, WINDOW_STDIN: STDIN_WINDOW})
-        self.task: asyncio.Task[tuple[str, str]] | None = None
+        self.task: asyncio.Task[None] | None = None
         self.transfer: _Incoming | None = None
         self._stdin = StdinBuffer(lambda nbytes: self.stream.consumed(nbytes, WINDOW_STDIN))
         self._xfers = 0
@@ -130,8 +130,8 @@ class AgentRun:
         write (``agentd.file_args``).
 
         From here every path (success, module error, cancel, client lost, a send that fails) ends in
-        ``_close``, called by the task's done callback: that runs even for a task cancelled before its
-        first step, whose coroutine body (and any ``finally`` in it) never runs."""
+        ``_close``: called at the end of the task, or else by its done callback, which runs even for a task
+        cancelled before its first step, whose coroutine body (and any ``finally`` in it) never runs."""
         if hold:
             try:
                 self._locker.acquire_busy(self.device, self.user)
@@ -147,7 +147,13 @@ class AgentRun:
         """The run cannot start: say why and close (no hold was taken)."""
         self._close(error.code, error.message)
 
-    async def _main(self, interactive: bool, body: Callable[[AgentRun], Any], files: dict[str, str]) -> tuple[str, str]:
+    async def _main(self, interactive: bool, body: Callable[[AgentRun], Any], files: dict[str, str]) -> None:
+        """Run ``body`` and close: here rather than in the done callback, so that Done leaves in the same burst as
+        the last output (one wake-up of the IO thread fewer, a loop iteration sooner)."""
+        self._close(*await self._outcome(interactive, body, files))
+
+    async def _outcome(self, interactive: bool, body: Callable[[AgentRun], Any],
+                       files: dict[str, str]) -> tuple[str, str]:
         try:
             self.stream.send(RunStarted, interactive=interactive, files=files)
             await body(self)
@@ -160,17 +166,20 @@ class AgentRun:
             return Code.INTERNAL, f"module failed: {type(exc).__name__}: {exc}"
         return Code.OK, ""
 
-    def _finished(self, task: asyncio.Task[tuple[str, str]]) -> None:
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        """The close step of a run that ``_main`` did not close: cancelled (perhaps before its first step), or
+        failed with a BaseException."""
         if task.cancelled():
             reason = self._reason or ZdutError(Code.CANCELED, "canceled")
             self._close(reason.code, f"module execution aborted: {reason.message}")
-        elif task.exception() is not None:  # only a BaseException escapes _main
-            self._close(Code.INTERNAL, f"module failed: {task.exception()!r}")
-        else:
-            self._close(*task.result())
+        elif (error := task.exception()) is not None:
+            if self._closed:  # the close step itself failed
+                log.error("closing the run device=%s command=%s failed", self.device, self.command, exc_info=error)
+            self._close(Code.INTERNAL, f"module failed: {error!r}")
 
     def _close(self, code: str, message: str) -> None:
-        """The one close step: release the hold, leave the agent's table, send Done, end the stream."""
+        """The one close step: release the hold, send Done, end the stream, leave the agent's table (whose
+        journal record and log line come after Done: the client is not kept waiting for a disk write)."""
         if self._closed:
             return
         self._closed = True
@@ -178,6 +187,10 @@ class AgentRun:
         if self._held:
             self._held = False
             self._locker.release_busy(self.device, self.user)
+        if self.stream.closed is None:
+            with contextlib.suppress(ZdutError):  # the client may be gone: nothing more to tell it
+                self.stream.send(Done, code=code, message=message)
+            self.stream.fail(ZdutError(Code.CANCELED, "session ended"))
         self._on_close(self)
         how = f"{code}: {message}" if code else "ok"
         if self.task is not None:
@@ -185,10 +198,6 @@ class AgentRun:
         else:  # refused before it started: a line any peer can cause per message, so rate-limited
             throttled(logging.INFO, "refused run", "run refused device=%s command=%s user=%s: %s", self.device,
                       self.command, self.user, how)
-        if self.stream.closed is None:
-            with contextlib.suppress(ZdutError):  # the client may be gone: nothing more to tell it
-                self.stream.send(Done, code=code, message=message)
-            self.stream.fail(ZdutError(Code.CANCELED, "session ended"))
 
     @property
     def cancelled(self) -> bool:
