@@ -242,7 +242,7 @@ class AsyncLab:
         After ``timeout`` seconds the command is cancelled and fails with DeadlineExceeded; cancelling the
         awaiting task cancels it on the agent too."""
         result = RunResult()
-        run = (await self._live()).run(device, command, list(args), _Collector(result.output))
+        run = (await self._live()).run(device, command, list(args), _Collector(result.output), stdin_closed=not stdin)
         try:
             async with asyncio.timeout(timeout):
                 await _feed_and_wait(run, stdin)
@@ -261,10 +261,10 @@ class AsyncLab:
 
 
 async def _feed_and_wait(run: Run, stdin: bytes | None) -> None:
-    with contextlib.suppress(ZdutError):  # the session already ended: wait() says why
-        if stdin:
+    if stdin:  # else RunOpen said there is none
+        with contextlib.suppress(ZdutError):  # the session already ended: wait() says why
             await run.write_stdin(stdin)
-        await run.close_stdin()
+            await run.close_stdin()
     await run.wait()
 
 

@@ -122,11 +122,10 @@ class Run:
     """A Run session seen from the client."""
 
     def __init__(self, client: Client, sid: int, device: str, command: str, args: list[str],
-                 handler: RunHandler) -> None:
-        self.client = client
-        self.sid = sid
+                 handler: RunHandler, stdin_closed: bool = False) -> None:
+        self.client, self.sid, self.handler = client, sid, handler
+        self._stdin_closed = stdin_closed  # RunOpen said so, or StdinEof went out
         self.device, self.command, self.args = device, command, args
-        self.handler = handler
         self.stream = Stream(sid, client._send, {WINDOW_MAIN: INITIAL_WINDOW, WINDOW_STDIN: STDIN_WINDOW})
         loop = asyncio.get_running_loop()
         self.started: asyncio.Future[bool] = loop.create_future()
@@ -151,7 +150,9 @@ class Run:
             await self.stream.send_credited(Data, data[i : i + STDIN_CHUNK], window=WINDOW_STDIN, stream=STDIN)
 
     async def close_stdin(self) -> None:
-        await self.stream.send_credited(StdinEof, window=WINDOW_STDIN)
+        if not self._stdin_closed:
+            self._stdin_closed = True
+            await self.stream.send_credited(StdinEof, window=WINDOW_STDIN)
 
     def cancel(self) -> None:
         if self._downloads.after_done:  # the agent is done; we only wait for a reader: stop writing
@@ -190,6 +191,8 @@ class Run:
                 n = len(payload)
                 self.handler.output(msg.stream, bytes(payload), lambda: self.stream.consumed(n))
             case RunStarted():
+                if self._stdin_closed and not msg.stdin_closed:  # an agent from before RunOpen.stdin_closed
+                    self.stream.try_send_credited(StdinEof, window=WINDOW_STDIN)  # the window is whole yet
                 if not self.started.done():
                     self._allowed = allowed_files(msg.files)
                     self.started.set_result(msg.interactive)
@@ -276,11 +279,8 @@ class Client:
                  call_timeout: float = CALL_TIMEOUT_S, keys: ClientKeys | None = None) -> None:
         self.address, self.keys = address, keys
         self.user = user if user is not None else default_user(keys)
-        self.connect_timeout = connect_timeout
-        self.call_timeout = call_timeout
-        self.server_version = ""
-        self.server_role = ""
-        self.server_name = ""
+        self.connect_timeout, self.call_timeout = connect_timeout, call_timeout
+        self.server_version = self.server_role = self.server_name = ""  # what Welcome says
         self.warnings: list[str] = []
         self._ctx: zmq.Context[Any] | None = None
         self._pump: Pump | None = None
@@ -484,14 +484,15 @@ class Client:
 
     # ------------------------------------------------------------- Run
     def run(self, device: str, command: str, args: builtins.list[str] | None = None,
-            handler: RunHandler | None = None, mode: str = "") -> Run:
-        """Open a Run session; await ``run.wait()`` for its end; ``mode``: protocol.WATCH or JOURNAL."""
+            handler: RunHandler | None = None, mode: str = "", stdin_closed: bool = False) -> Run:
+        """Open a Run session; await ``run.wait()`` for its end; ``mode``: protocol.WATCH or JOURNAL.
+        ``stdin_closed``: the command gets no input (EOF at once, one message fewer than ``close_stdin``)."""
         args = list(args or [])
         sid = next(self._sids)
-        run = Run(self, sid, device, command, args, handler or RunHandler())
+        run = Run(self, sid, device, command, args, handler or RunHandler(), stdin_closed)
         self._runs[sid] = run
         try:
-            self._send(encode_request(RunOpen(sid, VERSION, self.user, device, command, args, mode)))
+            self._send(encode_request(RunOpen(sid, VERSION, self.user, device, command, args, mode, stdin_closed)))
         except ZdutError as exc:
             run.end(exc)
         return run

@@ -86,7 +86,6 @@ class _Msg(msgspec.Struct, array_like=True, tag=True, frozen=True):
 
 # ---------------------------------------------------------------- shared shapes
 
-
 class LockState(msgspec.Struct, array_like=True, frozen=True, gc=False):
     owner: str
     locked_at: int
@@ -256,7 +255,8 @@ WATCH, JOURNAL, QUEUE = "watch", "log", "queue"
 
 class RunOpen(_Msg, tag="run", frozen=True):
     """``mode`` "" runs ``command``; WATCH follows the device's output; JOURNAL reads its journal; QUEUE waits
-    for its lock (``args``: lock and wait seconds), then writes the granted ``LockState`` as JSON on stdout."""
+    for its lock (``args``: lock and wait seconds), then writes the granted ``LockState`` as JSON on stdout.
+    ``stdin_closed``: the client sends no input, so no StdinEof follows (RunStarted says whether it was taken)."""
     sid: int
     version: str
     user: str
@@ -264,6 +264,7 @@ class RunOpen(_Msg, tag="run", frozen=True):
     command: str
     args: list[str]
     mode: str = ""
+    stdin_closed: bool = False
 
 
 class RunStarted(_Msg, tag="started", frozen=True):
@@ -276,6 +277,7 @@ class RunStarted(_Msg, tag="started", frozen=True):
     seq: int
     interactive: bool
     files: dict[str, str] = msgspec.field(default_factory=dict)
+    stdin_closed: bool = False  # RunOpen.stdin_closed was taken (an agent from before it leaves it False)
 
 
 class Data(_Msg, tag="data", frozen=True):
@@ -377,7 +379,6 @@ class Done(_Msg, tag="done", frozen=True):
 
 # ---------------------------------------------------------------- broker <-> agent
 
-
 class Register(_Msg, tag="register", frozen=True):
     version: str
     agent: str  # stable agent name: who may take this registration over
@@ -457,7 +458,6 @@ def decode(frame: bytes | memoryview, limit: int = MAX_HEADER_BYTES) -> Message:
 
 
 # ---------------------------------------------------------------- versions
-
 _SEMVER = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+[0-9A-Za-z.-]+)?$")
 
 COMPATIBLE, TOLERATED, INCOMPATIBLE = "compatible", "tolerated", "incompatible"

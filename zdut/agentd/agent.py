@@ -369,7 +369,7 @@ class Agent:
         key = (id(link), peer, msg.sid)
         user = msg.user or anonymous()
         run = AgentRun(msg.sid, link.sender(peer), msg.device, msg.command, user, self.locker,
-                       on_close=lambda r: self._close_run(key, r))
+                       on_close=lambda r: self._close_run(key, r), stdin_closed=msg.stdin_closed)
         try:
             if key in self.runs:
                 raise ZdutError(Code.ALREADY_EXISTS, f"session {msg.sid} is already open")

@@ -99,12 +99,15 @@ class AgentRun:
         user: str,
         locker: Locker,
         on_close: Callable[[AgentRun], None],
+        stdin_closed: bool = False,
     ) -> None:
+        """``stdin_closed``: the client sends no input (RunOpen.stdin_closed); RunStarted says it was taken."""
         self.device, self.command, self.user = device, command, user
         self.stream = Stream(sid, send_frames, granted={WINDOW_MAIN: INITIAL_WINDOW, WINDOW_STDIN: STDIN_WINDOW})
         self.task: asyncio.Task[None] | None = None
         self.transfer: _Incoming | None = None
-        self._stdin = StdinBuffer(lambda nbytes: self.stream.consumed(nbytes, WINDOW_STDIN))
+        self._stdin = StdinBuffer(lambda nbytes: self.stream.consumed(nbytes, WINDOW_STDIN), closed=stdin_closed)
+        self._stdin_closed = stdin_closed
         self._xfers = 0
         self._sending: dict[int, FileSender] = {}
         self._term: tuple[int, int] | None = None
@@ -155,7 +158,7 @@ class AgentRun:
     async def _outcome(self, interactive: bool, body: Callable[[AgentRun], Any],
                        files: dict[str, str]) -> tuple[str, str]:
         try:
-            self.stream.send(RunStarted, interactive=interactive, files=files)
+            self.stream.send(RunStarted, interactive=interactive, files=files, stdin_closed=self._stdin_closed)
             await body(self)
         except ModuleError as exc:
             return exc.code, f"module failed: {exc.message}"

@@ -10,15 +10,16 @@ from collections.abc import Callable
 class StdinBuffer:
     """Chunks fed by the transport, read by the module; ``on_consumed(nbytes)`` fires as each chunk is taken.
 
-    ``b""`` fed (or ``close()``) is EOF: every read after it returns ``b""``.
+    ``b""`` fed (or ``close()``) is EOF: every read after it returns ``b""``.  ``closed``: at EOF from the start
+    (a client that sends no input says so when it opens the session).
     """
 
-    def __init__(self, on_consumed: Callable[[int], None] | None = None) -> None:
+    def __init__(self, on_consumed: Callable[[int], None] | None = None, closed: bool = False) -> None:
         # A deque and one waiter, not an asyncio.Queue: a console echo pays for every step of this hop.
         self._chunks: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._buffer = b""
-        self._eof = False
+        self._eof = closed
         self._on_consumed = on_consumed
 
     def feed(self, data: bytes) -> None:
