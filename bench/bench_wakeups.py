@@ -1,9 +1,10 @@
-"""Thread wake-ups per console echo round trip, per process and thread, zdut beside the same-shape chain.
+"""Thread wake-ups per console echo round trip, per process and thread, zdut beside the same-shape chain;
+with ``--runs N``, per ``Lab.run`` of a short command instead, through a broker and directly (issue 14).
 
 A wake-up is a voluntary context switch (/proc/PID/task/TID/status): a thread that slept and was woken.
 On a VM without halt polling each costs a VM exit, so this count, not CPU time, sets the echo latency.
 
-    .venv/bin/python bench/bench_wakeups.py [--lines 2000]
+    .venv/bin/python bench/bench_wakeups.py [--lines 2000] [--runs 2000]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from bench_sessions import (  # the bench folder is not a package: found through
     start_lab,
     stop_all,
 )
+
+from zdut.api import Lab
 
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
@@ -113,10 +117,37 @@ def zdut(n: int) -> None:
             stop_all(procs)
 
 
+def lab_runs(n: int) -> None:
+    """``Lab.run("device1", "status")`` n times through the broker, then directly; this process is the client."""
+    with tempfile.TemporaryDirectory() as d:
+        procs, agent, broker = start_lab(Path(d), Path(d))
+        try:
+            for title, address in (("Lab.run through the broker", broker), ("Lab.run direct to the agent", agent)):
+                meter = WakeupMeter({"broker": procs[0].pid, "agent": procs[1].pid, "client": os.getpid()})
+                with Lab(address) as lab:
+                    for _ in range(100):  # warm-up: connection, caches
+                        lab.run("device1", "status")
+                    samples = []
+                    meter.before = {name: switches(pid) for name, pid in meter.pids.items()}
+                    for _ in range(n):
+                        started = time.perf_counter()
+                        lab.run("device1", "status")
+                        samples.append(time.perf_counter() - started)
+                    meter.after = {name: switches(pid) for name, pid in meter.pids.items()}
+                print(f"{title}: {percentiles(samples)}")
+                meter.report(title, n)
+        finally:
+            stop_all(procs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lines", type=int, default=2000)
+    ap.add_argument("--runs", type=int, default=0, help="Lab.run calls instead of the console echo")
     args = ap.parse_args()
+    if args.runs:
+        lab_runs(args.runs)
+        return
     chain(args.lines)
     zdut(args.lines)
 
