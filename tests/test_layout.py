@@ -34,11 +34,12 @@ def test_broker_class_keeps_dispatch_and_policy_only() -> None:
     assert broker.end_lineno - broker.lineno + 1 <= MAX_BROKER_CLASS_LINES
 
 
-def test_one_version_from_the_package_metadata() -> None:
+def test_one_version_written_once_and_the_package_metadata_agrees() -> None:
     assert zdut.__version__ == importlib.metadata.version("zdut")
     assert protocol.VERSION == zdut.__version__
     restated = [p for p in ROOT.rglob("*.py") if f'"{zdut.__version__}"' in p.read_text()]
-    assert restated == []
+    assert restated == [ROOT / "__init__.py"]
+    assert 'version = { attr = "zdut.__version__" }' in (ROOT.parent / "pyproject.toml").read_text()
 
 
 def module_cycles(graph: grimp.ImportGraph) -> list[list[str]]:

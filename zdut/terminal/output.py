@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import yaml
-
 from zdut.common.durations import format_left
 from zdut.protocol import AgentInfo, DeviceInfo, LockState
 from zdut.terminal.safe_text import FORMAT_CONTROLS, is_unsafe, safe, safe_lines
@@ -421,6 +419,8 @@ def _yaml_scalar(value: Any) -> str:
         return "{}"
     if isinstance(value, list):
         return "[]"
+    import yaml  # here, not at the top: only -f yaml needs it, and it costs every CLI start-up ~12 ms
+
     text = str(value)
     if text and all(_yaml_printable(c) for c in text) and not yaml.safe_dump(
             text, allow_unicode=True, width=1 << 30).startswith(("'", '"', "|", ">")):

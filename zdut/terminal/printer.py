@@ -17,14 +17,15 @@ import select
 import threading
 from asyncio import AbstractEventLoop
 from collections.abc import Callable
-from typing import Never, TextIO
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Never, TextIO
 
 from zdut.client import RunHandler
 from zdut.protocol import STDERR
 from zdut.terminal.output import FILE_TRANSFER, MODULE_OUTPUT, Content, Output
 from zdut.terminal.safe_text import safe
+
+if TYPE_CHECKING:  # imported where a bar is drawn: tqdm (and importlib.metadata under it) is ~40 ms of start-up
+    from tqdm import tqdm
 
 #: Smaller transfers end before a bar could tell anything.
 PROGRESS_MIN_BYTES = 1024 * 1024
@@ -205,6 +206,8 @@ class CliRunHandler(RunHandler):
     def _draw(self, direction: str, path: str, done: int, total: int) -> None:
         bar = self._bar
         if bar is None:
+            from tqdm import tqdm
+
             arrow = "↑" if direction == "sent" else "↓"
             bar = self._bar = tqdm(
                 total=total if total >= 0 else None, desc=f"{arrow} {safe(path)}", unit="B", unit_scale=True,
