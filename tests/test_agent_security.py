@@ -5,12 +5,14 @@ Users: alice (an admin), bob and carol hold keys the agent lists; mallory's key 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
+import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,53 @@ def listing(user: str, rid: int = 1) -> bytes:
     return p.encode(p.ListDevices(rid, p.VERSION, user))
 
 
+#: A ZMTP 3.0 greeting offering the NULL mechanism as a client: signature, version, mechanism, as-server, filler.
+NULL_GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
+
+
+class NullPeer:
+    """A raw TCP peer that sends a NULL greeting, then a zdut request, and never hangs up first.
+
+    A libzmq DEALER without CURVE may read the agent's CURVE greeting and hang up before the agent has read its
+    own; the agent then sees only a peer that hung up (EPIPE), a different cause with a different line. This
+    peer stays, so the agent always reads its greeting and refuses the mechanism."""
+
+    def __init__(self, addr: str) -> None:
+        host, port = addr.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.sock.sendall(NULL_GREETING)
+
+    def send(self, frame: bytes) -> None:
+        with contextlib.suppress(OSError):  # refused already: the agent may have closed the connection
+            self.sock.sendall(b"\x00" + bytes([len(frame)]) + frame)  # a short final frame
+
+    def answered(self, timeout_s: float) -> bool:
+        """Whether the agent sent anything beyond its own greeting before closing or ``timeout_s`` passing."""
+        received = b""
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(4096)
+            except TimeoutError:
+                break
+            except OSError:  # reset by the agent
+                break
+            if not chunk:
+                break
+            received += chunk
+        return len(received) > len(NULL_GREETING)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def answered(peer_: zmq.Socket[Any] | NullPeer, timeout_s: float) -> bool:
+    if isinstance(peer_, NullPeer):
+        return peer_.answered(timeout_s)
+    return reply(peer_, object, timeout_s) is not None
+
+
 def test_security_off_says_so_in_one_line(lab: Lab) -> None:
     agent, _ = lab.agent(DEMO)  # the plain CLI gets in: a bench needs no keys
     assert lines(agent, "security off: the direct port") == 1, agent.text()
@@ -110,8 +159,8 @@ def test_a_known_key_is_served_and_others_get_nothing(lab: Lab, keys: Path, ctx:
     alice.send(listing("alice"))
     got = reply(alice, p.DeviceList)
     assert got is not None and [d.name for d in got.devices] == ["device1", "device2", "device3"]
-    refused = {
-        "NULL": lambda: peer(ctx, addr, None, srv),
+    refused: dict[str, Callable[[], zmq.Socket[Any] | NullPeer]] = {
+        "NULL": lambda: NullPeer(addr),
         "unknown key": lambda: peer(ctx, addr, pair(keys, "mallory"), srv),
         "wrong server key": lambda: peer(ctx, addr, pair(keys, "bob"), pair(keys, "mallory")[0]),
     }
@@ -122,7 +171,7 @@ def test_a_known_key_is_served_and_others_get_nothing(lab: Lab, keys: Path, ctx:
         first, second = make(), make()  # two connections: the second is not logged again
         for sock in (first, second):
             sock.send(listing("mallory" if what != "wrong server key" else "bob"))
-        assert reply(first, object, SILENCE_S) is None and reply(second, object, 0.1) is None, what
+        assert not answered(first, SILENCE_S) and not answered(second, 0.1), what
         wait_for(lambda what=what: lines(agent, logged[what]) >= 1, 5, f"the {what} refusal logged")
         wait_for(lambda what=what: sum(again[what] in line and "(again)" in line
                                        for line in agent.text().splitlines()) >= 1, 5, f"the second {what} seen")
