@@ -128,8 +128,13 @@ class Lab:
         return proc, addr
 
     def brokered_agent(self, config: str | Path, broker: str, port: int | None = None, *extra: str) -> Proc:
-        """Start an agent registered with ``broker``; wait until its devices are listed online there."""
+        """Start an agent registered with ``broker``; wait until it says so and its devices are listed online there.
+
+        Its own word first: after a restart the broker may still list the previous process online for up to a
+        heartbeat, and a readiness check on the listing alone would pass before the new one has registered."""
         proc, _ = self.agent(config, port, "--server", broker, *extra)
+        wait_for(lambda: f"registered with broker {broker} " in proc.text() or not proc.alive(), 15,
+                 f"{config}'s agent to register with {broker}")
         wait_for(lambda: self.online(broker, self.devices_of(config)) or not proc.alive(), 15,
                  f"{config} online at {broker}")
         return proc
